@@ -1,0 +1,58 @@
+"""Command line: `python run_recipe.py RECIPE [overrides]` and `llama-recipes run RECIPE [overrides]`.
+
+Only argparse, PyYAML and pydantic are imported before the recipe is validated, so `--help`
+and recipe errors answer in well under a second.
+"""
+import argparse
+import sys
+
+from llama_recipes.errors import UserError
+
+
+def build_parser(prog: str = "run_recipe.py") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Fine-tune (or evaluate) a model from a YAML recipe.",
+        epilog="Overrides use dotted keys: training.learning_rate=1e-4 method.r=16 data.max_samples=100",
+    )
+    p.add_argument("recipe", help="path to a recipe YAML (see recipes/)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides applied on top of the recipe")
+    p.add_argument("--overwrite", action="store_true", help="write into an output_dir that holds another run")
+    p.add_argument("--validate", action="store_true", help="only validate the recipe and print it resolved")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks for user errors")
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "run_recipe.py") -> int:
+    args = build_parser(prog).parse_args(argv)
+    try:
+        from llama_recipes.schema import load_recipe
+
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.validate:
+            import yaml
+
+            print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+            return 0
+        from llama_recipes import pipeline
+
+        pipeline.train(recipe, overwrite=args.overwrite)
+        return 0
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def console_main() -> int:
+    """`llama-recipes run RECIPE ...` (the installed console script)."""
+    argv = sys.argv[1:]
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: llama-recipes run RECIPE [overrides] [options]\n\n"
+              "commands:\n  run   train or evaluate a recipe (see `llama-recipes run --help`)")
+        return 0 if argv else 2
+    if argv[0] != "run":
+        print(f"error: unknown command {argv[0]!r}; use `llama-recipes run RECIPE`", file=sys.stderr)
+        return 2
+    return main(argv[1:], prog="llama-recipes run")

@@ -1,0 +1,34 @@
+"""Rank-aware logging: the one place that decides which process talks.
+
+Under `accelerate launch` / `torchrun` every rank runs the same code; only rank 0 logs at
+INFO, the others only warnings and errors. RANK is set by the launcher before Python starts,
+so this needs no torch.distributed call and works before the process group exists.
+"""
+import logging
+import os
+import sys
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def get_logger(name: str = "llama_recipes") -> logging.Logger:
+    logger = logging.getLogger(name)
+    root = logging.getLogger("llama_recipes")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        prefix = f"[rank{rank()}] " if world_size() > 1 else ""
+        handler.setFormatter(logging.Formatter(f"{prefix}%(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO if is_main_process() else logging.WARNING)
+        root.propagate = False
+    return logger

@@ -1,0 +1,75 @@
+"""Load the tokenizer and the base model named by the recipe's `model:` section."""
+from llama_recipes.errors import UserError
+from llama_recipes.log import get_logger
+from llama_recipes.paths import is_local, resolve
+from llama_recipes.schema.model import ModelConfig
+
+log = get_logger(__name__)
+
+
+def _hub_hint(ref: str) -> str:
+    return (
+        f"{ref!r} is neither a local directory nor a reachable hub model. Offline (HF_HUB_OFFLINE=1) only cached "
+        "models load: download it once with the network, or point model.name_or_path at a local directory"
+    )
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    ref = resolve(cfg.tokenizer or cfg.name_or_path, "model")
+    try:
+        tok = AutoTokenizer.from_pretrained(ref, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        raise UserError(f"cannot load tokenizer: {e}".splitlines()[0], _hub_hint(ref)) from None
+    if tok.pad_token is None:
+        # Llama-2/3 tokenizers ship without a pad token. Padding positions are masked out of
+        # attention and loss, so reusing EOS is safe (TRL's collator builds labels from masks).
+        tok.pad_token = tok.eos_token
+        log.info("tokenizer has no pad token: using eos %r for padding", tok.eos_token)
+    return tok
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def load_model(cfg: ModelConfig, auto_class: str = "AutoModelForCausalLM", **kwargs):
+    """Load the base model with the recipe's dtype and attention kernel."""
+    import transformers
+
+    ref = resolve(cfg.name_or_path, "model")
+    if cfg.trust_remote_code:
+        log.warning("trust_remote_code is on: running Python code shipped with %s", ref)
+    cls = getattr(transformers, auto_class)
+    try:
+        model = cls.from_pretrained(
+            ref,
+            revision=cfg.revision,
+            dtype=torch_dtype(cfg.dtype),
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+            use_safetensors=True,
+            **kwargs,
+        )
+    except OSError as e:
+        if not is_local(ref):
+            raise UserError(f"cannot load model: {str(e).splitlines()[0]}", _hub_hint(ref)) from None
+        raise UserError(f"cannot load model from {ref}: {str(e).splitlines()[0]}",
+                        "the directory needs config.json and *.safetensors weights") from None
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared tensors are counted once."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total

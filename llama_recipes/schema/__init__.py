@@ -1,0 +1,153 @@
+"""The recipe: a YAML file validated into typed sections before anything heavy is loaded.
+
+    recipe = load_recipe("recipes/lora_alpaca.yaml", ["training.learning_rate=1e-4"])
+
+Every section forbids unknown keys; errors name the file, the key path and the fix.
+"""
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from llama_recipes.errors import RecipeError
+from llama_recipes.schema.base import Section
+from llama_recipes.schema.data import DataConfig
+from llama_recipes.schema.evaluation import EvalConfig
+from llama_recipes.schema.freeze import FreezeConfig
+from llama_recipes.schema.method import PEFT_METHODS, MethodConfig
+from llama_recipes.schema.model import ModelConfig
+from llama_recipes.schema.training import TrainingConfig
+
+
+class Recipe(Section):
+    output_dir: str = Field(description="Where checkpoints, the final artifact and metrics are written.")
+    seed: int = Field(42, description="Seed for model init of new modules, data order and dropout.")
+    model: ModelConfig
+    data: DataConfig
+    method: MethodConfig
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)  # type: ignore[valid-type]
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _combinations(self):
+        # Impossible combinations are refused here, before any model is loaded.
+        t = self.training
+        if self.eval.before_after and self.data.eval_split is None and getattr(t, "eval_strategy", "no") != "no":
+            raise ValueError("training.eval_strategy needs data.eval_split (a split name or a fraction)")
+        return self
+
+    @property
+    def is_peft(self) -> bool:
+        return self.method.name in PEFT_METHODS
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe as plain data (what is written to OUTPUT_DIR/recipe.yaml)."""
+        data = self.model_dump(mode="json", exclude={"training"})
+        data["training"] = self.training.sft_kwargs(mode="json")
+        return data
+
+    def fingerprint(self) -> str:
+        """Hash of the resolved recipe; a different hash in an existing output_dir is another run."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}", "check the path (recipes live under recipes/)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as e:
+        line = e.problem_mark.line + 1 if e.problem_mark else "?"
+        raise RecipeError(f"YAML syntax error at line {line}: {e.problem}", "fix the YAML syntax", str(path)) from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"YAML error: {e}", "fix the YAML syntax", str(path)) from None
+    if not isinstance(data, dict):
+        raise RecipeError("the recipe must be a YAML mapping of sections (model:, data:, method:, ...)", where=str(path))
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides; the value is parsed as YAML (1e-4, true, [q_proj, v_proj])."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"bad override {item!r}", "write overrides as dotted.key=value, e.g. training.learning_rate=1e-4")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    return data
+
+
+def _fields_for(loc: tuple) -> list[str]:
+    import typing
+
+    node: Any = Recipe
+    for part in loc[:-1]:
+        if isinstance(node, list):  # discriminated union: the part is the tag
+            match = [m for m in node if typing.get_args(m.model_fields["name"].annotation) == (part,)]
+            node = match[0] if match else None
+            continue
+        if not (isinstance(node, type) and issubclass(node, Section)) or part not in node.model_fields:
+            return []
+        ann = node.model_fields[part].annotation
+        members = [a for a in typing.get_args(typing.get_args(ann)[0] if typing.get_origin(ann) is typing.Annotated else ann)
+                   if isinstance(a, type) and issubclass(a, Section)]
+        node = members if members else ann
+    if isinstance(node, type) and issubclass(node, Section):
+        return list(node.model_fields)
+    return []
+
+
+def _render_error(err: dict, source: str) -> str:
+    loc = tuple(str(p) for p in err["loc"])
+    # pydantic puts the union tag (e.g. 'lora') into the location; users never write it.
+    shown = ".".join(loc[:1] + loc[2:] if loc[0] == "method" and len(loc) > 2 else loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        allowed = _fields_for(loc)
+        close = difflib.get_close_matches(loc[-1], allowed, n=1, cutoff=0.6)
+        hint = f"did you mean `{close[0]}`?" if close else "remove it, or check the docs for this section's keys"
+        return f"{shown}: unknown key `{loc[-1]}` — {hint}"
+    if kind == "missing":
+        return f"{shown}: missing required key — add `{loc[-1]}:` to the recipe"
+    if kind == "union_tag_invalid":
+        return f"{shown}: {err['msg']}"
+    got = err.get("input")
+    got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{shown or '(top level)'}: {err['msg']}{got_s}"
+
+
+def validate_recipe(data: dict, source: str = "<recipe>") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        lines = [_render_error(err, source) for err in e.errors(include_url=False)]
+        raise RecipeError(
+            "invalid recipe:\n  " + "\n  ".join(lines),
+            "edit the recipe (or the override) at the key named above; docs/recipes.md lists every key",
+            source,
+        ) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe. Raises RecipeError with file, key and fix."""
+    path = Path(path)
+    data = apply_overrides(_read_yaml(path), overrides or [])
+    return validate_recipe(data, str(path))
+
+
+__all__ = ["Recipe", "load_recipe", "validate_recipe", "apply_overrides"]

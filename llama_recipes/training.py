@@ -1,0 +1,25 @@
+"""Build TRL's SFTTrainer from the recipe: SFTConfig from `training:`, the model, the datasets."""
+from llama_recipes.log import get_logger
+
+log = get_logger(__name__)
+
+
+def sft_config(recipe):
+    from trl import SFTConfig
+
+    kwargs = recipe.training.sft_kwargs()
+    return SFTConfig(output_dir=recipe.output_dir, seed=recipe.seed, **kwargs)
+
+
+def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, callbacks=None):
+    """SFTTrainer over an already-built model (PEFT wrapping and freezing are done by then)."""
+    from trl import SFTTrainer
+
+    return SFTTrainer(
+        model=model,
+        args=sft_config(recipe),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )

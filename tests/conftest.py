@@ -1,0 +1,46 @@
+"""Shared test helpers. Tests run on CPU, offline, on the tiny Llama shipped in the package."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "llama_recipes" / "assets" / "tiny-llama"
+DEMO_RECIPE = ROOT / "recipes" / "demo" / "tiny_lora.yaml"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Overrides that shrink the demo recipe to a few seconds of training.
+FAST = [
+    "training.max_steps=8",
+    "training.logging_steps=2",
+    "training.save_strategy=no",
+    "training.report_to=none",
+    "data.max_samples=128",
+    "data.max_eval_samples=32",
+]
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the real entry point (run_recipe.py) in a subprocess, as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run_recipe.py"), *args],
+        cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def tiny_path() -> Path:
+    return TINY

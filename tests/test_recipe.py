@@ -1,0 +1,143 @@
+"""Recipe validation: strict, before any model is loaded, with the key path and the fix."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, run_cli
+from llama_recipes.errors import RecipeError
+from llama_recipes.schema import Recipe, apply_overrides, load_recipe, validate_recipe
+
+SHIPPED = sorted((ROOT / "recipes").rglob("*.yaml"))
+
+GOOD = {
+    "output_dir": "/tmp/x",
+    "model": {"name_or_path": "builtin:tiny-llama"},
+    "data": {"path": "builtin:demo"},
+    "method": {"name": "lora"},
+}
+
+
+def _err(data: dict) -> str:
+    with pytest.raises(RecipeError) as e:
+        validate_recipe(data, "r.yaml")
+    return str(e.value)
+
+
+def _with(**sections) -> dict:
+    data = json.loads(json.dumps(GOOD))
+    for k, v in sections.items():
+        data[k] = {**data.get(k, {}), **v} if isinstance(v, dict) else v
+    return data
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.output_dir
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("#"), f"{path} must start with a comment: purpose, hardware, launch line"
+
+
+def test_shipped_recipes_exist():
+    names = {p.name for p in SHIPPED}
+    assert {"lora_alpaca.yaml", "tiny_lora.yaml"} <= names
+
+
+def test_unknown_key_with_suggestion():
+    msg = _err(_with(method={"name": "lora", "rr": 4}))
+    assert "method.rr" in msg and "did you mean `r`" in msg and "r.yaml" in msg
+
+
+def test_unknown_training_key_is_error_with_suggestion():
+    msg = _err(_with(training={"learning_rat": 1e-4}))
+    assert "training.learning_rat" in msg and "did you mean `learning_rate`" in msg
+
+
+def test_unknown_top_level_section():
+    msg = _err(_with(trianing={"max_steps": 3}))
+    assert "trianing" in msg and "did you mean `training`" in msg
+
+
+def test_wrong_type_names_key_and_value():
+    msg = _err(_with(training={"max_steps": "many"}))
+    assert "training.max_steps" in msg and "'many'" in msg
+
+
+def test_missing_model_section():
+    data = _with()
+    del data["model"]
+    msg = _err(data)
+    assert "model: missing required key" in msg
+
+
+def test_missing_model_path():
+    msg = _err(_with(model={"name_or_path": None}) | {"model": {}})
+    assert "model.name_or_path: missing required key" in msg
+
+
+def test_unknown_method_name():
+    msg = _err(_with(method={"name": "lorax"}))
+    assert "method" in msg and "lora" in msg
+
+
+def test_bad_value_range():
+    msg = _err(_with(method={"name": "lora", "r": 0}))
+    assert "method.r" in msg and "greater than 0" in msg
+
+
+def test_reserved_training_key_points_to_top_level():
+    msg = _err(_with(training={"output_dir": "x"}))
+    assert "top level" in msg
+
+
+def test_yaml_string_numbers_are_numbers():
+    # PyYAML reads 1e-4 (no dot) as a string; the schema still takes it as a float.
+    r = validate_recipe(_with(training={"learning_rate": "1e-4"}))
+    assert r.training.learning_rate == pytest.approx(1e-4)
+
+
+def test_overrides_dotted_keys_and_yaml_values():
+    data = apply_overrides(json.loads(json.dumps(GOOD)), ["training.learning_rate=1e-4", "method.r=16",
+                                                           "method.target_modules=[q_proj, v_proj]"])
+    r = validate_recipe(data)
+    assert r.method.r == 16 and r.method.target_modules == ["q_proj", "v_proj"]
+    assert r.training.learning_rate == pytest.approx(1e-4)
+
+
+def test_resolved_recipe_only_keeps_training_keys_that_were_set():
+    r = validate_recipe(_with(training={"max_steps": 3}))
+    d = r.to_dict()
+    assert d["training"] == {"max_steps": 3, "report_to": ["tensorboard"]}
+    assert Recipe.model_validate(yaml.safe_load(yaml.safe_dump(d))).fingerprint() == r.fingerprint()
+
+
+def test_sft_snapshot_matches_installed_trl():
+    import subprocess, sys
+
+    out = subprocess.run([sys.executable, "-c",
+                          "import json,sys; sys.path.insert(0,'scripts'); import snapshot_sft_fields as s; "
+                          "print(json.dumps(s.snapshot()))"], cwd=ROOT, capture_output=True, text=True, check=True)
+    live = json.loads(out.stdout)
+    saved = json.loads((ROOT / "llama_recipes/schema/sft_fields.json").read_text())["fields"]
+    assert live == saved, "TRL changed: run `python scripts/snapshot_sft_fields.py`"
+
+
+@pytest.mark.parametrize("body,expect", [
+    ("model: {name_or_path: x}\nmethod: {name: lora, rr: 1}\n", "did you mean `r`"),
+    ("model: [unclosed\n", "YAML syntax error at line"),
+    ("output_dir: o\nmodel: {}\ndata: {path: d}\nmethod: {name: lora}\n", "model.name_or_path: missing required key"),
+])
+def test_cli_bad_recipe_exits_nonzero_without_traceback(tmp_path, body, expect):
+    path = tmp_path / "bad.yaml"
+    path.write_text(body)
+    res = run_cli(str(path))
+    assert res.returncode == 2
+    assert expect in res.stderr and "Traceback" not in res.stderr
+    assert str(path) in res.stderr
+
+
+def test_cli_missing_recipe_file(tmp_path):
+    res = run_cli(str(tmp_path / "nope.yaml"))
+    assert res.returncode == 2 and "recipe file not found" in res.stderr
