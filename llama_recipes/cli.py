@@ -20,7 +20,39 @@ def build_parser(prog: str = "run_recipe.py") -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="write into an output_dir that holds another run")
     p.add_argument("--validate", action="store_true", help="only validate the recipe and print it resolved")
     p.add_argument("--debug", action="store_true", help="show full tracebacks for user errors")
+    ev = p.add_argument_group("evaluation (--eval-only)")
+    ev.add_argument("--eval-only", action="store_true", help="evaluate the recipe's artifact instead of training")
+    ev.add_argument("--checkpoint", help="with --eval-only: evaluate this artifact directory instead")
+    ev.add_argument("--base", action="store_true", help="with --eval-only: evaluate the untrained base model")
+    mem = p.add_argument_group("memory estimate (--estimate-memory)")
+    mem.add_argument("--estimate-memory", action="store_true", help="print a per-device memory estimate and a verdict")
+    mem.add_argument("--gpus", type=int, help="number of GPUs to estimate for (default: from --config or 1)")
+    mem.add_argument("--gpu-memory", help="memory per GPU, e.g. 80GB or 24GiB")
+    mem.add_argument("--config", help="accelerate config the run will use (sharding, precision)")
+    mem.add_argument("--compare", action="store_true", help="estimate every method side by side")
+    p.add_argument("--dry-run", action="store_true",
+                   help="train a few steps, save, reload and eval in a scratch directory; print PASS/FAIL per stage")
     return p
+
+
+def dispatch(recipe, args) -> int:
+    """Run the mode the flags ask for. Each mode is one call into its module."""
+    if args.estimate_memory:
+        from llama_recipes import memory
+
+        return memory.main(recipe, args)
+    if args.dry_run:
+        from llama_recipes import dryrun
+
+        return dryrun.main(recipe, args)
+    if args.eval_only:
+        from llama_recipes import evaluation
+
+        return evaluation.eval_only(recipe, args)
+    from llama_recipes import pipeline
+
+    pipeline.train(recipe, overwrite=args.overwrite)
+    return 0
 
 
 def main(argv: list[str] | None = None, prog: str = "run_recipe.py") -> int:
@@ -34,10 +66,7 @@ def main(argv: list[str] | None = None, prog: str = "run_recipe.py") -> int:
 
             print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
             return 0
-        from llama_recipes import pipeline
-
-        pipeline.train(recipe, overwrite=args.overwrite)
-        return 0
+        return dispatch(recipe, args)
     except UserError as e:
         if args.debug:
             raise

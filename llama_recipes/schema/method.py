@@ -4,6 +4,7 @@ from typing import Annotated, Literal, Union
 from pydantic import Field
 
 from llama_recipes.schema.base import Section
+from llama_recipes.schema.finetune import FINETUNE_METHODS
 
 
 class LoraMethod(Section):
@@ -23,12 +24,9 @@ class LoraMethod(Section):
     )
 
 
-class FullMethod(Section):
-    """Full fine-tuning: every parameter not frozen by the `freeze:` section is trained."""
+# PEFT adapters (this module) and full/partial fine-tuning (schema/finetune.py) share one
+# `method:` section, told apart by `name`.
+PEFT_METHOD_MODELS: list[type[Section]] = [LoraMethod]
+PEFT_METHODS = {m.model_fields["name"].annotation.__args__[0] for m in PEFT_METHOD_MODELS}
 
-    name: Literal["full"]
-
-
-MethodConfig = Annotated[Union[LoraMethod, FullMethod], Field(discriminator="name")]
-
-PEFT_METHODS = {"lora"}
+MethodConfig = Annotated[Union[tuple(PEFT_METHOD_MODELS + FINETUNE_METHODS)], Field(discriminator="name")]
