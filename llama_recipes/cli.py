@@ -56,7 +56,7 @@ def dispatch(recipe, args) -> int:
 
 
 def main(argv: list[str] | None = None, prog: str = "run_recipe.py") -> int:
-    args = build_parser(prog).parse_args(argv)
+    args = build_parser(prog).parse_intermixed_args(argv)
     try:
         from llama_recipes.schema import load_recipe
 
