@@ -63,13 +63,18 @@ def load_model(cfg: ModelConfig, auto_class: str = "AutoModelForCausalLM", **kwa
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts; shared tensors are counted once."""
+    """(trainable, total) parameter counts; shared tensors are counted once.
+
+    bitsandbytes 4-bit weights are packed (two values per byte): they count at their logical shape.
+    """
+    from llama_recipes.methods import count_parameters_of
+
     seen, trainable, total = set(), 0, 0
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        n, _ = count_parameters_of(p)
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total

@@ -40,7 +40,7 @@ def train(recipe, overwrite: bool = False) -> Run:
 
     # -- tokenizer and model (+ freeze / PEFT) ------------------------------------------------
     tokenizer = modeling.load_tokenizer(recipe.model)
-    model = modeling.load_model(recipe.model)
+    model = modeling.load_model(recipe.model, **methods.load_kwargs(recipe.method))
     model = methods.apply_method(model, recipe)
     trainable, total = modeling.count_parameters(model)
     log.info("trainable params: %s || all params: %s || trainable%%: %.4f",
@@ -78,10 +78,12 @@ def train(recipe, overwrite: bool = False) -> Run:
         "log_history": trainer.state.log_history,
         "wall_seconds": round(time.time() - started, 1),
     }
+    if recipe.is_peft:  # adapter MB on disk and % of the base model's size
+        line, sizes = methods.adapter_size_line(out, trainer.model)
+        log.info(line)
+        metrics.update(sizes)
     artifacts.write_metrics(out, metrics)
     artifacts.plot_loss(out, trainer.state.log_history)
-    if recipe.is_peft:
-        log.info("adapter: %.2f MB on disk", artifacts.dir_size_mb(out))
     if before and after:
         log.info("\n%s", report_table(before, after))
     log.info("done in %.0f s; artifacts in %s", metrics["wall_seconds"], out)

@@ -15,7 +15,9 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, callbacks=None):
     """SFTTrainer over an already-built model (PEFT wrapping and freezing are done by then)."""
     from trl import SFTTrainer
 
-    return SFTTrainer(
+    from llama_recipes import methods
+
+    trainer = SFTTrainer(
         model=model,
         args=sft_config(recipe),
         train_dataset=train_ds,
@@ -23,3 +25,7 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, callbacks=None):
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    if methods.uses_plain_trainer(recipe):
+        trainer = methods.plain_trainer(trainer)
+    methods.after_trainer(trainer, recipe)
+    return trainer

@@ -18,7 +18,7 @@ from llama_recipes.schema.base import Section
 from llama_recipes.schema.data import DataConfig
 from llama_recipes.schema.evaluation import EvalConfig
 from llama_recipes.schema.freeze import FreezeConfig
-from llama_recipes.schema.method import PEFT_METHODS, MethodConfig
+from llama_recipes.schema.method import PEFT_METHODS, MethodConfig, check_combinations
 from llama_recipes.schema.model import ModelConfig
 from llama_recipes.schema.training import TrainingConfig
 
@@ -39,6 +39,7 @@ class Recipe(Section):
         t = self.training
         if self.eval.before_after and self.data.eval_split is None and getattr(t, "eval_strategy", "no") != "no":
             raise ValueError("training.eval_strategy needs data.eval_split (a split name or a fraction)")
+        check_combinations(self)
         return self
 
     @property
