@@ -111,7 +111,7 @@ def apply_method(model, recipe):
             # Casts the non-quantized layers (norms, embeddings, head) to fp32 for stable training,
             # freezes the base and, if asked, turns on activation checkpointing with input grads.
             model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=bool(getattr(recipe.training, "gradient_checkpointing", False)))
+                model, use_gradient_checkpointing=bool(getattr(recipe.training, "activation_checkpointing", False)))
         tok_path = resolve(recipe.model.tokenizer or recipe.model.name_or_path, "model")
         model = get_peft_model(model, peft_config(method, model, tok_path))
     else:

@@ -116,7 +116,7 @@ def _fields_for(loc: tuple) -> list[str]:
 def _render_error(err: dict, source: str) -> str:
     loc = tuple(str(p) for p in err["loc"])
     # pydantic puts the union tag (e.g. 'lora') into the location; users never write it.
-    shown = ".".join(loc[:1] + loc[2:] if loc[0] == "method" and len(loc) > 2 else loc)
+    shown = ".".join(loc[:1] + loc[2:] if loc[:1] == ("method",) and len(loc) > 2 else loc)
     kind = err["type"]
     if kind == "extra_forbidden":
         allowed = _fields_for(loc)

@@ -148,7 +148,7 @@ def check_combinations(recipe) -> None:
     m, t = recipe.method, recipe.training
     name = m.name
     packing = bool(getattr(t, "packing", False))
-    checkpointing = bool(getattr(t, "gradient_checkpointing", False) or getattr(t, "activation_checkpointing", False))
+    checkpointing = bool(getattr(t, "activation_checkpointing", False))
     if name in VIRTUAL_TOKEN_METHODS and packing:
         raise ValueError(
             f"method {name} with training.packing: the virtual tokens would be added once per packed row, "
@@ -158,8 +158,9 @@ def check_combinations(recipe) -> None:
                          "set training.padding_free: false")
     if name == "prefix" and checkpointing:
         raise ValueError(
-            "method prefix with training.gradient_checkpointing: the prefix is passed as a key/value cache, which "
-            "activation checkpointing disables (use_cache=False); set training.gradient_checkpointing: false")
+            "method prefix with training.activation_checkpointing (on by default): the prefix is passed as a "
+            "key/value cache, and checkpointed layers then see mismatched attention lengths (crash on the first "
+            "step); set training.activation_checkpointing: false")
     if name == "qlora" and recipe.model.dtype != m.compute_dtype:
         raise ValueError(
             f"model.dtype {recipe.model.dtype} differs from method.compute_dtype {m.compute_dtype}: the "

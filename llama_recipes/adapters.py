@@ -1,0 +1,135 @@
+"""Several adapters on one loaded base: switch by name for eval and generation, no base reload.
+
+    python -m llama_recipes.adapters NAME=OUTPUT_DIR [NAME=OUTPUT_DIR ...] [--prompt TEXT ...]
+
+Every OUTPUT_DIR is a PEFT run's directory on the same base model. Prints the memory arithmetic
+(one base + N adapters versus N full models) and, with --prompt, each adapter's greedy answer.
+"""
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from llama_recipes.errors import UserError
+from llama_recipes.log import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass
+class MemoryReport:
+    base_bytes: int
+    adapter_bytes: dict[str, int]
+
+    @property
+    def shared(self) -> int:
+        return self.base_bytes + sum(self.adapter_bytes.values())
+
+    @property
+    def separate(self) -> int:
+        return len(self.adapter_bytes) * self.base_bytes
+
+    def render(self) -> str:
+        mb = 2**20
+        n = len(self.adapter_bytes)
+        lines = [f"base model: {self.base_bytes / mb:,.2f} MB"]
+        lines += [f"adapter {k}: {v / mb:,.3f} MB" for k, v in self.adapter_bytes.items()]
+        lines.append(f"one base + {n} adapters: {self.shared / mb:,.2f} MB   vs   {n} full models: "
+                     f"{self.separate / mb:,.2f} MB   ({self.separate / max(self.shared, 1):.2f}x less)")
+        return "\n".join(lines)
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class MultiAdapter:
+    """One base model in memory and named adapters on top of it (PEFT's multi-adapter PeftModel)."""
+
+    def __init__(self, runs: dict[str, str | Path]):
+        if not runs:
+            raise UserError("no adapters given", "pass NAME=OUTPUT_DIR for at least one PEFT run")
+        from peft import PeftModel
+
+        from llama_recipes import modeling
+        from llama_recipes.export import _read_run
+        from llama_recipes.schema.model import ModelConfig
+
+        self.runs = {k: Path(v) for k, v in runs.items()}
+        bases = {}
+        for name, path in self.runs.items():
+            cfg, recipe = _read_run(path)
+            bases[name] = (recipe or {}).get("model") or {"name_or_path": cfg["base_model_name_or_path"]}
+            if (recipe or {}).get("method", {}).get("name") == "qlora":
+                raise UserError(f"adapter {name} is a QLoRA adapter", "merge it (llama_recipes.export) or load it alone")
+        first = next(iter(bases))
+        types = {name: _read_run(path)[0].get("peft_type") for name, path in self.runs.items()}
+        if len(set(types.values())) > 1:
+            raise UserError(f"adapters of different PEFT types on one base: {types}",
+                            "load adapters of one type together (e.g. all LoRA/DoRA)")
+        for name, b in bases.items():
+            if b["name_or_path"] != bases[first]["name_or_path"]:
+                raise UserError(f"adapters {first} and {name} were trained on different bases "
+                                f"({bases[first]['name_or_path']} vs {b['name_or_path']})",
+                                "load only adapters trained on the same base model")
+        self.tokenizer = modeling.load_tokenizer(ModelConfig(**bases[first]))
+        base = modeling.load_model(ModelConfig(**bases[first]))
+        self.base_bytes = _tensor_bytes(base.parameters())
+        names = list(self.runs)
+        self.model = PeftModel.from_pretrained(base, str(self.runs[names[0]]), adapter_name=names[0])
+        for name in names[1:]:
+            self.model.load_adapter(str(self.runs[name]), adapter_name=name)
+        self.model.eval()
+        self.active = names[0]
+
+    def use(self, name: str):
+        """Make `name` the active adapter; returns the model (same object, same base weights)."""
+        if name not in self.runs:
+            raise UserError(f"no adapter named {name!r}", f"use one of: {', '.join(self.runs)}")
+        self.model.set_adapter(name)
+        self.active = name
+        return self.model
+
+    def memory(self) -> MemoryReport:
+        from safetensors import safe_open
+
+        sizes = {}
+        for name, path in self.runs.items():
+            with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
+                sizes[name] = _tensor_bytes(f.get_tensor(k) for k in f.keys())
+        return MemoryReport(self.base_bytes, sizes)
+
+    def generate(self, name: str, prompts: list[str], max_new_tokens: int = 32) -> list[str]:
+        from llama_recipes.evaluation import generate
+
+        return generate(self.use(name), self.tokenizer, prompts, max_new_tokens)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m llama_recipes.adapters",
+                                description="Load one base and several adapters; print memory and answers.")
+    p.add_argument("adapters", nargs="+", help="NAME=OUTPUT_DIR of a PEFT run (all on the same base)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt to answer with every adapter")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    args = p.parse_args(argv)
+    try:
+        runs = {}
+        for item in args.adapters:
+            name, sep, path = item.partition("=")
+            if not sep:
+                raise UserError(f"bad adapter argument {item!r}", "write NAME=OUTPUT_DIR")
+            runs[name] = path
+        multi = MultiAdapter(runs)
+        print(multi.memory().render())
+        for name in runs:
+            for prompt, answer in zip(args.prompt, multi.generate(name, args.prompt, args.max_new_tokens)):
+                print(json.dumps({"adapter": name, "prompt": prompt, "answer": answer}))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
