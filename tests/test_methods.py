@@ -42,9 +42,9 @@ def recipe_for(key, out, extra=()):
     return load_recipe(ROOT / f"recipes/demo/tiny_{twin}.yaml", [*SHORT, *more, *extra, f"output_dir={out}"])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-    """trained(key) -> (recipe, Run), training each method once per module."""
+    """trained(key) -> (recipe, Run), training each method once per session (test_export reuses them)."""
     from llama_recipes import pipeline
 
     def get(key):
@@ -53,8 +53,7 @@ def trained(tmp_path_factory):
             _RUNS[key] = (recipe, pipeline.train(recipe))
         return _RUNS[key]
 
-    yield get
-    _RUNS.clear()
+    return get
 
 
 def fresh_base(recipe):
