@@ -195,7 +195,7 @@ def adapter_size_line(out: Path, model) -> tuple[str, dict]:
     return line, {"adapter_mb": round(adapter_mb, 4), "base_mb": round(base_mb, 2), "adapter_pct_of_base": round(pct, 4)}
 
 
-def plain_trainer(sft_trainer):
+def plain_trainer(sft_trainer, callbacks=None):
     """A transformers.Trainer over the SFTTrainer's tokenized data, collator and arguments.
 
     LLaMA-Adapter wraps each attention layer and calls the original forward it captured, so
@@ -216,6 +216,5 @@ def plain_trainer(sft_trainer):
         eval_dataset=sft_trainer.eval_dataset,
         data_collator=sft_trainer.data_collator,
         processing_class=sft_trainer.processing_class,
-        callbacks=[c for c in sft_trainer.callback_handler.callbacks
-                   if type(c).__module__.startswith("llama_recipes")] or None,
+        callbacks=callbacks,
     )

@@ -26,6 +26,6 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, callbacks=None):
         callbacks=callbacks,
     )
     if methods.uses_plain_trainer(recipe):
-        trainer = methods.plain_trainer(trainer)
+        trainer = methods.plain_trainer(trainer, callbacks)
     methods.after_trainer(trainer, recipe)
     return trainer
