@@ -175,3 +175,16 @@ def test_partial_training_with_checkpointing_and_frozen_embeddings(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     for n, p in reloaded.named_parameters():
         assert torch.equal(p, trained[n]), n
+
+
+@pytest.mark.parametrize("method,freeze", [("full", {}), ("partial", {"train": [{"last_layers": 1}]})])
+def test_methods_full_and_partial(model, method, freeze):
+    from llama_recipes.methods import apply_method
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    recipe = validate_recipe({**GOOD, "method": {"name": method}, "freeze": freeze})
+    apply_method(model, recipe)
+    s = sizes(model.config)
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert n == (s["total"] if method == "full" else s["layer"])
