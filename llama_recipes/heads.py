@@ -82,8 +82,8 @@ class MLPHeadClassifier(nn.Module):
         loss = nn.functional.cross_entropy(logits, labels.to(logits.device)) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
-    def gradient_checkpointing_enable(self, **kwargs):  # the Trainer calls this when asked to checkpoint
-        self.base.gradient_checkpointing_enable(**kwargs)
+    def activation_checkpointing_enable(self, **kwargs):  # the Trainer calls this when asked to checkpoint
+        self.base.activation_checkpointing_enable(**kwargs)
 
 
 # -- building the model ------------------------------------------------------------------------
@@ -364,6 +364,11 @@ def train(recipe, overwrite: bool = False):
 
     args = training.sft_config(recipe)  # an SFTConfig is a TrainingArguments: one `training:` section
     args.remove_unused_columns = False
+    if recipe.method.lora is None and args.activation_checkpointing:
+        # Nothing is back-propagated through a frozen base; checkpointing would only make the
+        # embeddings' output require grad and build a graph through every layer.
+        log.info("training.activation_checkpointing: off (the base is frozen, only the head trains)")
+        args.activation_checkpointing = False
     trainer = Trainer(model=model, args=args, train_dataset=tokenize(train_ds),
                       eval_dataset=tokenize(eval_ds) if eval_ds is not None else None,
                       data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer)

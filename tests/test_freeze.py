@@ -161,7 +161,7 @@ def test_partial_training_with_checkpointing_and_frozen_embeddings(tmp_path):
 
     recipe = load_recipe(ROOT / "recipes/demo/tiny_freeze_last2.yaml", [
         "training.max_steps=4", "data.max_samples=64", "training.report_to=none", f"model.name_or_path={MODEL}", f"output_dir={tmp_path}",
-        "training.gradient_checkpointing=true", "eval.before_after=false"])
+        "training.activation_checkpointing=true", "eval.before_after=false"])
     before = {n: p.detach().clone() for n, p in AutoModelForCausalLM.from_pretrained(MODEL).named_parameters()}
     run = pipeline.train(recipe)
     s = sizes(run.model.config)

@@ -49,7 +49,7 @@ def classifier(tmp_path_factory):
 def test_classifier_head_beats_majority_and_keeps_base_frozen(classifier):
     m = classifier.metrics
     after, before = m["eval_after"], m["eval_before"]
-    # measured: before 0.28, after 0.705 at 60 steps (majority class 0.29)
+    # measured: before 0.280, after 0.630 at 60 steps (majority class 0.290)
     assert after["accuracy"] > after["majority_baseline"] + 0.25, after
     assert after["accuracy"] > before["accuracy"] + 0.2
     assert len(after["confusion_matrix"]) == 4 and sum(map(sum, after["confusion_matrix"])) == after["examples"] == 200

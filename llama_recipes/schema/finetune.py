@@ -34,7 +34,7 @@ class BaseLora(Section):
 
 
 class _Head(Section):
-    lora: BaseLora | None = Field(None, description="Adapt the base with LoRA instead of keeping it frozen.")
+    lora: BaseLora | None = Field(None, description="LoRA on the base instead of a frozen base: {r, alpha, dropout, target_modules}.")
 
 
 class ClassifierHeadMethod(_Head):

@@ -106,10 +106,11 @@ class SelectConfig(Section):
 class FreezeConfig(Section):
     train: list[ParamRule] = Field(
         default_factory=list,
-        description="Rules for what trains; when set, every other parameter is frozen. Empty: the method decides.",
+        description="Rules for what trains; when set, every other parameter is frozen. A rule has keys patterns, "
+        "exclude, layers, first_layers, last_layers, modules (docs/partial_finetuning.md); a string is a regex.",
     )
-    freeze: list[ParamRule] = Field(default_factory=list, description="Rules for what is frozen (applied last, wins).")
-    select: SelectConfig | None = Field(None, description="Also train the top-ranked layers/modules by a measured signal.")
+    freeze: list[ParamRule] = Field(default_factory=list, description="Rules for what is frozen (applied last, wins); same keys as `train`.")
+    select: SelectConfig | None = Field(None, description="Also train the top-ranked layers/modules by weight SNR: {by: snr, unit: layers|modules, fraction}.")
 
     @field_validator("train", "freeze", mode="before")
     @classmethod
