@@ -124,12 +124,20 @@ def _load_base(cfg: dict):
 
     mcfg = ModelConfig(name_or_path=cfg["base_model"], revision=cfg["base_revision"], dtype=cfg["dtype"],
                        attn_implementation=cfg["attn_implementation"])
+    from transformers.utils import logging as hf_logging
+
     labels = cfg["labels"]
-    if cfg["method"] == "classifier_head":
-        model = modeling.load_model(mcfg, "AutoModelForSequenceClassification", num_labels=len(labels),
-                                    id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
-    else:
-        model = modeling.load_model(mcfg, "AutoModel")
+    # transformers reports lm_head as unused and score as newly initialised: both expected here.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        if cfg["method"] == "classifier_head":
+            model = modeling.load_model(mcfg, "AutoModelForSequenceClassification", num_labels=len(labels),
+                                        id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+        else:
+            model = modeling.load_model(mcfg, "AutoModel")
+    finally:
+        hf_logging.set_verbosity(verbosity)
     # Llama checkpoints often have no pad token; the classifier finds the last real token through it.
     model.config.pad_token_id = cfg["pad_token_id"]
     model.requires_grad_(False)
@@ -160,10 +168,13 @@ def build(cfg: dict, lora=None):
 
 
 def head_state(model) -> dict:
-    """The head's weights (what head.safetensors holds)."""
-    if isinstance(model, MLPHeadClassifier):
-        return {f"head.{k}": v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}
-    return {f"score.{k}": v.detach().contiguous().cpu() for k, v in model.score.state_dict().items()}
+    """The head's weights (what head.safetensors holds). Collective under FSDP2: call on every rank."""
+    prefix, module = ("head", model.head) if isinstance(model, MLPHeadClassifier) else ("score", model.score)
+
+    def full(v):  # an FSDP2-sharded parameter is a DTensor: gather it whole
+        return (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().contiguous().cpu()
+
+    return {f"{prefix}.{k}": full(v) for k, v in module.state_dict().items()}
 
 
 # -- save / load / predict ---------------------------------------------------------------------
@@ -172,17 +183,19 @@ def save(model, tokenizer, cfg: dict, out: Path) -> None:
     """Write the head artifact (see the module docstring); never a copy of the base."""
     from safetensors.torch import save_file
 
+    adapter_with_head = cfg["lora"] and cfg["method"] == "classifier_head"
+    state = None if adapter_with_head else head_state(model)  # on every rank (FSDP gathers)
     if not is_main_process():
         return
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / HEAD_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
-    if cfg["lora"] and cfg["method"] == "classifier_head":
+    if adapter_with_head:
         model.save_pretrained(str(out))  # adapter + `score` (modules_to_save) in adapter_model.safetensors
     else:
         if cfg["lora"]:
             model.base.save_pretrained(str(out))
-        save_file(head_state(model), str(out / HEAD_WEIGHTS), metadata={"format": "pt"})
+        save_file(state, str(out / HEAD_WEIGHTS), metadata={"format": "pt"})
     tokenizer.save_pretrained(str(out))
 
 
