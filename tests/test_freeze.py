@@ -14,7 +14,7 @@ from llama_recipes.freeze import apply_freeze, report, weight_snr
 from llama_recipes.schema import load_recipe, validate_recipe
 from llama_recipes.schema.freeze import FreezeConfig
 
-MODEL = TINY if (TINY / "config.json").is_file() else "/tmp/issue5/tiny"  # until the asset lands in main
+MODEL = TINY
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def test_partial_training_with_checkpointing_and_frozen_embeddings(tmp_path):
     from llama_recipes import pipeline
 
     recipe = load_recipe(ROOT / "recipes/demo/tiny_freeze_last2.yaml", [
-        "training.max_steps=4", "data.max_samples=64", "training.report_to=none", f"model.name_or_path={MODEL}", f"output_dir={tmp_path}",
+        "training.max_steps=4", "data.max_samples=64", "training.report_to=none", f"output_dir={tmp_path}",
         "training.activation_checkpointing=true", "eval.before_after=false"])
     before = {n: p.detach().clone() for n, p in AutoModelForCausalLM.from_pretrained(MODEL).named_parameters()}
     run = pipeline.train(recipe)

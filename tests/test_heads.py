@@ -12,12 +12,12 @@ from llama_recipes import heads
 from llama_recipes.errors import UserError
 from llama_recipes.schema import load_recipe
 
-MODEL = TINY if (TINY / "config.json").is_file() else "/tmp/issue5/tiny"  # until the asset lands in main
+MODEL = TINY
 
 
 def recipe(name: str, tmp_path, *overrides):
     return load_recipe(ROOT / f"recipes/demo/{name}.yaml", [
-        f"model.name_or_path={MODEL}", f"output_dir={tmp_path}", "training.report_to=none", *overrides])
+        f"output_dir={tmp_path}", "training.report_to=none", *overrides])
 
 
 def base_weights():
