@@ -32,7 +32,8 @@ def check_base_frozen(model, before):
     for n, p in model.named_parameters():
         if "lora_" in n or "score" in n or n.startswith("head."):
             continue
-        key = next(k for k in before if n.endswith(k))
+        plain = n.replace(".base_layer", "")  # PEFT wraps adapted linears
+        key = next(k for k in before if plain == k or plain.endswith("." + k))
         assert torch.equal(p.detach(), before[key]), n
         checked += 1
     assert checked == len(before)
@@ -134,3 +135,15 @@ def test_head_on_non_classification_data_is_a_user_error(tmp_path):
     r = recipe("tiny_classifier_head", tmp_path, "data.path=builtin:demo", "data.format=alpaca")
     with pytest.raises(UserError, match="classification data"):
         pipeline.train(r)
+
+
+def test_lora_base_with_mlp_head_saves_adapter_and_head(tmp_path):
+    from llama_recipes import pipeline
+
+    run = pipeline.train(recipe("tiny_mlp_head", tmp_path, "training.max_steps=3", "method.lora.r=2",
+                                "eval.before_after=false"))
+    assert {"adapter_model.safetensors", "adapter_config.json", "head.safetensors", "head_config.json"} <= {
+        p.name for p in tmp_path.iterdir()}
+    check_base_frozen(run.model.base, base_weights())
+    texts = ["A brown horse.", "Sunny and warm."]
+    assert torch.equal(heads.load(tmp_path).logits(texts), heads.batch_logits(run.model, run.tokenizer, texts))
