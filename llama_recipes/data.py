@@ -88,6 +88,14 @@ def render(ds, cfg: DataConfig):
     elif fmt in ("prompt_completion", "text", "chat"):
         keep = {"prompt_completion": ["prompt", "completion"], "text": ["text"], "chat": ["messages"]}[fmt]
         ds = ds.select_columns(keep)
+    elif fmt == "classification":  # minimal stand-in (issue 5); the data engineer's version (issue 3) replaces it
+        import datasets
+
+        ds = ds.select_columns(["text", "label"])
+        if not isinstance(ds.features["label"], datasets.ClassLabel):
+            names = sorted(set(map(str, ds["label"])))
+            features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+            ds = ds.map(lambda r: {"label": names.index(str(r["label"]))}, features=features)
     else:
         raise UserError(f"data.format {fmt!r} is not supported yet", "use alpaca, prompt_completion, chat or text")
     return ds, fmt

@@ -30,7 +30,13 @@ def train(recipe, overwrite: bool = False) -> Run:
     """Run a validated recipe end to end; metrics are also written to OUTPUT_DIR/metrics.json."""
     from transformers import set_seed
 
-    from llama_recipes import artifacts, data, evaluation, methods, modeling, training
+    from llama_recipes import artifacts, data, evaluation, freeze, methods, modeling, training
+    from llama_recipes.schema.finetune import HEAD_METHODS
+
+    if recipe.method.name in HEAD_METHODS:  # task heads train with the plain Trainer (heads.py)
+        from llama_recipes import heads
+
+        return heads.train(recipe, overwrite)
 
     started = time.time()
     set_seed(recipe.seed)
@@ -45,6 +51,7 @@ def train(recipe, overwrite: bool = False) -> Run:
     trainable, total = modeling.count_parameters(model)
     log.info("trainable params: %s || all params: %s || trainable%%: %.4f",
              f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    param_report = freeze.report(model)
 
     # -- datasets -----------------------------------------------------------------------------
     train_ds, eval_raw, fmt = data.build_datasets(recipe.data)
@@ -67,6 +74,7 @@ def train(recipe, overwrite: bool = False) -> Run:
 
     # -- save ---------------------------------------------------------------------------------
     artifacts.save_artifact(trainer, tokenizer, out)
+    freeze.save_report(out, param_report)
     metrics = {
         "recipe_fingerprint": recipe.fingerprint(),
         "data_format": fmt,

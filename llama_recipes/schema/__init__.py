@@ -17,6 +17,7 @@ from llama_recipes.errors import RecipeError
 from llama_recipes.schema.base import Section
 from llama_recipes.schema.data import DataConfig
 from llama_recipes.schema.evaluation import EvalConfig
+from llama_recipes.schema.finetune import check_method_freeze
 from llama_recipes.schema.freeze import FreezeConfig
 from llama_recipes.schema.method import PEFT_METHODS, MethodConfig, check_combinations
 from llama_recipes.schema.model import ModelConfig
@@ -40,6 +41,7 @@ class Recipe(Section):
         if self.eval.before_after and self.data.eval_split is None and getattr(t, "eval_strategy", "no") != "no":
             raise ValueError("training.eval_strategy needs data.eval_split (a split name or a fraction)")
         check_combinations(self)
+        check_method_freeze(self)
         return self
 
     @property
@@ -98,8 +100,9 @@ def _fields_for(loc: tuple) -> list[str]:
 
     node: Any = Recipe
     for part in loc[:-1]:
-        if isinstance(node, list):  # discriminated union: the part is the tag
-            match = [m for m in node if typing.get_args(m.model_fields["name"].annotation) == (part,)]
+        if isinstance(node, list):  # discriminated union: the part is the tag; a list: the part is an index
+            match = node if part.isdigit() else [
+                m for m in node if "name" in m.model_fields and typing.get_args(m.model_fields["name"].annotation) == (part,)]
             node = match[0] if match else None
             continue
         if not (isinstance(node, type) and issubclass(node, Section)) or part not in node.model_fields:
@@ -108,6 +111,8 @@ def _fields_for(loc: tuple) -> list[str]:
         members = [a for a in typing.get_args(typing.get_args(ann)[0] if typing.get_origin(ann) is typing.Annotated else ann)
                    if isinstance(a, type) and issubclass(a, Section)]
         node = members if members else ann
+    if isinstance(node, list) and len(node) == 1:  # an optional section (X | None)
+        node = node[0]
     if isinstance(node, type) and issubclass(node, Section):
         return list(node.model_fields)
     return []
