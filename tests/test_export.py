@@ -12,9 +12,24 @@ from llama_recipes.errors import UserError
 from llama_recipes.schema import load_recipe
 from test_methods import PROMPTS, SHORT, trained  # noqa: F401  (fixture)
 
-# 8-bit: LLM.int8 casts activations to fp16 for its matmul, so base+adapter differs from the
-# dense merged model by fp16 rounding; every other merge is exact up to fp32 summation order.
-TOLERANCE = {"lora": 1e-4, "dora": 1e-4, "ia3": 1e-4, "qlora4": 1e-4, "qlora8": 2e-2}
+# fp32 summation order only (logits are ~10-20 in size).
+TOLERANCE = {"lora": 1e-4, "dora": 1e-4, "ia3": 1e-4, "qlora4": 1e-4, "qlora8": 1e-4}
+
+
+def reference_model(key, run):
+    """What the merged model must equal: the in-memory trained model, except for 8-bit.
+
+    LLM.int8 also quantizes the *activations* of every matmul (vector-wise int8), which a dense
+    model cannot reproduce; its reference is the dequantized base with the adapter on top.
+    """
+    if key != "qlora8":
+        return run.model.eval()
+    from peft import PeftModel
+
+    from llama_recipes.export import load_base_for_merge
+
+    base, _ = load_base_for_merge(run.output_dir)
+    return PeftModel.from_pretrained(base, run.output_dir).eval()
 
 
 @pytest.mark.parametrize("key", TOLERANCE)
@@ -34,11 +49,11 @@ def test_merged_model_loads_with_plain_transformers(trained, tmp_path, key):
     tok = AutoTokenizer.from_pretrained(merged_dir)
     ids = tok(PROMPTS, return_tensors="pt", padding=True)
     with torch.no_grad():
-        want = run.model.eval()(**ids).logits
+        ref = reference_model(key, run)
+        want = ref(**ids).logits
         got = merged(**ids).logits
     assert (got - want).abs().max() <= TOLERANCE[key], (got - want).abs().max()
-    if TOLERANCE[key] <= 1e-4:
-        assert generate(merged, tok, PROMPTS, 6) == generate(run.model, run.tokenizer, PROMPTS, 6)
+    assert generate(merged, tok, PROMPTS, 6) == generate(ref, run.tokenizer, PROMPTS, 6)
 
 
 @pytest.mark.parametrize("key,why", [

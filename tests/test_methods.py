@@ -32,6 +32,9 @@ METHODS = {
     "prompt_random": ("prompt_tuning", ["method.init=random", "method.init_text=null"]),
     "ia3": ("ia3", []),
 }
+# Variants of a method already covered in the default run: slow (make test-all) for the time budget.
+SLOW_VARIANTS = {"prefix_projection", "prompt_random"}
+KEYS = [pytest.param(k, marks=pytest.mark.slow) if k in SLOW_VARIANTS else k for k in METHODS]
 PROMPTS = ["### Instruction:\nReverse the list of words.\n\n### Input:\nred cat sun\n\n### Response:\n",
            "Give the last word."]
 _RUNS: dict = {}
@@ -98,7 +101,7 @@ def expected_trainable(key, recipe) -> int:
     raise AssertionError(m.name)
 
 
-@pytest.mark.parametrize("key", METHODS)
+@pytest.mark.parametrize("key", KEYS)
 def test_loss_goes_down(trained, key):
     _, run = trained(key)
     before, after = run.metrics["eval_before"]["loss"], run.metrics["eval_after"]["loss"]
@@ -107,7 +110,7 @@ def test_loss_goes_down(trained, key):
     assert all(math.isfinite(x) for x in losses) and len(losses) == 2
 
 
-@pytest.mark.parametrize("key", METHODS)
+@pytest.mark.parametrize("key", KEYS)
 def test_only_method_parameters_changed(trained, key):
     recipe, run = trained(key)
     start = dict(initial_model(recipe).named_parameters())
@@ -127,7 +130,7 @@ def test_only_method_parameters_changed(trained, key):
         assert run.metrics["total_params"] == trained("lora")[1].metrics["total_params"]
 
 
-@pytest.mark.parametrize("key", METHODS)
+@pytest.mark.parametrize("key", KEYS)
 def test_saved_adapter_reloads_with_plain_peft(trained, key):
     from peft import PeftModel
 
