@@ -35,7 +35,10 @@ def prepare_output_dir(recipe, overwrite: bool = False) -> Path:
         if not saved.is_file():
             raise UserError(f"output_dir {out} is not empty and was not written by llama-recipes",
                             "choose another output_dir, or pass --overwrite to write into it anyway")
-        if yaml.safe_load(saved.read_text()) != recipe.to_dict():
+        from llama_recipes.schema.guards import RUN_CONTROL_KEYS  # resume/guards may change between tries
+
+        before = {k: v for k, v in (yaml.safe_load(saved.read_text()) or {}).items() if k not in RUN_CONTROL_KEYS}
+        if before != recipe.identity():
             raise UserError(f"output_dir {out} holds a run of a different recipe ({saved})",
                             "choose another output_dir, or pass --overwrite to replace that run")
     if is_main_process():

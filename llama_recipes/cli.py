@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None, prog: str = "run_recipe.py") -> int:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
 
 
 def console_main() -> int:

@@ -30,13 +30,14 @@ def train(recipe, overwrite: bool = False) -> Run:
     """Run a validated recipe end to end; metrics are also written to OUTPUT_DIR/metrics.json."""
     from transformers import set_seed
 
-    from llama_recipes import artifacts, data, evaluation, methods, modeling, training
+    from llama_recipes import artifacts, data, evaluation, methods, modeling, resilience, training
 
     started = time.time()
     set_seed(recipe.seed)
 
     # -- output directory: claimed first, so a clash fails before minutes of loading ----------
     out = artifacts.prepare_output_dir(recipe, overwrite)
+    resume = resilience.resume_checkpoint(recipe, out, overwrite)  # newest complete checkpoint, or None
 
     # -- tokenizer and model (+ freeze / PEFT) ------------------------------------------------
     tokenizer = modeling.load_tokenizer(recipe.model)
@@ -45,12 +46,15 @@ def train(recipe, overwrite: bool = False) -> Run:
     trainable, total = modeling.count_parameters(model)
     log.info("trainable params: %s || all params: %s || trainable%%: %.4f",
              f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    if recipe.guards.check_disk:
+        resilience.check_disk_space(model, recipe, out)
 
     # -- datasets -----------------------------------------------------------------------------
     train_ds, eval_raw, fmt = data.build_datasets(recipe.data)
 
     # -- trainer (tokenizes the data, so it comes after the model and datasets) ---------------
     trainer = training.build_trainer(recipe, model, tokenizer, train_ds, eval_raw)
+    resilience.install(trainer, recipe)  # atomic checkpoints, SIGTERM/SIGINT stop, NaN guard
 
     def measure(tag):
         if trainer.eval_dataset is None or not recipe.eval.before_after:
@@ -62,7 +66,7 @@ def train(recipe, overwrite: bool = False) -> Run:
 
     # -- train --------------------------------------------------------------------------------
     before = measure("before")
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume)
     after = measure("after")
 
     # -- save ---------------------------------------------------------------------------------

@@ -15,9 +15,11 @@ from pydantic import Field, ValidationError, model_validator
 
 from llama_recipes.errors import RecipeError
 from llama_recipes.schema.base import Section
+from llama_recipes.schema.checks import check_combinations, redact
 from llama_recipes.schema.data import DataConfig
 from llama_recipes.schema.evaluation import EvalConfig
 from llama_recipes.schema.freeze import FreezeConfig
+from llama_recipes.schema.guards import RESUME_DESCRIPTION, RUN_CONTROL_KEYS, GuardsConfig
 from llama_recipes.schema.method import PEFT_METHODS, MethodConfig
 from llama_recipes.schema.model import ModelConfig
 from llama_recipes.schema.training import TrainingConfig
@@ -32,6 +34,8 @@ class Recipe(Section):
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)  # type: ignore[valid-type]
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    resume: str = Field("auto", description=RESUME_DESCRIPTION)
+    guards: GuardsConfig = Field(default_factory=GuardsConfig)
 
     @model_validator(mode="after")
     def _combinations(self):
@@ -39,6 +43,7 @@ class Recipe(Section):
         t = self.training
         if self.eval.before_after and self.data.eval_split is None and getattr(t, "eval_strategy", "no") != "no":
             raise ValueError("training.eval_strategy needs data.eval_split (a split name or a fraction)")
+        check_combinations(self)
         return self
 
     @property
@@ -49,11 +54,15 @@ class Recipe(Section):
         """The resolved recipe as plain data (what is written to OUTPUT_DIR/recipe.yaml)."""
         data = self.model_dump(mode="json", exclude={"training"})
         data["training"] = self.training.sft_kwargs(mode="json")
-        return data
+        return redact(data)
+
+    def identity(self) -> dict[str, Any]:
+        """to_dict() without run-control keys (resume, guards): what makes two runs the same run."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUN_CONTROL_KEYS}
 
     def fingerprint(self) -> str:
         """Hash of the resolved recipe; a different hash in an existing output_dir is another run."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        blob = json.dumps(self.identity(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
