@@ -30,6 +30,7 @@ def prepare_output_dir(recipe, overwrite: bool = False) -> Path:
     out = Path(recipe.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} exists and is a file", "choose another output_dir")
+    reused = False  # same recipe: its recipe.yaml stays as written by the first try
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         saved = out / RECIPE_FILE
         if not saved.is_file():
@@ -41,10 +42,12 @@ def prepare_output_dir(recipe, overwrite: bool = False) -> Path:
         if before != recipe.identity():
             raise UserError(f"output_dir {out} holds a run of a different recipe ({saved})",
                             "choose another output_dir, or pass --overwrite to replace that run")
+        reused = True
     if is_main_process():
         try:
             out.mkdir(parents=True, exist_ok=True)
-            (out / RECIPE_FILE).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+            if not reused:
+                (out / RECIPE_FILE).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         except OSError as e:
             raise UserError(f"cannot write to output_dir {out}: {e.strerror}", "choose a writable output_dir") from None
     return out

@@ -29,7 +29,10 @@ def apply_method(model, recipe):
     if recipe.is_peft:
         from peft import get_peft_model
 
-        model = get_peft_model(model, peft_config(recipe.method))
+        from llama_recipes.resilience import peft_errors
+
+        with peft_errors(model):
+            model = get_peft_model(model, peft_config(recipe.method))
     else:
         for p in model.parameters():
             p.requires_grad_(True)

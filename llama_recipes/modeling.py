@@ -54,6 +54,11 @@ def load_model(cfg: ModelConfig, auto_class: str = "AutoModelForCausalLM", **kwa
             use_safetensors=True,
             **kwargs,
         )
+    except ValueError as e:  # an architecture this auto class does not cover (e.g. T5 for a causal LM)
+        if "Unrecognized configuration class" not in str(e):
+            raise
+        raise UserError(f"{ref} is not a {auto_class.replace('AutoModelFor', '')} architecture: {str(e).splitlines()[0][:200]}",
+                        "use a decoder-only model (Llama, Mistral, Qwen, ...) for this recipe") from None
     except OSError as e:
         if not is_local(ref):
             raise UserError(f"cannot load model: {str(e).splitlines()[0]}", _hub_hint(ref)) from None

@@ -30,7 +30,7 @@ def write_recipe(tmp_path: Path, out: Path, name="r.yaml", extra: dict | None = 
         "data": {"path": "builtin:demo", "max_samples": 64},
         "method": {"name": "lora", "r": 4, "dropout": 0.1},  # dropout: resume must restore the RNG
         "training": {"learning_rate": 3e-3, "max_steps": 8, "per_device_train_batch_size": 4, "bf16": False,
-                     "gradient_checkpointing": False, "logging_steps": 1, "save_steps": 3, "report_to": "none",
+                     "activation_checkpointing": False, "logging_steps": 1, "save_steps": 3, "report_to": "none",
                      "max_length": 256, **training},
         "eval": {"before_after": False},
         **(extra or {}),

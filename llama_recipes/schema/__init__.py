@@ -41,7 +41,7 @@ class Recipe(Section):
     def _combinations(self):
         # Impossible combinations are refused here, before any model is loaded.
         t = self.training
-        if self.eval.before_after and self.data.eval_split is None and getattr(t, "eval_strategy", "no") != "no":
+        if self.data.eval_split is None and getattr(t, "eval_strategy", "no") != "no":
             raise ValueError("training.eval_strategy needs data.eval_split (a split name or a fraction)")
         check_combinations(self)
         return self
@@ -77,7 +77,8 @@ def _read_yaml(path: Path) -> dict:
     except yaml.YAMLError as e:
         raise RecipeError(f"YAML error: {e}", "fix the YAML syntax", str(path)) from None
     if not isinstance(data, dict):
-        raise RecipeError("the recipe must be a YAML mapping of sections (model:, data:, method:, ...)", where=str(path))
+        raise RecipeError("the recipe must be a YAML mapping of sections (model:, data:, method:, ...)",
+                          "start from a recipe under recipes/ and edit it", str(path))
     return data
 
 
@@ -124,7 +125,7 @@ def _fields_for(loc: tuple) -> list[str]:
 def _render_error(err: dict, source: str) -> str:
     loc = tuple(str(p) for p in err["loc"])
     # pydantic puts the union tag (e.g. 'lora') into the location; users never write it.
-    shown = ".".join(loc[:1] + loc[2:] if loc[0] == "method" and len(loc) > 2 else loc)
+    shown = ".".join(loc[:1] + loc[2:] if loc and loc[0] == "method" and len(loc) > 2 else loc)
     kind = err["type"]
     if kind == "extra_forbidden":
         allowed = _fields_for(loc)

@@ -28,16 +28,9 @@ def redact(data: Any, key: str = "") -> Any:
 
 def check_combinations(recipe) -> None:
     t = recipe.training
-    set_keys = t.model_fields_set
-    if {"gradient_checkpointing", "activation_checkpointing"} <= set_keys:
-        raise ValueError(
-            "activation checkpointing is set twice (training.gradient_checkpointing and "
-            "training.activation_checkpointing): keep only training.activation_checkpointing "
-            "(gradient_checkpointing is its deprecated alias)")
     fsdp_cfg = getattr(t, "fsdp_config", None) or {}
-    if isinstance(fsdp_cfg, dict) and fsdp_cfg.get("activation_checkpointing") and (
-            getattr(t, "activation_checkpointing", None) or
-            ("gradient_checkpointing" in set_keys and t.gradient_checkpointing)):
+    if (isinstance(fsdp_cfg, dict) and fsdp_cfg.get("activation_checkpointing")
+            and "activation_checkpointing" in t.model_fields_set and t.activation_checkpointing):
         raise ValueError(
             "activation checkpointing is set twice (training.fsdp_config.activation_checkpointing and "
-            "training.activation_checkpointing/gradient_checkpointing): keep only the FSDP one under FSDP")
+            "training.activation_checkpointing); transformers refuses both: keep only the FSDP one under FSDP")
