@@ -49,6 +49,9 @@ def load_split(cfg: DataConfig, split: str):
             return None
         builder = _EXTENSIONS[Path(files[split][0]).suffix]
         return datasets.load_dataset(builder, data_files=files, split=split)
+    if ref.startswith((".", "/", "~")) or path.suffix in _EXTENSIONS:
+        raise UserError(f"data file or directory not found: {ref}", "check data.path (relative paths start at the "
+                        "current directory), or use builtin:demo to try the bundled data")
     try:
         return datasets.load_dataset(ref, cfg.name, split=split, revision=cfg.revision)
     except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:

@@ -366,7 +366,9 @@ def peft_errors(model):
     except ValueError as e:
         if "not found in the base model" not in str(e):
             raise
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
+        head = model.get_output_embeddings()  # TRL refuses LoRA on the LM head
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if type(m).__name__ == "Linear" and m is not head})
         raise UserError(f"method.target_modules matches no module of the model: {str(e).splitlines()[0]}",
                         f"use names this model has: {', '.join(linear)} (or all-linear)") from None
 

@@ -142,7 +142,7 @@ CASES = {
     "negative-bad-step-budget": (["guards.max_bad_steps=-1"], "guards.max_bad_steps: Input should be greater than or equal to 0"),
     "resume-path-missing": (["resume=/nonexistent/checkpoint-5"], "resume: /nonexistent/checkpoint-5 does not exist"),
     # data
-    "data-file-missing": (["data.path=/nonexistent/train.jsonl"], "cannot load dataset '/nonexistent/train.jsonl'"),
+    "data-file-missing": (["data.path=/nonexistent/train.jsonl"], "data file or directory not found: /nonexistent/train.jsonl"),
     "data-file-type": (_file("train.txt", "hello\n"), "unsupported data file type '.txt'"),
     "builtin-data-unknown": (["data.path=builtin:nope"], "no builtin data named 'nope'"),
     "split-missing": (["data.split=nope"], "no split 'nope'"),
@@ -151,12 +151,12 @@ CASES = {
     "data-hub-id-offline": (["data.path=someone/no-such-dataset"], "cannot load dataset 'someone/no-such-dataset'"),
     "empty-after-tokenization": (["training.max_length=8"], "no training examples left after tokenization"),
     # model
-    "model-path-missing": (["model.name_or_path=/nonexistent/model"], "cannot load tokenizer"),
+    "model-path-missing": (["model.name_or_path=/nonexistent/model"], "model path /nonexistent/model does not exist"),
     "model-hub-id-offline": (["model.name_or_path=meta-llama/No-Such-Model"], "neither a local directory nor a reachable hub model"),
     "builtin-model-unknown": (["model.name_or_path=builtin:nope"], "no builtin model named 'nope'"),
     "model-weights-not-safetensors": (_model_dir("bin"), "needs config.json and *.safetensors"),
     "model-architecture-unsupported": (_model_dir("t5"), "is not a CausalLM architecture"),
-    "target-modules-match-nothing": (["method.target_modules=[nope_proj]"], "method.target_modules matches no module"),
+    "target-modules-match-nothing": (["method.target_modules=[nope_proj]"], "use names this model has: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
     "freeze-rule-matches-nothing": (["freeze.train=[nope]"], "freeze rule 'nope' matches no parameter"),
     # environment / output directory
     "output-dir-is-a-file": (_output("file"), "exists and is a file"),

@@ -80,7 +80,10 @@ def test_sigkill_inside_save_then_resume_matches_uninterrupted_run(tmp_path):
     assert not (out / "checkpoint-6").exists()                     # the half-written one is not a checkpoint
     assert resilience.newest_checkpoint(out) == out / "checkpoint-3"
 
+    ckpt3 = (out / "checkpoint-3").stat().st_ino
     assert cli_main([str(recipe)]) == 0                            # resume: auto
+    # It resumed rather than started over: a fresh run would have replaced checkpoint-3.
+    assert (out / "checkpoint-3").stat().st_ino == ckpt3 and resilience.is_complete(out / "checkpoint-6")
     assert not (out / resilience.STAGING).exists()                 # cleaned on resume
     ref_out = tmp_path / "reference"
     assert cli_main([str(write_recipe(tmp_path, ref_out, name="ref.yaml"))]) == 0
