@@ -183,8 +183,9 @@ def _atomic_checkpoints(trainer, signals=None) -> None:
         run_dir = Path(run_dir_of(trial))
         staging = run_dir / STAGING
         name = f"checkpoint-{trainer.state.global_step}"
-        if trainer.args.should_save:
+        if trainer.args.should_save and is_main_process():  # RANK: should_save alone was true on every rank under torchrun on CPU
             shutil.rmtree(staging / name, ignore_errors=True)
+        trainer.accelerator.wait_for_everyone()  # before any rank writes its RNG state there
         trainer._get_output_dir = lambda trial=None: str(staging)
         try:
             original_save(model, trial)
@@ -192,7 +193,7 @@ def _atomic_checkpoints(trainer, signals=None) -> None:
             del trainer._get_output_dir  # back to the class method
         _save_hook(trainer.state.global_step, signals)
         trainer.accelerator.wait_for_everyone()  # every rank wrote its shards and RNG state
-        if trainer.args.should_save:
+        if trainer.args.should_save and is_main_process():
             tmp, final = staging / name, run_dir / name
             best = trainer.state.best_model_checkpoint
             if best and Path(best).parent == staging:
@@ -250,8 +251,7 @@ def _callbacks():
 
         def _handle(self, signum, frame):
             self.received = signum
-            for sig, handler in self.previous.items():
-                signal.signal(sig, handler)
+            self.restore()
             log.warning("received %s: finishing the current step, then saving a checkpoint (send it again to quit now)",
                         signal.Signals(signum).name)
 
@@ -268,10 +268,13 @@ def _callbacks():
                 control.should_training_stop = True
                 self.stopped_at = state.global_step
 
+        def restore(self):
+            for sig, handler in self.previous.items():
+                signal.signal(sig, handler)
+            self.previous = {}
+
         def on_train_end(self, args, state, control, **kw):
-            if self.received is None:
-                for sig, handler in self.previous.items():
-                    signal.signal(sig, handler)
+            self.restore()
             if self.stopped_at is None:
                 return
             name = signal.Signals(self.received).name if self.received else "a signal on another rank"
@@ -343,6 +346,15 @@ def install(trainer, recipe):
         return loss
 
     trainer.training_step = training_step
+    original_train = trainer.train
+
+    def train(*args, **kwargs):
+        try:
+            return original_train(*args, **kwargs)
+        finally:  # also when a guard raised mid-training: the process gets its own handlers back
+            signals.restore()
+
+    trainer.train = train
     return signals, guard
 
 
