@@ -172,6 +172,15 @@ def _save_hook(step: int, signals) -> None:
         time.sleep(0.05)
 
 
+def _barrier() -> None:
+    # torch's own barrier: accelerate's wait_for_everyone is a no-op when it did not set up the
+    # process group itself (torchrun on CPU here), and then rank 0 could rename under rank 1's writes.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def _atomic_checkpoints(trainer, signals=None) -> None:
     """Make the trainer's checkpoint saves atomic and take over save_total_limit."""
     limit = trainer.args.save_total_limit
@@ -185,14 +194,14 @@ def _atomic_checkpoints(trainer, signals=None) -> None:
         name = f"checkpoint-{trainer.state.global_step}"
         if trainer.args.should_save and is_main_process():  # RANK: should_save alone was true on every rank under torchrun on CPU
             shutil.rmtree(staging / name, ignore_errors=True)
-        trainer.accelerator.wait_for_everyone()  # before any rank writes its RNG state there
+        _barrier()  # before any rank writes its RNG state there
         trainer._get_output_dir = lambda trial=None: str(staging)
         try:
             original_save(model, trial)
         finally:
             del trainer._get_output_dir  # back to the class method
         _save_hook(trainer.state.global_step, signals)
-        trainer.accelerator.wait_for_everyone()  # every rank wrote its shards and RNG state
+        _barrier()  # every rank wrote its shards and RNG state
         if trainer.args.should_save and is_main_process():
             tmp, final = staging / name, run_dir / name
             best = trainer.state.best_model_checkpoint
@@ -214,7 +223,7 @@ def _atomic_checkpoints(trainer, signals=None) -> None:
             shutil.rmtree(staging, ignore_errors=True)
             for p in rotate(run_dir, limit, trainer.state.best_model_checkpoint):
                 log.info("save_total_limit=%s: deleted %s", limit, p.name)
-        trainer.accelerator.wait_for_everyone()
+        _barrier()
 
     trainer._save_checkpoint = save_checkpoint
 

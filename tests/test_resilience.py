@@ -291,3 +291,17 @@ def test_two_rank_ddp_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     a, b = adapter(out), adapter(tmp_path / "ref")
     for k in a:
         assert (a[k] - b[k]).abs().max().item() < 1e-5, k
+
+
+def test_changing_resume_or_guards_is_the_same_run_but_another_recipe_is_refused(tmp_path):
+    from llama_recipes.artifacts import prepare_output_dir
+    from llama_recipes.schema import validate_recipe
+
+    base = {"output_dir": str(tmp_path / "o"), "model": {"name_or_path": "m"}, "data": {"path": "d"},
+            "method": {"name": "lora"}}
+    prepare_output_dir(validate_recipe(base))
+    saved = (tmp_path / "o" / "recipe.yaml").read_bytes()
+    prepare_output_dir(validate_recipe({**base, "resume": "never", "guards": {"max_bad_steps": 3}}))
+    with pytest.raises(UserError, match="holds a run of a different recipe"):
+        prepare_output_dir(validate_recipe({**base, "seed": 1}))
+    assert (tmp_path / "o" / "recipe.yaml").read_bytes() == saved
