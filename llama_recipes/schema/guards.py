@@ -8,9 +8,8 @@ from pydantic import Field
 from llama_recipes.schema.base import Section
 
 RESUME_DESCRIPTION = (
-    "auto: continue from the newest complete checkpoint in output_dir (weights, optimizer, scheduler, step, "
-    "data position, RNG), or start fresh if there is none; never: always start fresh (refused if output_dir "
-    "holds checkpoints); or the path of a checkpoint-N directory to resume from."
+    "auto: continue from the newest complete checkpoint in output_dir, else start fresh; never: start fresh; "
+    "or a checkpoint-N path (docs/troubleshooting.md)."
 )
 
 
