@@ -135,6 +135,7 @@ CASES = {
     "unknown-method": (["method.name=lorax"], "does not match any of the expected tags"),
     "reserved-training-key": (["training.output_dir=x"], "set `output_dir:` at the top level"),
     "deprecated-alias": (["training.gradient_checkpointing=true"], "use `training.activation_checkpointing`"),
+    "resume-in-training-section": (["training.resume_from_checkpoint=out/checkpoint-3"], "set `resume:` at the top level"),
     "bad-override-syntax": (["training.max_steps"], "bad override 'training.max_steps'"),
     "eval-strategy-without-eval-split": (["training.eval_strategy=steps"], "needs data.eval_split"),
     "activation-checkpointing-twice": (["training.fsdp_config={activation_checkpointing: true}",

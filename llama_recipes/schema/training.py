@@ -20,6 +20,7 @@ RESERVED = {
     "seed": "set `seed:` at the top level of the recipe",
     "gradient_checkpointing": "use `training.activation_checkpointing` (its transformers 5 name)",
     "gradient_checkpointing_kwargs": "use `training.activation_checkpointing_kwargs` (its transformers 5 name)",
+    "resume_from_checkpoint": "set `resume:` at the top level (auto, never, or a checkpoint path)",
 }
 
 # Where our default differs from TRL's, and why.
