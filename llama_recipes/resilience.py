@@ -418,7 +418,10 @@ def check_disk_space(model, recipe, out: Path, free: int | None = None) -> int:
     weights, optim = checkpoint_bytes(model, recipe.is_peft, bool(getattr(t, "save_only_model", False)))
     saves = str(getattr(t, "save_strategy", "steps")) != "no"
     need = int(1.1 * (weights + (weights + optim if saves else 0))) + 16 * 2**20  # + tokenizer, logs
-    free = shutil.disk_usage(out).free if free is None else free
+    probe = Path(out)
+    while not probe.exists() and probe != probe.parent:  # other ranks may get here before rank 0 made it
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free if free is None else free
     if free < need:
         gib = 2**30
         raise UserError(
