@@ -335,8 +335,14 @@ def eval_only(recipe, args) -> int:
     target = resolve_target(recipe, getattr(args, "checkpoint", None), getattr(args, "base", False))
     if target.kind == "head":
         return _eval_head(recipe, target)
-    results, predictions = evaluate_target(recipe, target)
-    write_results(target.results_dir, results, predictions)
+    try:
+        results, predictions = evaluate_target(recipe, target)
+        write_results(target.results_dir, results, predictions)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     log.info("\n%s", results_table(results))
     log.info("eval results in %s", target.results_dir / RESULTS_FILE)
     return 0
@@ -344,10 +350,12 @@ def eval_only(recipe, args) -> int:
 
 def evaluate_target(recipe, target: Target) -> tuple[dict, list[dict]]:
     """Load, evaluate (loss, generation, retain sets), gather across ranks; (results, predictions)."""
+    import datasets
     from transformers import set_seed
 
     from llama_recipes import data
 
+    datasets.disable_progress_bars()  # a few thousand rows map in a blink; the eval bars are the ones that matter
     cfg = recipe.eval
     started = time.time()
     device = _init_distributed()
@@ -386,7 +394,6 @@ def evaluate_target(recipe, target: Target) -> tuple[dict, list[dict]]:
         preds = [gathered[i] for i in range(len(prompts))]
         seconds["generate"] = time.time() - t
         metrics.update(generation_scores(preds, refs, cfg.metrics))
-        metrics["generate_examples_per_second"] = len(prompts) / max(seconds["generate"], 1e-9)
         predictions = [{"prompt": p, "reference": r, "prediction": y} for p, r, y in zip(prompts, refs, preds)]
 
     t = time.time()
@@ -406,7 +413,9 @@ def evaluate_target(recipe, target: Target) -> tuple[dict, list[dict]]:
         "eval_settings": cfg.model_dump(mode="json"),
         "world_size": world,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
-        "examples_per_second": len(eval_raw) / max(seconds["total"] - seconds["load"], 1e-9),
+        "examples_per_second": {  # across all ranks
+            k: round(len(eval_raw) / max(seconds[k], 1e-9), 2) for k in ("loss", "generate") if k in seconds
+        },
     }
     return results, predictions
 
@@ -484,6 +493,14 @@ def results_table(results: dict) -> str:
             rows.append(f"| {k} | {v:.4f} |")
         elif isinstance(v, int):
             rows.append(f"| {k} | {v} |")
+    speed = results.get("examples_per_second") or {}
+    if speed:
+        rows.append(f"| examples/s | {', '.join(f'{k} {v:.1f}' for k, v in speed.items())} |")
+    matrix = results["metrics"].get("confusion_matrix")
+    if matrix:  # classification heads: rows are true labels, columns predictions
+        labels = results["metrics"].get("labels") or [str(i) for i in range(len(matrix))]
+        rows += ["", "| true \\ predicted | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+        rows += [f"| {lab} | " + " | ".join(map(str, r)) + " |" for lab, r in zip(labels, matrix)]
     retain = results.get("retain") or {}
     if retain:
         rows += ["", "| retain set | base loss | artifact loss | delta loss | base ppl | artifact ppl |",

@@ -12,8 +12,7 @@ from llama_recipes import evaluation
 from llama_recipes.errors import RecipeError, UserError
 from llama_recipes.schema import load_recipe
 
-# FAST's `save_strategy=no` parses as YAML false; quoted here so the demo recipe validates
-EVAL = ["training.save_strategy='no'", "eval.limit=16", "eval.max_new_tokens=6", "eval.retain=[builtin:retain]"]
+EVAL = ["eval.limit=16", "eval.max_new_tokens=6", "eval.retain=[builtin:retain]"]
 
 
 def _recipe(out, *extra):
