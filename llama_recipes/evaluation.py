@@ -502,12 +502,14 @@ def results_table(results: dict) -> str:
         rows += ["", "| true \\ predicted | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
         rows += [f"| {lab} | " + " | ".join(map(str, r)) + " |" for lab, r in zip(labels, matrix)]
     retain = results.get("retain") or {}
-    if retain:
+    if retain and all("artifact" in r for r in retain.values()):
         rows += ["", "| retain set | base loss | artifact loss | delta loss | base ppl | artifact ppl |",
                  "|---|---|---|---|---|---|"]
         for ref, r in retain.items():
-            a = r.get("artifact", {})
-            rows.append(f"| {ref} | {r['base']['loss']:.4f} | {a.get('loss', float('nan')):.4f} | "
-                        f"{r.get('delta_loss', float('nan')):+.4f} | {r['base']['perplexity']:.3f} | "
-                        f"{a.get('perplexity', float('nan')):.3f} |")
+            b, a = r["base"], r["artifact"]
+            rows.append(f"| {ref} | {b['loss']:.4f} | {a['loss']:.4f} | {r['delta_loss']:+.4f} | "
+                        f"{b['perplexity']:.3f} | {a['perplexity']:.3f} |")
+    elif retain:
+        rows += ["", "| retain set | loss | perplexity |", "|---|---|---|"]
+        rows += [f"| {ref} | {r['base']['loss']:.4f} | {r['base']['perplexity']:.3f} |" for ref, r in retain.items()]
     return "\n".join(rows)
