@@ -168,6 +168,9 @@ def test_targets_and_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_recipes.heads", None)  # an install without head support
     with pytest.raises(UserError, match="classification-head artifact"):
         evaluation.eval_only(recipe, Namespace(checkpoint=str(head), base=False))
+    from llama_recipes.cli import main
+
+    assert main([str(DEMO_RECIPE), f"output_dir={tmp_path}", "--base"]) == 2  # not silently a training run
     with pytest.raises(RecipeError, match="eval.metrics"):
         _recipe(tmp_path, "eval.metrics=[bleu]")
 
