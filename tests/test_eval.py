@@ -83,7 +83,9 @@ def test_batched_left_padded_generation_equals_one_at_a_time(tiny):
 
     tok, model = tiny
     prompts = _rows(6)["prompt"][:3] + ["red", "blue green cat dog sun moon tree red", "### Response:\n"]
+    side = tok.padding_side
     batched = evaluation.generate(model, tok, prompts, max_new_tokens=8, batch_size=4)
+    assert tok.padding_side == side  # restored for training's collator
     single = []
     with torch.inference_mode():
         for p in prompts:
@@ -91,8 +93,7 @@ def test_batched_left_padded_generation_equals_one_at_a_time(tiny):
             out = model.generate(**enc, max_new_tokens=8, do_sample=False, eos_token_id=tok.eos_token_id,
                                  pad_token_id=tok.pad_token_id)
             single.append(tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
-    assert batched == single
-    assert tok.padding_side == "right" or tok.padding_side == tiny[0].padding_side  # restored
+    assert batched == single and any(batched)
 
 
 def test_eval_only_adapter_beats_base_and_agrees_with_training(trained):
