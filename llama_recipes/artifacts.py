@@ -30,7 +30,8 @@ def prepare_output_dir(recipe, overwrite: bool = False) -> Path:
     out = Path(recipe.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} exists and is a file", "choose another output_dir")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    # eval/ holds --eval-only results (--base may run before training), never a run's files
+    if out.is_dir() and any(p.name != "eval" for p in out.iterdir()) and not overwrite:
         saved = out / RECIPE_FILE
         if not saved.is_file():
             raise UserError(f"output_dir {out} is not empty and was not written by llama-recipes",
