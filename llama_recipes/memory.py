@@ -180,7 +180,7 @@ def setup_from_recipe(recipe, gpus=None, config=None, gpu_memory=None) -> Setup:
     fp16 = bool(getattr(t, "fp16", False))
     mixed = "fp16" if fp16 else ("bf16" if bf16 in (None, True) else None)  # TRL: bf16 unless told
     ac = getattr(t, "activation_checkpointing", None)
-    ac = getattr(t, "gradient_checkpointing", False) if ac is None else ac
+    ac = getattr(t, "gradient_checkpointing", True) if ac is None else ac  # TRL's default is on
     s = Setup(
         method=method, freeze_train=list(recipe.freeze.train), freeze_freeze=list(recipe.freeze.freeze),
         weight_dtype=shape_dtype, mixed=mixed, optim=str(getattr(t, "optim", "adamw_torch")),
@@ -472,7 +472,7 @@ def options(shape: ModelShape, s: Setup) -> list[tuple[str, Estimate]]:
             found.append((text, e))
 
     if not s.checkpointing:
-        add("turn on activation checkpointing (training.gradient_checkpointing=true): ~30% slower steps",
+        add("turn on activation checkpointing (training.activation_checkpointing=true): ~30% slower steps",
             replace(s, checkpointing=True))
     for mb in (s.micro_batch // 2, s.micro_batch // 4, 1):
         if 1 <= mb < s.micro_batch:

@@ -34,7 +34,7 @@ def llama_dir(tmp_path, name, cfg):
 
 
 def recipe_for(model_dir, method=None, **training):
-    t = {"per_device_train_batch_size": 1, "max_length": 512, "bf16": True, "gradient_checkpointing": False,
+    t = {"per_device_train_batch_size": 1, "max_length": 512, "bf16": True, "activation_checkpointing": False,
          "optim": "adamw_torch", **training}
     return validate_recipe({"output_dir": "/tmp/unused", "model": {"name_or_path": str(model_dir), "dtype": "float32"},
                             "data": {"path": "builtin:demo"}, "method": method or {"name": "full"}, "training": t})
