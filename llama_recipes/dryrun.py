@@ -118,7 +118,23 @@ class Report:
 
     def add(self, stage, ok, detail=""):
         self.rows.append((stage, "PASS" if ok is True else ("SKIP" if ok is None else "FAIL"), detail))
-        log.info("dry run: %-8s %s  %s", stage, self.rows[-1][1], detail)
+        # a failure is a warning, so that every rank's failure reaches the console
+        (log.info if ok is not False else log.warning)("dry run: %-8s %s  %s", stage, self.rows[-1][1], detail)
+
+    def merge_ranks(self) -> None:
+        """Under a launcher: a stage fails if it failed on any rank (rank 0's details otherwise)."""
+        if not _dist():
+            return
+        import torch.distributed as dist
+
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, self.rows)
+        merged: dict[str, tuple[str, str, str]] = {}
+        for r, rows in enumerate(every):
+            for stage, status, detail in rows:
+                if stage not in merged or (status == "FAIL" and merged[stage][1] != "FAIL"):
+                    merged[stage] = (stage, status, detail if r == 0 else f"[rank {r}] {detail}")
+        self.rows = list(merged.values())
 
     @property
     def passed(self) -> bool:
@@ -128,6 +144,19 @@ class Report:
         lines = ["dry run:"] + [f"  {s:<5} {stage:<10} {d}" for stage, s, d in self.rows]
         lines.append(f"dry run: {'PASS' if self.passed else 'FAIL'}")
         return "\n".join(lines)
+
+
+def _dist() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _barrier() -> None:
+    if _dist():
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def _fmt_time(sec: float) -> str:
@@ -148,8 +177,6 @@ def _scratch_dir(recipe) -> Path:
 
 def run(recipe) -> Report:
     """Run every stage; a failing stage stops the ones that depend on it."""
-    import torch
-
     from llama_recipes import evaluation, pipeline
 
     report = Report()
@@ -163,10 +190,17 @@ def run(recipe) -> Report:
             report.add("train", False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             log.debug("%s", traceback.format_exc())
             return report
+        _barrier()  # rank 0 writes the artifact; every rank reloads it
         losses = [h["loss"] for h in result.trainer.state.log_history if "loss" in h]
         ok = result.trainer.state.global_step == steps and losses and all(math.isfinite(x) for x in losses)
-        report.add("train", bool(ok), f"{result.trainer.state.global_step} steps, losses "
+        procs = result.trainer.args.world_size
+        report.add("train", bool(ok), f"{result.trainer.state.global_step} steps on {procs} process(es), losses "
                    + ", ".join(f"{x:.4f}" for x in losses))
+        if world_size() != procs:
+            # every rank trained alone, on the same data, writing into the same directory
+            report.add("launch", False, f"the launcher started {world_size()} processes but the trainer sees {procs}; "
+                       "without GPUs accelerate forms a process group only with ACCELERATE_USE_CPU=1 "
+                       "(or training.use_cpu=true)")
 
         files = sorted(p.name for p in result.output_dir.iterdir() if p.is_file())
         weights = [f for f in files if f.endswith(".safetensors")]
@@ -204,10 +238,13 @@ def run(recipe) -> Report:
         report.add("timing", True, f"{step_s:.3f} s/step (median of {len(timed)}); full run {how}: "
                    f"~{_fmt_time(step_s * total)} of training (+ eval and saving)")
         del fresh
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()
         return report
     finally:
+        try:
+            report.merge_ranks()
+            _barrier()  # nobody is still reading the scratch directory
+        except Exception as e:  # a rank that died mid-way: report what this rank saw
+            log.warning("dry run: could not collect the other ranks' results: %s", e)
         if is_main_process():
             shutil.rmtree(scratch, ignore_errors=True)
 

@@ -355,8 +355,19 @@ def optimizer_bytes_per_param(optim: str, param_bytes: int) -> float:
     return 2.0 * param_bytes  # Adam family: exp_avg and exp_avg_sq, at the parameter's dtype
 
 
+def backprop_layers(shape: ModelShape, extra: dict[str, int], base_trained: list[str]) -> int:
+    """How many decoder layers backward runs through: from the lowest one holding a trainable
+    parameter (or all, if the embeddings or an input-side adapter train) up to the top.
+    Layers below it keep no activations (nothing below needs a gradient)."""
+    names = [n.rsplit(".", 1)[0] for n in extra] + base_trained
+    if any(shape.layer_of(n) is None and not n.startswith(("lm_head", "score", "model.norm")) for n in names):
+        return shape.num_layers  # embeddings, prompt/prefix encoders: gradients flow to the bottom
+    layers = [shape.layer_of(n) for n in names if shape.layer_of(n) is not None]
+    return shape.num_layers - min(layers) if layers else 0
+
+
 def activation_bytes(shape: ModelShape, s: Setup, lora_targets: list[str], r: int, dropout: float,
-                     full_grad: bool) -> tuple[float, float]:
+                     active: int) -> tuple[float, float]:
     """(without, with) activation checkpointing, per device, for one micro-batch.
 
     Per token and decoder layer, the tensors autograd saves (Llama-style block, SDPA attention):
@@ -366,6 +377,7 @@ def activation_bytes(shape: ModelShape, s: Setup, lora_targets: list[str], r: in
       LoRA: lora_A output (r) per target; with dropout, the dropped input and a 1-byte mask.
     Plus, once: the logits (compute dtype), their fp32 upcast and the loss's log-softmax.
     With checkpointing each layer keeps only its input; one layer is recomputed at a time.
+    Only the `active` top layers (those backward runs through) keep anything.
     """
     tokens = s.micro_batch * s.seq_len
     w = DTYPE_BYTES[s.weight_dtype if s.weight_dtype != "auto" else shape.dtype]
@@ -383,8 +395,8 @@ def activation_bytes(shape: ModelShape, s: Setup, lora_targets: list[str], r: in
         lora += r * comp + (fin * comp + fin if dropout > 0 else 0)
     per_layer += lora / max(shape.num_layers, 1)
     logits = shape.vocab * (comp + (4 if comp != 4 else 0) + 4)
-    plain = tokens * (shape.num_layers * per_layer + logits + h * res)
-    ckpt = tokens * (shape.num_layers * h * res + per_layer + logits + h * res)
+    plain = tokens * (active * per_layer + logits + h * res)
+    ckpt = tokens * (active * h * res + (per_layer if active else 0) + logits + h * res)
     return plain, ckpt
 
 
@@ -393,7 +405,6 @@ def estimate(shape: ModelShape, s: Setup, label: str | None = None) -> Estimate:
     w = DTYPE_BYTES[wdt]
     notes = []
     extra, base_trained = trainable_params(shape, s)
-    base_trained_set = set(base_trained)
     # Adapter dtype: PEFT upcasts adapters to fp32 (autocast_adapter_dtype); TRL casts them to
     # bf16 on a quantized base (QLoRA), except DoRA's magnitude vector.
     adapter_bytes = {n: (2 if s.quantized and "magnitude" not in n else 4) for n in extra}
@@ -415,7 +426,7 @@ def estimate(shape: ModelShape, s: Setup, label: str | None = None) -> Estimate:
     m = {**PEFT_DEFAULTS.get("lora", {}), **s.method} if s.base_name == "lora" else {}
     targets = _lora_targets(shape, m.get("target_modules")) if m else []
     plain, ckpt = activation_bytes(shape, s, targets, int(m.get("r", 0) or 0), float(m.get("dropout", 0) or 0),
-                                   bool(base_trained_set))
+                                   backprop_layers(shape, extra, base_trained))
     if s.base_name in ("prefix", "prompt_tuning"):
         n_tok = int({**PEFT_DEFAULTS[s.base_name], **s.method}["num_virtual_tokens"])
         scale = (s.seq_len + n_tok) / s.seq_len
@@ -462,6 +473,10 @@ def fits(e: Estimate, s: Setup) -> bool:
     return s.gpu_memory is None or e.total <= USABLE * s.gpu_memory
 
 
+def n_trainable_base(shape: ModelShape, s: Setup) -> int:
+    return len(trainable_params(shape, s)[1])
+
+
 def options(shape: ModelShape, s: Setup) -> list[tuple[str, Estimate]]:
     """Changes that make the run fit, cheapest first (what each costs is in the text)."""
     found: list[tuple[str, Estimate]] = []
@@ -487,9 +502,13 @@ def options(shape: ModelShape, s: Setup) -> list[tuple[str, Estimate]]:
             if g >= max(2, s.gpus):
                 cand = replace(s, gpus=g, sharding="full_shard", checkpointing=True)
                 if fits(estimate(shape, cand), cand):
-                    add(f"FSDP full shard over {g} GPUs (accelerate_configs/fsdp*.yaml) with activation "
-                        "checkpointing: needs the GPUs, same result", cand)
+                    where = f"on your {g} GPUs instead of DDP" if g == s.gpus else f"over {g} GPUs"
+                    add(f"FSDP full shard {where} (an FSDP accelerate config, --config) with activation "
+                        "checkpointing: same result, some communication cost", cand)
                     break
+    if s.mixed and s.weight_dtype == "float32" and n_trainable_base(shape, s):
+        add("pure bf16 weights (model.dtype=bfloat16): half the state, but no fp32 master copy, so updates "
+            "below bf16 resolution are lost", replace(s, weight_dtype="bfloat16", checkpointing=True))
     if s.base_name == "full" and not s.freeze_train:
         add("LoRA instead of full fine-tuning (method.name=lora): different method, less capacity",
             replace(s, method={"name": "lora", "r": 16}, weight_dtype="bfloat16", checkpointing=True))

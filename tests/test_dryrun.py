@@ -28,7 +28,7 @@ def test_dry_run_passes_every_stage_and_leaves_output_dir_alone(tmp_path, capsys
     out = capsys.readouterr().out
     for stage in ("train", "save", "reload", "eval", "timing"):
         assert f"PASS  {stage}" in out, out
-    assert "3 steps" in out and "max |logits difference| 0.00e+00" in out
+    assert "3 steps on 1 process(es)" in out and "max |logits difference| 0.00e+00" in out
     assert "full run max_steps=200" in out and "dry run: PASS" in out
     assert _snapshot(real) == before  # nothing written, nothing removed
 
@@ -55,11 +55,12 @@ def test_projection_from_epochs(tmp_path):
 def test_dry_run_two_ranks(tmp_path):
     """torchrun, 2 CPU processes (DDP over gloo): every stage passes on both ranks, one report."""
     real = tmp_path / "real_out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # On a machine without GPUs, accelerate only forms a process group when told to use the CPU
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "--master_port", str(free_port()), str(ROOT / "run_recipe.py"), str(DEMO_RECIPE),
                         f"output_dir={real}", "data.max_samples=64", "--dry-run"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count("dry run: PASS") == 1, r.stdout
-    assert "PASS  reload" in r.stdout and not real.exists()
+    assert "PASS  reload" in r.stdout and "3 steps on 2 process(es)" in r.stdout and not real.exists()

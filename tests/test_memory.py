@@ -212,3 +212,26 @@ def test_cli_does_not_fit_with_options_and_no_heavy_imports(tmp_path):
     assert "DOES NOT FIT" in r.stdout and "FSDP full shard over 2 GPUs" in r.stdout, r.stdout
     assert "qlora r16 all-linear" in r.stdout and "prompt tuning" in r.stdout
     assert "HEAVY []" in r.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("train", ["", r"layers\.[45]\.|lm_head"], ids=["full", "partial"])
+def test_fsdp_two_ranks_per_rank_bytes(tmp_path, train):
+    """torchrun, 2 CPU ranks, torch FSDP2 fully_shard per layer + root: each rank holds half."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    d = llama_dir(tmp_path, "small", SMALL)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(free_port()), str(ROOT / "tests" / "fsdp_memory_worker.py"), str(d), train],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = json.loads(r.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    assert len(ranks) == 2
+    for rank in ranks:
+        for measured, est in zip(rank["measured"], rank["estimate"]):
+            assert est == pytest.approx(measured, rel=0.05), rank
