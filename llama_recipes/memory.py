@@ -380,7 +380,7 @@ def activation_bytes(shape: ModelShape, s: Setup, lora_targets: list[str], r: in
     Only the `active` top layers (those backward runs through) keep anything.
     """
     tokens = s.micro_batch * s.seq_len
-    w = DTYPE_BYTES[s.weight_dtype if s.weight_dtype != "auto" else shape.dtype]
+    w = DTYPE_BYTES.get(s.weight_dtype if s.weight_dtype != "auto" else shape.dtype, 4)
     comp = 2 if s.mixed else w
     res = w if not s.quantized else comp  # the residual stream stays in the weights' dtype
     h, i = shape.hidden, shape.intermediate
@@ -402,7 +402,7 @@ def activation_bytes(shape: ModelShape, s: Setup, lora_targets: list[str], r: in
 
 def estimate(shape: ModelShape, s: Setup, label: str | None = None) -> Estimate:
     wdt = s.weight_dtype if s.weight_dtype != "auto" else shape.dtype
-    w = DTYPE_BYTES[wdt]
+    w = DTYPE_BYTES.get(wdt, 4)  # unknown checkpoint dtypes (fp8, ...) load as fp32 upcasts
     notes = []
     extra, base_trained = trainable_params(shape, s)
     # Adapter dtype: PEFT upcasts adapters to fp32 (autocast_adapter_dtype); TRL casts them to
@@ -444,14 +444,17 @@ def estimate(shape: ModelShape, s: Setup, label: str | None = None) -> Estimate:
             buffers = (units[-1] + 2 * max(units[:-1] or [0])) * gather_bytes \
                 + (max(units[:-1] or [0]) * w if n_train else 0)
             dev_weights = weights / n
+            gathered = 0.0
         else:
             buffers = (max(units[:-1] or [0]) * w if n_train else 0)
-            dev_weights = weights / n + shape.total * gather_bytes  # kept unsharded between forward and backward
+            gathered = shape.total * gather_bytes  # kept unsharded between forward and backward
+            dev_weights = weights / n
         dev_grads, dev_optim = grad_bytes / n, optim / n
         if s.offload:
             cpu = dev_weights + dev_grads + dev_optim
             dev_weights = dev_grads = dev_optim = 0.0
             notes.append(f"CPU offload: {cpu / GiB:.1f} GiB of host RAM per process")
+        dev_weights += gathered
     else:
         dev_weights, dev_grads, dev_optim = weights, grad_bytes, optim
         if n > 1 and n_train:
