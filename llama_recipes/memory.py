@@ -561,16 +561,17 @@ def render(shape: ModelShape, s: Setup, e: Estimate) -> str:
         (f"activations, checkpointing on{' (in use)' if s.checkpointing else ''}", e.act_ckpt),
         ("temporary buffers", e.buffers),
     ]
+    unit, div = ("GiB", GiB) if e.total >= GiB / 4 else ("MiB", 2**20)  # tiny models read better in MiB
     lines = [
         f"model: {shape.total:,} parameters ({shape.num_layers} layers, hidden {shape.hidden}, vocab {shape.vocab})",
         f"method: {s.method['name']} — trainable {e.trainable:,} ({100 * e.trainable / max(e.total_params, 1):.3f}%)",
         f"precision: {precision_text(s)}; optimizer: {s.optim}; {sharding_text(s)} over {s.gpus} GPU(s)",
         f"micro-batch {s.micro_batch} x seq {s.seq_len}",
         "",
-        f"{'per device':<44} {'GiB':>9}",
+        f"{'per device':<44} {unit:>9}",
     ]
-    lines += [f"{k:<44} {_g(v):>9}" for k, v in rows]
-    lines.append(f"{'total':<44} {_g(e.total):>9}")
+    lines += [f"{k:<44} {v / div:>9.2f}" for k, v in rows]
+    lines.append(f"{'total':<44} {e.total / div:>9.2f}")
     lines += [f"note: {n}" for n in e.notes]
     return "\n".join(lines)
 
