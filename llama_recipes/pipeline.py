@@ -26,8 +26,11 @@ class Run:
         return self.trainer.model
 
 
-def train(recipe, overwrite: bool = False) -> Run:
-    """Run a validated recipe end to end; metrics are also written to OUTPUT_DIR/metrics.json."""
+def train(recipe, overwrite: bool = False, callbacks: list | None = None) -> Run:
+    """Run a validated recipe end to end; metrics are also written to OUTPUT_DIR/metrics.json.
+
+    `callbacks` are extra TrainerCallbacks (the dry run times steps with one).
+    """
     from transformers import set_seed
 
     from llama_recipes import artifacts, data, evaluation, freeze, methods, modeling, training
@@ -57,7 +60,7 @@ def train(recipe, overwrite: bool = False) -> Run:
     train_ds, eval_raw, fmt = data.build_datasets(recipe.data)
 
     # -- trainer (tokenizes the data, so it comes after the model and datasets) ---------------
-    trainer = training.build_trainer(recipe, model, tokenizer, train_ds, eval_raw)
+    trainer = training.build_trainer(recipe, model, tokenizer, train_ds, eval_raw, callbacks=callbacks)
 
     def measure(tag):
         if trainer.eval_dataset is None or not recipe.eval.before_after:
