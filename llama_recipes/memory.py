@@ -42,12 +42,12 @@ PEFT_DEFAULTS = {
 }
 ALIASES = {"qlora": "lora", "dora": "lora", "prefix_tuning": "prefix", "prompt": "prompt_tuning",
            "adaption_prompt": "llama_adapter"}
-HEAD_METHODS = {"head", "linear_probe", "lm_head", "classifier", "head_only"}
+HEAD_METHODS = {"classifier_head", "mlp_head"}  # schema/finetune.py
 # The methods --compare puts side by side (name, settings).
 COMPARE = [
     ("full", {"name": "full"}),
     ("partial (top 25% layers)", {"name": "partial"}),
-    ("head only", {"name": "head"}),
+    ("classifier head (frozen base)", {"name": "classifier_head"}),
     ("lora r16 all-linear", {"name": "lora", "r": 16}),
     ("dora r16 all-linear", {"name": "lora", "r": 16, "use_dora": True}),
     ("qlora r16 all-linear", {"name": "qlora", "r": 16}),
@@ -299,9 +299,14 @@ def trainable_params(shape: ModelShape, s: Setup) -> tuple[dict[str, int], list[
 
         base_trained = [n for n in shape.params if top(n)]
     elif name in HEAD_METHODS:
-        base_trained = [n for n in shape.params if n.startswith("lm_head") or n.startswith("score")]
-        if not base_trained:  # tied embeddings: the head is the embedding matrix
-            base_trained = [n for n in shape.params if "embed_tokens" in n]
+        # A new head on a frozen base; the label count comes from the data, so assume a handful.
+        labels = int(m.get("num_labels") or 4)
+        if name == "mlp_head":
+            widths = [shape.hidden, *(m.get("hidden_sizes") if m.get("hidden_sizes") is not None else [256])]
+            for i, (a, b) in enumerate(zip(widths, widths[1:] + [labels])):
+                extra[f"head.{i}"] = a * b + b
+        else:
+            extra["score"] = shape.hidden * labels
     elif name == "lora":
         r = int(m["r"])
         for t in _lora_targets(shape, m.get("target_modules")):
