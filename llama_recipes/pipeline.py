@@ -30,10 +30,12 @@ def train(recipe, overwrite: bool = False) -> Run:
     """Run a validated recipe end to end; metrics are also written to OUTPUT_DIR/metrics.json."""
     from transformers import set_seed
 
-    from llama_recipes import artifacts, data, evaluation, methods, modeling, training
+    from llama_recipes import artifacts, data, distributed, evaluation, methods, modeling, training
 
     started = time.time()
     set_seed(recipe.seed)
+    # Recipe vs accelerate launch config (precision, activation checkpointing, FSDP1 rules).
+    recipe = distributed.setup(recipe)
 
     # -- output directory: claimed first, so a clash fails before minutes of loading ----------
     out = artifacts.prepare_output_dir(recipe, overwrite)
@@ -51,6 +53,7 @@ def train(recipe, overwrite: bool = False) -> Run:
 
     # -- trainer (tokenizes the data, so it comes after the model and datasets) ---------------
     trainer = training.build_trainer(recipe, model, tokenizer, train_ds, eval_raw)
+    distributed.prepare_trainer(trainer)  # before train(): the FSDP wrap happens inside it
 
     def measure(tag):
         if trainer.eval_dataset is None or not recipe.eval.before_after:
