@@ -18,6 +18,10 @@ _KIND_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "list": lis
 RESERVED = {
     "output_dir": "set `output_dir:` at the top level of the recipe",
     "seed": "set `seed:` at the top level of the recipe",
+    # Distribution is the launch's business: one accelerate config per cluster shape.
+    "fsdp": "FSDP is set by the accelerate config: launch with accelerate_configs/fsdp_*.yaml (docs/distributed.md)",
+    "fsdp_config": "FSDP options live in the accelerate config's fsdp_config: (accelerate_configs/fsdp_*.yaml)",
+    "deepspeed": "DeepSpeed is set by the accelerate config: launch with accelerate_configs/deepspeed_zero3.yaml",
 }
 
 # Where our default differs from TRL's, and why.
