@@ -99,7 +99,7 @@ def _resolve_activation_checkpointing(recipe):
             f"remove training.{on[0]} from the recipe (FSDP checkpoints each wrapped layer), or set "
             "fsdp_activation_checkpointing: false in the accelerate config")
     log.info("activation checkpointing: done by FSDP (accelerate config); the recipe's TRL default is off")
-    return _set_training(recipe, gradient_checkpointing=False)
+    return _set_training(recipe, activation_checkpointing=False)
 
 
 def _resolve_mixed_precision(recipe):
@@ -340,8 +340,8 @@ def _sharding_report_callback(path: str):
             was_training = model.training
             model.eval()
             with torch.no_grad():
-                ids = torch.arange(1, 17).unsqueeze(0)
-                self.data["probe_logits"] = model(input_ids=ids).logits[0, :, :32].tolist()
+                ids = torch.arange(1, 17).unsqueeze(0).to(args.device)
+                self.data["probe_logits"] = model(input_ids=ids).logits[0, :, :32].float().cpu().tolist()
             model.train(was_training)
             self._write()
 

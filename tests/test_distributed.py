@@ -31,7 +31,6 @@ BASE = [
     "training.warmup_steps=0",
     "training.learning_rate=5e-3",
     "training.report_to=none",
-    "training.save_strategy=no",
     "data.max_samples=64",
     "eval.before_after=false",
 ]
@@ -222,10 +221,13 @@ def test_activation_checkpointing_from_one_place(monkeypatch):
     assert "training.gradient_checkpointing" in str(e.value) and "fsdp_activation_checkpointing" in str(e.value)
     # a recipe that does not mention it yields to the config (TRL would default it on)
     silent = _setup(monkeypatch, env, "training={bf16: false}")
-    assert silent.training.sft_kwargs()["gradient_checkpointing"] is False
+    assert silent.training.sft_kwargs()["activation_checkpointing"] is False
+    from llama_recipes.training import sft_config
+
+    assert sft_config(silent).activation_checkpointing is False  # TRL's default (on) is overridden
     # without FSDP checkpointing the recipe is untouched
     monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "false")
-    assert "gradient_checkpointing" not in _setup(monkeypatch, {}, "training={bf16: false}").training.sft_kwargs()
+    assert "activation_checkpointing" not in _setup(monkeypatch, {}, "training={bf16: false}").training.sft_kwargs()
 
 
 def test_mixed_precision_from_one_source(monkeypatch):
