@@ -82,23 +82,20 @@ def _set_training(recipe, **values):
 def _resolve_activation_checkpointing(recipe):
     """One place enables activation checkpointing: the FSDP config or the recipe, never both.
 
-    transformers raises if both do. TRL turns it on by default, so a recipe that does not
-    mention it yields to the FSDP config (which checkpoints per wrapped layer); a recipe that
+    transformers raises if both do. It is on by default (TRL, and our schema), so a recipe that
+    does not mention it yields to the FSDP config (which checkpoints per wrapped layer); a recipe that
     asks for it explicitly while the config also does is refused.
     """
     if not (fsdp_requested() and _env_flag("FSDP_ACTIVATION_CHECKPOINTING")):
         return recipe
     t = recipe.training
-    explicit = {k: getattr(t, k) for k in ("gradient_checkpointing", "activation_checkpointing")
-                if k in t.model_fields_set and getattr(t, k) is not None}
-    on = [k for k, v in explicit.items() if v]
-    if on:
+    if "activation_checkpointing" in t.model_fields_set and t.activation_checkpointing:
         raise UserError(
-            f"activation checkpointing is enabled twice: training.{on[0]}: true in the recipe and "
-            "fsdp_activation_checkpointing: true in the accelerate config",
-            f"remove training.{on[0]} from the recipe (FSDP checkpoints each wrapped layer), or set "
-            "fsdp_activation_checkpointing: false in the accelerate config")
-    log.info("activation checkpointing: done by FSDP (accelerate config); the recipe's TRL default is off")
+            "activation checkpointing is enabled twice: training.activation_checkpointing: true in the recipe "
+            "and fsdp_activation_checkpointing: true in the accelerate config",
+            "remove training.activation_checkpointing from the recipe (FSDP checkpoints each wrapped layer), "
+            "or set fsdp_activation_checkpointing: false in the accelerate config")
+    log.info("activation checkpointing: done by FSDP (accelerate config), off in the trainer")
     return _set_training(recipe, activation_checkpointing=False)
 
 

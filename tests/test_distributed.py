@@ -20,8 +20,8 @@ import pytest
 from conftest import DEMO_RECIPE, ROOT, TINY, free_port, run_cli
 from llama_recipes.distributed import REPORT_ENV
 
-# The packaged tiny Llama; until its asset lands, a throwaway one (see BRIEF).
-MODEL = TINY if (TINY / "config.json").is_file() else Path(os.environ.get("LLAMA_RECIPES_TEST_MODEL", "/tmp/tinytmp/model"))
+# The tiny pretrained Llama shipped in the package (4 layers).
+MODEL = TINY
 TOL = 1e-4
 # Four optimizer steps, a learning rate that moves the weights from step 1, one log per step.
 BASE = [
@@ -217,17 +217,17 @@ def test_activation_checkpointing_from_one_place(monkeypatch):
 
     env = {**FSDP2_ENV, "FSDP_ACTIVATION_CHECKPOINTING": "true"}
     with pytest.raises(UserError) as e:
-        _setup(monkeypatch, env, "training.gradient_checkpointing=true")
-    assert "training.gradient_checkpointing" in str(e.value) and "fsdp_activation_checkpointing" in str(e.value)
-    # a recipe that does not mention it yields to the config (TRL would default it on)
+        _setup(monkeypatch, env, "training.activation_checkpointing=true")
+    assert "training.activation_checkpointing" in str(e.value) and "fsdp_activation_checkpointing" in str(e.value)
+    # a recipe that does not mention it yields to the config (the default is on)
     silent = _setup(monkeypatch, env, "training={bf16: false}")
     assert silent.training.sft_kwargs()["activation_checkpointing"] is False
     from llama_recipes.training import sft_config
 
-    assert sft_config(silent).activation_checkpointing is False  # TRL's default (on) is overridden
+    assert sft_config(silent).activation_checkpointing is False  # the default (on) is overridden
     # without FSDP checkpointing the recipe is untouched
     monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "false")
-    assert "activation_checkpointing" not in _setup(monkeypatch, {}, "training={bf16: false}").training.sft_kwargs()
+    assert _setup(monkeypatch, {}, "training={bf16: false}").training.sft_kwargs()["activation_checkpointing"] is True
 
 
 def test_mixed_precision_from_one_source(monkeypatch):
