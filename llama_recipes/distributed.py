@@ -58,7 +58,6 @@ def setup(recipe):
     """
     recipe = _resolve_activation_checkpointing(recipe)
     recipe = _resolve_mixed_precision(recipe)
-    _check_fsdp1_orig_params(recipe)
     if world_size() > 1 and not _has_accelerator():
         # Several processes and no GPU: without this, accelerate gives each rank its own
         # single-process run (distributed_type NO) and they silently train side by side.
@@ -133,19 +132,6 @@ def _resolve_mixed_precision(recipe):
     return recipe
 
 
-def _check_fsdp1_orig_params(recipe):
-    """FSDP1 flattens parameters; mixed requires_grad (adapters, freezing) needs use_orig_params."""
-    if not fsdp_requested() or fsdp_version() != 1 or _env_flag("FSDP_USE_ORIG_PARAMS"):
-        return
-    freezes = recipe.is_peft or bool(recipe.freeze.train or recipe.freeze.freeze)
-    if freezes:
-        raise UserError(
-            "FSDP1 with frozen parameters (a PEFT method or freeze rules) needs use_orig_params, "
-            "and the accelerate config sets fsdp_use_orig_params: false",
-            "set fsdp_use_orig_params: true in the accelerate config (accelerate_configs/fsdp1.yaml does), "
-            "or use FSDP2 (fsdp_version: 2), which handles mixed requires_grad")
-
-
 def _has_accelerator() -> bool:
     import torch
 
@@ -203,10 +189,29 @@ def prepare_trainer(trainer) -> None:
                         "launch with a MULTI_GPU or FSDP accelerate config (see accelerate_configs/), not --cpu/MULTI_CPU")
     plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
     if plugin is not None:
-        _set_wrap_classes(plugin, trainer.model)
-        _reduce_in_fp32(plugin)
+        finish_fsdp_plugin(plugin, trainer.model)
     if os.environ.get(REPORT_ENV):
         trainer.add_callback(_sharding_report_callback(os.environ[REPORT_ENV]))
+
+
+def finish_fsdp_plugin(plugin, model) -> None:
+    """Check and complete accelerate's FSDP plugin for this model (before it is wrapped)."""
+    _check_fsdp1_orig_params(plugin, model)
+    _set_wrap_classes(plugin, model)
+    _reduce_in_fp32(plugin)
+
+
+def _check_fsdp1_orig_params(plugin, model) -> None:
+    """FSDP1 flattens parameters: mixed requires_grad (adapters, freezing, heads) needs use_orig_params."""
+    if plugin.fsdp_version != 1 or plugin.use_orig_params:
+        return
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    if frozen:
+        raise UserError(
+            f"FSDP1 with frozen parameters ({len(frozen)}, e.g. {frozen[0]}) needs use_orig_params, "
+            "and the accelerate config sets fsdp_use_orig_params: false",
+            "set fsdp_use_orig_params: true in the accelerate config (accelerate_configs/fsdp1.yaml does), "
+            "or use FSDP2 (fsdp_version: 2), which handles mixed requires_grad")
 
 
 def wrap_class_names(model) -> list[str]:

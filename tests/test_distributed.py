@@ -245,16 +245,23 @@ def test_mixed_precision_from_one_source(monkeypatch):
     assert fp16["fp16"] is True and fp16["bf16"] is False
 
 
-def test_fsdp1_needs_use_orig_params_with_frozen_parameters(monkeypatch):
+def test_fsdp1_needs_use_orig_params_with_frozen_parameters():
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from transformers import AutoModelForCausalLM
+
+    from llama_recipes import distributed
     from llama_recipes.errors import UserError
 
-    env = {**FSDP2_ENV, "FSDP_VERSION": "1", "FSDP_USE_ORIG_PARAMS": "false"}
+    model = AutoModelForCausalLM.from_pretrained(MODEL)
+    flat = FullyShardedDataParallelPlugin(fsdp_version=1, use_orig_params=False, sync_module_states=False)
+    distributed.finish_fsdp_plugin(flat, model)  # everything trains: fine
+    model.lm_head.weight.requires_grad_(False)  # a freeze rule, an adapter's frozen base, a head-only method
     with pytest.raises(UserError) as e:
-        _setup(monkeypatch, env)  # LoRA: the base is frozen
-    assert "use_orig_params" in str(e.value)
-    _setup(monkeypatch, env, "method={name: full}")  # everything trains: fine
-    _setup(monkeypatch, {**env, "FSDP_USE_ORIG_PARAMS": "true"})
-    _setup(monkeypatch, {**env, "FSDP_VERSION": "2"})  # FSDP2 handles mixed requires_grad
+        distributed.finish_fsdp_plugin(flat, model)
+    assert "use_orig_params" in str(e.value) and "lm_head.weight" in str(e.value)
+    orig = FullyShardedDataParallelPlugin(fsdp_version=1, use_orig_params=True, sync_module_states=False)
+    distributed.finish_fsdp_plugin(orig, model)
+    distributed.finish_fsdp_plugin(FullyShardedDataParallelPlugin(fsdp_version=2), model)  # FSDP2 handles it
 
 
 def test_recipe_cannot_configure_fsdp_itself():
