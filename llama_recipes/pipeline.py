@@ -33,9 +33,12 @@ def train(recipe, overwrite: bool = False, callbacks: list | None = None) -> Run
     """
     from transformers import set_seed
 
-    from llama_recipes import artifacts, data, evaluation, freeze, methods, modeling, training
+    from llama_recipes import artifacts, data, distributed, evaluation, freeze, methods, modeling, training
     from llama_recipes.schema.finetune import HEAD_METHODS
 
+    # Recipe vs accelerate launch config (precision, activation checkpointing, FSDP1 rules),
+    # checked before anything is loaded.
+    recipe = distributed.setup(recipe)
     if recipe.method.name in HEAD_METHODS:  # task heads train with the plain Trainer (heads.py)
         from llama_recipes import heads
 
@@ -61,6 +64,7 @@ def train(recipe, overwrite: bool = False, callbacks: list | None = None) -> Run
 
     # -- trainer (tokenizes the data, so it comes after the model and datasets) ---------------
     trainer = training.build_trainer(recipe, model, tokenizer, train_ds, eval_raw, callbacks=callbacks)
+    distributed.prepare_trainer(trainer)  # before train(): the FSDP wrap happens inside it
 
     def measure(tag):
         if trainer.eval_dataset is None or not recipe.eval.before_after:
