@@ -47,10 +47,12 @@ def train(recipe, overwrite: bool = False) -> Run:
              f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
     # -- datasets -----------------------------------------------------------------------------
-    train_ds, eval_raw, fmt = data.build_datasets(recipe.data)
+    train_ds, eval_raw, fmt = built = data.build_datasets(recipe.data)
+    train_ds, eval_raw, data_stats = data.prepare(recipe, tokenizer, built)  # lengths, truncation, chat template
 
     # -- trainer (tokenizes the data, so it comes after the model and datasets) ---------------
     trainer = training.build_trainer(recipe, model, tokenizer, train_ds, eval_raw)
+    data_stats = data.finish_report(recipe, trainer, data_stats)  # packing / padding efficiency
 
     def measure(tag):
         if trainer.eval_dataset is None or not recipe.eval.before_after:
@@ -70,6 +72,7 @@ def train(recipe, overwrite: bool = False) -> Run:
     metrics = {
         "recipe_fingerprint": recipe.fingerprint(),
         "data_format": fmt,
+        "data": data_stats,
         "trainable_params": trainable,
         "total_params": total,
         "train": {**result.metrics, "global_step": result.global_step},

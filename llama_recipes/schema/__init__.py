@@ -15,7 +15,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from llama_recipes.errors import RecipeError
 from llama_recipes.schema.base import Section
-from llama_recipes.schema.data import DataConfig
+from llama_recipes.schema.data import DataConfig, check_recipe as check_data
 from llama_recipes.schema.evaluation import EvalConfig
 from llama_recipes.schema.freeze import FreezeConfig
 from llama_recipes.schema.method import PEFT_METHODS, MethodConfig
@@ -39,6 +39,7 @@ class Recipe(Section):
         t = self.training
         if self.eval.before_after and self.data.eval_split is None and getattr(t, "eval_strategy", "no") != "no":
             raise ValueError("training.eval_strategy needs data.eval_split (a split name or a fraction)")
+        check_data(self)
         return self
 
     @property
@@ -115,7 +116,7 @@ def _fields_for(loc: tuple) -> list[str]:
 def _render_error(err: dict, source: str) -> str:
     loc = tuple(str(p) for p in err["loc"])
     # pydantic puts the union tag (e.g. 'lora') into the location; users never write it.
-    shown = ".".join(loc[:1] + loc[2:] if loc[0] == "method" and len(loc) > 2 else loc)
+    shown = ".".join(loc[:1] + loc[2:] if loc and loc[0] == "method" and len(loc) > 2 else loc)
     kind = err["type"]
     if kind == "extra_forbidden":
         allowed = _fields_for(loc)
@@ -128,6 +129,8 @@ def _render_error(err: dict, source: str) -> str:
         return f"{shown}: {err['msg']}"
     got = err.get("input")
     got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+    if not loc:  # a cross-section check: its message already names the keys
+        return err["msg"].removeprefix("Value error, ")
     return f"{shown or '(top level)'}: {err['msg']}{got_s}"
 
 
