@@ -18,11 +18,16 @@ _KIND_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "list": lis
 RESERVED = {
     "output_dir": "set `output_dir:` at the top level of the recipe",
     "seed": "set `seed:` at the top level of the recipe",
+    "gradient_checkpointing": "use `training.activation_checkpointing` (its transformers 5 name)",
+    "gradient_checkpointing_kwargs": "use `training.activation_checkpointing_kwargs` (its transformers 5 name)",
 }
 
 # Where our default differs from TRL's, and why.
 OUR_DEFAULTS: dict[str, Any] = {
     "report_to": ["tensorboard"],  # metrics land next to the artifact; wandb when asked for
+    # TRL turns checkpointing on through the deprecated alias (and warns on every run); we set
+    # the same default under its current name.
+    "activation_checkpointing": True,
 }
 
 
@@ -48,6 +53,11 @@ class _TrainingBase(Section):
             for key, fix in RESERVED.items():
                 if key in data:
                     raise ValueError(f"`training.{key}` is not set here: {fix}")
+            # YAML 1.1 reads an unquoted `no` as false: `save_strategy: no` must stay "no".
+            fields = sft_fields()
+            data = {k: ("yes" if v else "no") if isinstance(v, bool) and k in fields
+                    and "bool" not in fields[k]["kinds"] and "str" in fields[k]["kinds"] else v
+                    for k, v in data.items()}
         return data
 
     def sft_kwargs(self, mode: str = "python") -> dict[str, Any]:
