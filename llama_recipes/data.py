@@ -452,8 +452,10 @@ def _apply_chat_template_choice(recipe, tokenizer):
                             "tokenizer's template has none (and TRL has no training variant of it)",
                             "set data.chat_template to a copy of the template with assistant content wrapped in "
                             "{% generation %}...{% endgeneration %}, or data.train_on_prompt: true")
-        log.info("data: chat template has no generation markers; TRL's training variant is used")
-        return
+        # Installed on the tokenizer (not only used by TRL for tokenizing), so our length count and the saved
+        # artifact render chats exactly as training did; TRL's training variants are prefix-preserving.
+        tokenizer.chat_template = patched
+        log.info("data: chat template has no generation markers; using TRL's training variant of it")
     if not is_chat_template_stop_token_trained(tokenizer):
         raise UserError("the chat template leaves the end-of-turn token outside {% generation %}: the model "
                         "would never learn to stop", "move the EOS/end-of-turn token inside the generation block")
@@ -530,6 +532,13 @@ def finish_report(recipe, trainer, stats: dict) -> dict:
     ds = trainer.train_dataset
     if getattr(t, "packing", False):
         max_length = t.max_length
+        if batch > 1 and recipe.model.attn_implementation in ("sdpa", "eager"):
+            # The collator flattens a batch's packed rows into one row; sdpa/eager then attend over
+            # (batch * max_length)^2 with a block-diagonal mask (~2.3x slower than padded here).
+            log.warning("data: packing with %s flattens the %d packed rows of a batch into one row: attention "
+                        "costs %dx more than needed; prefer per_device_train_batch_size: 1 with "
+                        "gradient_accumulation_steps (or flash_attention_2 on GPU)",
+                        recipe.model.attn_implementation, batch, batch)
         real = sum(sum(r) for r in ds["seq_lengths"])
         stats["packed_rows"] = len(ds)
         stats["packing_efficiency"] = round(real / (len(ds) * max_length), 4)

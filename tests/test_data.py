@@ -27,7 +27,8 @@ def recipe_for(tmp_path, data_section: dict, training_section: dict | None = Non
         "model": {"name_or_path": str(TINY), "dtype": "float32", **(model or {})},
         "data": data_section,
         "method": {"name": "lora"},
-        "training": {"max_length": 128, "bf16": False, "report_to": "none", "per_device_train_batch_size": 4,
+        "training": {"max_length": 128, "bf16": False, "activation_checkpointing": False, "report_to": "none",
+                     "per_device_train_batch_size": 4,
                      **(training_section or {})},
     })
 
@@ -324,3 +325,21 @@ def test_second_run_hits_the_cache(tmp_path):
     second = data.build_datasets(DataConfig(path=path))[0]
     assert [f["filename"] for f in second.cache_files] == files  # same processed file, loaded not rewritten
     assert [os.stat(f).st_mtime_ns for f in files] == stamps
+
+
+def test_local_csv_parquet_and_custom_template(tmp_path):
+    import datasets
+
+    d = tmp_path / "csvdir"
+    d.mkdir()
+    (d / "train.csv").write_text("question,answer\nSay hi.,hi\nSay yo.,yo\n")
+    cfg = DataConfig(path=str(d), columns={"instruction": "question", "output": "answer"},
+                     prompt_template="Q: {instruction}\nA: ")
+    train, _, fmt = data.build_datasets(cfg)
+    assert fmt == "alpaca" and train[1] == {"prompt": "Q: Say yo.\nA: ", "completion": "yo"}
+    pq = tmp_path / "t.parquet"
+    datasets.Dataset.from_dict({"text": ["one", "two"]}).to_parquet(str(pq))
+    train, _, fmt = data.build_datasets(DataConfig(path=str(pq)))
+    assert fmt == "text" and train["text"] == ["one", "two"]
+    with pytest.raises(UserError, match=r"prompt_template uses \['question'\]"):
+        data.build_datasets(cfg.model_copy(update={"prompt_template": "Q: {question}"}))
