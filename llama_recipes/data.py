@@ -528,9 +528,13 @@ def finish_report(recipe, trainer, stats: dict) -> dict:
         return stats
     t = recipe.training
     batch = getattr(t, "per_device_train_batch_size", 8)
-    stats["padded_efficiency"] = round(padded_fraction(lengths, batch), 4)
     ds = trainer.train_dataset
-    if getattr(t, "packing", False):
+    packing = getattr(t, "packing", False)
+    # Compare with padded batches holding as many examples per step as the packed batches do.
+    padded_batch = max(1, round(len(lengths) / max(len(ds), 1) * batch)) if packing else batch
+    stats["padded_batch_size"] = padded_batch
+    stats["padded_efficiency"] = round(padded_fraction(lengths, padded_batch), 4)
+    if packing:
         max_length = t.max_length
         if batch > 1 and recipe.model.attn_implementation in ("sdpa", "eager"):
             # The collator flattens a batch's packed rows into one row; sdpa/eager then attend over
@@ -543,8 +547,8 @@ def finish_report(recipe, trainer, stats: dict) -> dict:
         stats["packed_rows"] = len(ds)
         stats["packing_efficiency"] = round(real / (len(ds) * max_length), 4)
         log.info("data: packing %d examples into %d rows of %d: %.1f%% of slots are real tokens "
-                 "(padded batches of %d would be %.1f%%)", len(lengths), len(ds), max_length,
-                 100 * stats["packing_efficiency"], batch, 100 * stats["padded_efficiency"])
+                 "(padded batches with as many examples, %d, would be %.1f%%)", len(lengths), len(ds), max_length,
+                 100 * stats["packing_efficiency"], padded_batch, 100 * stats["padded_efficiency"])
     else:
         dropped = len(lengths) - len(ds)
         if dropped:
