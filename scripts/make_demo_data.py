@@ -253,14 +253,13 @@ def _user_turn(ex: dict) -> str:
 
 
 def make_chat(rng: random.Random, n: int) -> list[dict]:
-    pool = small_pool_examples()
     rows = []
     for _ in range(n):
         msgs = []
         if rng.random() < 0.6:
             msgs.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
         for _ in range(rng.choice([1, 1, 2, 3])):
-            ex = demo_example(rng) if rng.random() < 0.8 else rng.choice(pool)
+            ex = demo_example(rng)
             msgs.append({"role": "user", "content": _user_turn(ex)})
             msgs.append({"role": "assistant", "content": ex["output"]})
         rows.append({"messages": msgs})

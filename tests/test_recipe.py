@@ -141,3 +141,10 @@ def test_cli_bad_recipe_exits_nonzero_without_traceback(tmp_path, body, expect):
 def test_cli_missing_recipe_file(tmp_path):
     res = run_cli(str(tmp_path / "nope.yaml"))
     assert res.returncode == 2 and "recipe file not found" in res.stderr
+
+
+def test_recipe_reference_doc_is_current():
+    from llama_recipes.schema.docs import render_markdown
+
+    assert (ROOT / "docs/recipes.md").read_text() == render_markdown(), \
+        "regenerate: python -m llama_recipes.schema.docs > docs/recipes.md"

@@ -1,0 +1,80 @@
+"""Generate docs/recipes.md from the recipe schema: every key, its type, default and meaning.
+
+    python -m llama_recipes.schema.docs > docs/recipes.md
+"""
+import re
+import typing
+
+from pydantic.fields import FieldInfo
+
+from llama_recipes.schema.base import Section
+
+
+def _type_name(ann) -> str:
+    origin = typing.get_origin(ann)
+    if origin is typing.Literal:
+        return " \\| ".join(repr(a) for a in typing.get_args(ann))
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+        return " \\| ".join(_type_name(a) for a in typing.get_args(ann))
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in typing.get_args(ann))
+        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
+    return "null" if ann is type(None) else getattr(ann, "__name__", str(ann))
+
+
+def _default(f: FieldInfo) -> str:
+    if f.is_required():
+        return "**required**"
+    if f.default_factory is not None:
+        try:
+            return f"`{f.default_factory()!r}`" if not isinstance(f.default_factory(), Section) else "(section defaults)"
+        except TypeError:
+            return ""
+    return f"`{f.default!r}`"
+
+
+def _one_line(text: str | None) -> str:
+    text = (text or "").strip().replace("\n", " ").replace("|", "\\|")
+    m = re.search(r"(?<!e\.g)(?<!i\.e)\.\s+(?=[A-Z`])", text)
+    return text[: m.start() + 1] if m and m.start() < 240 else text[:240]
+
+
+def section_table(cls: type[Section], prefix: str) -> list[str]:
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for name, f in cls.model_fields.items():
+        rows.append(f"| `{prefix}{name}` | {_type_name(f.annotation)} | {_default(f)} | {_one_line(f.description)} |")
+    return rows
+
+
+def render_markdown() -> str:
+    from llama_recipes.schema import Recipe
+    from llama_recipes.schema.method import MethodConfig
+
+    out = ["# Recipe reference", "",
+           "Generated from the schema by `python -m llama_recipes.schema.docs > docs/recipes.md`; "
+           "a test keeps it current. Unknown keys are errors.", "", "## Top level", ""]
+    top = [n for n, f in Recipe.model_fields.items()
+           if not (isinstance(f.annotation, type) and issubclass(f.annotation, Section)) and n != "method"]
+    out += ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for n in top:
+        f = Recipe.model_fields[n]
+        out.append(f"| `{n}` | {_type_name(f.annotation)} | {_default(f)} | {_one_line(f.description)} |")
+    for name, f in Recipe.model_fields.items():
+        if name == "method":
+            out += ["", "## `method:` (one of, chosen by `name`)", ""]
+            members = typing.get_args(typing.get_args(MethodConfig)[0])
+            for m in members:
+                tag = typing.get_args(m.model_fields["name"].annotation)[0]
+                out += [f"### `method.name: {tag}`", "", _one_line(m.__doc__), ""]
+                out += section_table(m, "method.") + [""]
+        elif isinstance(f.annotation, type) and issubclass(f.annotation, Section):
+            out += ["", f"## `{name}:`", ""]
+            if name == "training":
+                out += ["Exactly the fields of TRL's `SFTConfig` (snapshot of the installed TRL); "
+                        "`output_dir` and `seed` are set at the top level.", ""]
+            out += section_table(f.annotation, f"{name}.")
+    return "\n".join(out).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+    print(render_markdown(), end="")
