@@ -69,16 +69,16 @@ class DataConfig(SourceFields):
     max_eval_samples: int | None = Field(None, gt=0, description="Use at most this many eval rows.")
     seed: int = Field(42, description="Seed for shuffling, mixing and the eval fraction split.")
     train_on_prompt: bool = Field(
-        False, description="Supervise prompt / user / system tokens too. Default: loss on completions and "
-        "assistant turns only (prompt tokens labelled -100)."
+        False, description="Also supervise prompt / user / system tokens (default false: loss on completions "
+        "and assistant turns only, prompt tokens labelled -100)."
     )
     chat_template: str | None = Field(
         None, description="Jinja chat template (inline, or a path to a .jinja file) replacing the tokenizer's; "
         "wrap assistant content in {% generation %}...{% endgeneration %} for assistant-only loss."
     )
     label_names: list[str] | None = Field(
-        None, description="Classification: the label set in id order. Default: sorted string labels, or 0..max "
-        "for integer labels."
+        None, description="Classification label set in id order (default: sorted string labels, or 0..max "
+        "for integer labels)."
     )
     over_length: Literal["truncate", "drop"] = Field(
         "truncate", description="Examples longer than training.max_length: truncate (counted and reported) or drop."
