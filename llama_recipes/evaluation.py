@@ -117,7 +117,9 @@ def eval_loss(model, dataset, collator, batch_size: int = 16, shard: bool = Fals
             rows = [dataset[i] for i in order[start:start + batch_size]]
             batch = {k: v.to(device) for k, v in collator(rows).items() if hasattr(v, "to")}
             labels = batch.pop("labels")
-            logits = model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}).logits
+            # use_cache=False: with padding-free position_ids the cache path lets samples attend to each other
+            logits = model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")},
+                           use_cache=False).logits
             logits = logits[:, -labels.shape[1]:]  # prompt tuning prepends virtual-token logits
             shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
             loss = torch.nn.functional.cross_entropy(

@@ -60,11 +60,13 @@ def train(recipe, overwrite: bool = False, callbacks: list | None = None) -> Run
     param_report = freeze.report(model)
 
     # -- datasets -----------------------------------------------------------------------------
-    train_ds, eval_raw, fmt = data.build_datasets(recipe.data)
+    train_ds, eval_raw, fmt = built = data.build_datasets(recipe.data)
+    train_ds, eval_raw, data_stats = data.prepare(recipe, tokenizer, built)  # lengths, truncation, chat template
 
     # -- trainer (tokenizes the data, so it comes after the model and datasets) ---------------
     trainer = training.build_trainer(recipe, model, tokenizer, train_ds, eval_raw, callbacks=callbacks)
     distributed.prepare_trainer(trainer)  # before train(): the FSDP wrap happens inside it
+    data_stats = data.finish_report(recipe, trainer, data_stats)  # packing / padding efficiency
 
     def measure(tag):
         if trainer.eval_dataset is None or not recipe.eval.before_after:
@@ -85,6 +87,7 @@ def train(recipe, overwrite: bool = False, callbacks: list | None = None) -> Run
     metrics = {
         "recipe_fingerprint": recipe.fingerprint(),
         "data_format": fmt,
+        "data": data_stats,
         "trainable_params": trainable,
         "total_params": total,
         "train": {**result.metrics, "global_step": result.global_step},

@@ -15,7 +15,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from llama_recipes.errors import RecipeError
 from llama_recipes.schema.base import Section
-from llama_recipes.schema.data import DataConfig
+from llama_recipes.schema.data import DataConfig, check_recipe as check_data
 from llama_recipes.schema.evaluation import EvalConfig
 from llama_recipes.schema.finetune import check_method_freeze
 from llama_recipes.schema.freeze import FreezeConfig
@@ -41,6 +41,7 @@ class Recipe(Section):
         if self.eval.before_after and self.data.eval_split is None and getattr(t, "eval_strategy", "no") != "no":
             raise ValueError("training.eval_strategy needs data.eval_split (a split name or a fraction)")
         check_method_freeze(self)
+        check_data(self)
         return self
 
     @property
@@ -133,6 +134,8 @@ def _render_error(err: dict, source: str) -> str:
         return f"{shown}: {err['msg']}"
     got = err.get("input")
     got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+    if not loc:  # a cross-section check: its message already names the keys
+        return err["msg"].removeprefix("Value error, ")
     return f"{shown or '(top level)'}: {err['msg']}{got_s}"
 
 
