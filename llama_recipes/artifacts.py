@@ -31,7 +31,8 @@ def prepare_output_dir(recipe, overwrite: bool = False) -> Path:
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} exists and is a file", "choose another output_dir")
     reused = False  # same recipe: its recipe.yaml stays as written by the first try
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    # eval/ holds --eval-only results (--base may run before training), never a run's files
+    if out.is_dir() and any(p.name != "eval" for p in out.iterdir()) and not overwrite:
         saved = out / RECIPE_FILE
         if not saved.is_file():
             raise UserError(f"output_dir {out} is not empty and was not written by llama-recipes",
@@ -95,10 +96,15 @@ def dir_size_mb(path: Path, pattern: str = "*.safetensors") -> float:
 def save_artifact(trainer, tokenizer, out: Path) -> None:
     """Write the final adapter or model (safetensors) and the tokenizer into OUTPUT_DIR.
 
-    trainer.save_model handles the distributed cases (it gathers a full state dict under FSDP and
-    writes on the main process only).
+    Under FSDP the model is gathered to the main process and written there (distributed.py);
+    otherwise trainer.save_model writes on the main process only.
     """
-    trainer.save_model(str(out))
+    from llama_recipes import distributed
+
+    if distributed.is_sharded(trainer.model):
+        distributed.save_sharded_model(trainer, out)
+    else:
+        trainer.save_model(str(out))
     if is_main_process():
         tokenizer.save_pretrained(str(out))
         # The Trainer also pickles its arguments; the artifact is safetensors + JSON only

@@ -45,6 +45,8 @@ def dispatch(recipe, args) -> int:
         from llama_recipes import dryrun
 
         return dryrun.main(recipe, args)
+    if (args.checkpoint or args.base) and not args.eval_only:
+        raise UserError("--checkpoint and --base choose what --eval-only evaluates", "add --eval-only")
     if args.eval_only:
         from llama_recipes import evaluation
 

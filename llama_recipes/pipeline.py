@@ -26,11 +26,23 @@ class Run:
         return self.trainer.model
 
 
-def train(recipe, overwrite: bool = False) -> Run:
-    """Run a validated recipe end to end; metrics are also written to OUTPUT_DIR/metrics.json."""
+def train(recipe, overwrite: bool = False, callbacks: list | None = None) -> Run:
+    """Run a validated recipe end to end; metrics are also written to OUTPUT_DIR/metrics.json.
+
+    `callbacks` are extra TrainerCallbacks (the dry run times steps with one).
+    """
     from transformers import set_seed
 
-    from llama_recipes import artifacts, data, evaluation, methods, modeling, resilience, training
+    from llama_recipes import artifacts, data, distributed, evaluation, freeze, methods, modeling, resilience, training
+    from llama_recipes.schema.finetune import HEAD_METHODS
+
+    # Recipe vs accelerate launch config (precision, activation checkpointing, FSDP1 rules),
+    # checked before anything is loaded.
+    recipe = distributed.setup(recipe)
+    if recipe.method.name in HEAD_METHODS:  # task heads train with the plain Trainer (heads.py)
+        from llama_recipes import heads
+
+        return heads.train(recipe, overwrite)
 
     started = time.time()
     set_seed(recipe.seed)
@@ -48,13 +60,17 @@ def train(recipe, overwrite: bool = False) -> Run:
              f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     if recipe.guards.check_disk:
         resilience.check_disk_space(model, recipe, out)
+    param_report = freeze.report(model)
 
     # -- datasets -----------------------------------------------------------------------------
-    train_ds, eval_raw, fmt = data.build_datasets(recipe.data)
+    train_ds, eval_raw, fmt = built = data.build_datasets(recipe.data)
+    train_ds, eval_raw, data_stats = data.prepare(recipe, tokenizer, built)  # lengths, truncation, chat template
 
     # -- trainer (tokenizes the data, so it comes after the model and datasets) ---------------
-    trainer = training.build_trainer(recipe, model, tokenizer, train_ds, eval_raw)
+    trainer = training.build_trainer(recipe, model, tokenizer, train_ds, eval_raw, callbacks=callbacks)
+    distributed.prepare_trainer(trainer)  # before train(): the FSDP wrap happens inside it
     resilience.install(trainer, recipe)  # atomic checkpoints, SIGTERM/SIGINT stop, NaN guard
+    data_stats = data.finish_report(recipe, trainer, data_stats)  # packing / padding efficiency
 
     def measure(tag):
         if trainer.eval_dataset is None or not recipe.eval.before_after:
@@ -71,9 +87,11 @@ def train(recipe, overwrite: bool = False) -> Run:
 
     # -- save ---------------------------------------------------------------------------------
     artifacts.save_artifact(trainer, tokenizer, out)
+    freeze.save_report(out, param_report)
     metrics = {
         "recipe_fingerprint": recipe.fingerprint(),
         "data_format": fmt,
+        "data": data_stats,
         "trainable_params": trainable,
         "total_params": total,
         "train": {**result.metrics, "global_step": result.global_step},

@@ -138,8 +138,8 @@ CASES = {
     "resume-in-training-section": (["training.resume_from_checkpoint=out/checkpoint-3"], "set `resume:` at the top level"),
     "bad-override-syntax": (["training.max_steps"], "bad override 'training.max_steps'"),
     "eval-strategy-without-eval-split": (["training.eval_strategy=steps"], "needs data.eval_split"),
-    "activation-checkpointing-twice": (["training.fsdp_config={activation_checkpointing: true}",
-                                        "training.activation_checkpointing=true"], "activation checkpointing is set twice"),
+    "fsdp-in-training-section": (["training.fsdp_config={activation_checkpointing: true}"],
+                                 "FSDP options live in the accelerate config"),
     "negative-bad-step-budget": (["guards.max_bad_steps=-1"], "guards.max_bad_steps: Input should be greater than or equal to 0"),
     "resume-path-missing": (["resume=/nonexistent/checkpoint-5"], "resume: /nonexistent/checkpoint-5 does not exist"),
     # data

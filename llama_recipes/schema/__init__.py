@@ -15,9 +15,10 @@ from pydantic import Field, ValidationError, model_validator
 
 from llama_recipes.errors import RecipeError
 from llama_recipes.schema.base import Section
-from llama_recipes.schema.checks import check_combinations, redact
-from llama_recipes.schema.data import DataConfig
+from llama_recipes.schema.checks import redact
+from llama_recipes.schema.data import DataConfig, check_recipe as check_data
 from llama_recipes.schema.evaluation import EvalConfig
+from llama_recipes.schema.finetune import check_method_freeze
 from llama_recipes.schema.freeze import FreezeConfig
 from llama_recipes.schema.guards import RESUME_DESCRIPTION, RUN_CONTROL_KEYS, GuardsConfig
 from llama_recipes.schema.method import PEFT_METHODS, MethodConfig
@@ -43,7 +44,8 @@ class Recipe(Section):
         t = self.training
         if self.data.eval_split is None and getattr(t, "eval_strategy", "no") != "no":
             raise ValueError("training.eval_strategy needs data.eval_split (a split name or a fraction)")
-        check_combinations(self)
+        check_method_freeze(self)
+        check_data(self)
         return self
 
     @property
@@ -107,8 +109,9 @@ def _fields_for(loc: tuple) -> list[str]:
 
     node: Any = Recipe
     for part in loc[:-1]:
-        if isinstance(node, list):  # discriminated union: the part is the tag
-            match = [m for m in node if typing.get_args(m.model_fields["name"].annotation) == (part,)]
+        if isinstance(node, list):  # discriminated union: the part is the tag; a list: the part is an index
+            match = node if part.isdigit() else [
+                m for m in node if "name" in m.model_fields and typing.get_args(m.model_fields["name"].annotation) == (part,)]
             node = match[0] if match else None
             continue
         if not (isinstance(node, type) and issubclass(node, Section)) or part not in node.model_fields:
@@ -117,6 +120,8 @@ def _fields_for(loc: tuple) -> list[str]:
         members = [a for a in typing.get_args(typing.get_args(ann)[0] if typing.get_origin(ann) is typing.Annotated else ann)
                    if isinstance(a, type) and issubclass(a, Section)]
         node = members if members else ann
+    if isinstance(node, list) and len(node) == 1:  # an optional section (X | None)
+        node = node[0]
     if isinstance(node, type) and issubclass(node, Section):
         return list(node.model_fields)
     return []
@@ -125,7 +130,7 @@ def _fields_for(loc: tuple) -> list[str]:
 def _render_error(err: dict, source: str) -> str:
     loc = tuple(str(p) for p in err["loc"])
     # pydantic puts the union tag (e.g. 'lora') into the location; users never write it.
-    shown = ".".join(loc[:1] + loc[2:] if loc and loc[0] == "method" and len(loc) > 2 else loc)
+    shown = ".".join(loc[:1] + loc[2:] if loc[:1] == ("method",) and len(loc) > 2 else loc)
     kind = err["type"]
     if kind == "extra_forbidden":
         allowed = _fields_for(loc)
@@ -138,6 +143,8 @@ def _render_error(err: dict, source: str) -> str:
         return f"{shown}: {err['msg']}"
     got = err.get("input")
     got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+    if not loc:  # a cross-section check: its message already names the keys
+        return err["msg"].removeprefix("Value error, ")
     return f"{shown or '(top level)'}: {err['msg']}{got_s}"
 
 

@@ -1,8 +1,5 @@
-"""Cross-section checks that make a recipe impossible, and secrets kept out of what is written.
-
-check_combinations runs inside Recipe's model_validator (ValueError -> a RecipeError naming the
-keys and the fix). redact() is applied to the resolved recipe before it is printed or saved.
-"""
+"""Secrets kept out of what is written: redact() is applied to the resolved recipe before it is
+printed (--validate) or saved (OUTPUT_DIR/recipe.yaml)."""
 import re
 from typing import Any
 
@@ -24,13 +21,3 @@ def redact(data: Any, key: str = "") -> Any:
     if isinstance(data, str):
         return HF_TOKEN_VALUE.sub(REDACTED, data)
     return data
-
-
-def check_combinations(recipe) -> None:
-    t = recipe.training
-    fsdp_cfg = getattr(t, "fsdp_config", None) or {}
-    if (isinstance(fsdp_cfg, dict) and fsdp_cfg.get("activation_checkpointing")
-            and "activation_checkpointing" in t.model_fields_set and t.activation_checkpointing):
-        raise ValueError(
-            "activation checkpointing is set twice (training.fsdp_config.activation_checkpointing and "
-            "training.activation_checkpointing); transformers refuses both: keep only the FSDP one under FSDP")

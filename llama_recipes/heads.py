@@ -1,0 +1,419 @@
+"""Task heads on a frozen (or LoRA-adapted) base: train, save, load, predict, evaluate.
+
+Two heads, both classifiers over the rows of a `classification` dataset (`text`, `label` as a
+`datasets.ClassLabel`):
+  classifier_head  AutoModelForSequenceClassification: the `score` layer on the last non-pad token.
+  mlp_head         a few FC layers (hidden sizes, activation, dropout) on pooled hidden states
+                   (last non-pad token or mean over non-pad tokens) of the base AutoModel.
+
+The artifact never copies the base. OUTPUT_DIR holds:
+  head_config.json           always (the marker for "this is a head artifact"): head kind, base
+                             reference, label names, head hyper-parameters
+  head.safetensors           the head weights (frozen base)
+  adapter_config.json + adapter_model.safetensors   with method.lora (the classifier head's
+                             `score` is saved inside the adapter, peft#1070; the MLP head stays in
+                             head.safetensors next to it)
+  tokenizer files, recipe.yaml, metrics.json, trainable_parameters.json
+
+Heads train with the plain `transformers.Trainer` (TRL's SFTTrainer is for causal LM).
+This module imports torch at the top: it is only imported after the recipe is validated.
+"""
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llama_recipes.errors import UserError
+from llama_recipes.log import get_logger, is_main_process
+
+log = get_logger(__name__)
+
+HEAD_CONFIG = "head_config.json"
+HEAD_WEIGHTS = "head.safetensors"
+_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+# -- the MLP head ------------------------------------------------------------------------------
+
+def pool(hidden, attention_mask, how: str):
+    """(batch, seq, hidden) -> (batch, hidden): the last non-pad position, or the mean over non-pad ones.
+
+    Works for right and left padding (the last position whose mask is 1)."""
+    if attention_mask is None:
+        attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+    mask = attention_mask.to(hidden.device)
+    if how == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = (positions * mask).argmax(-1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def build_mlp(in_features: int, num_labels: int, hidden_sizes, activation: str, dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    width = in_features
+    for h in hidden_sizes:
+        layers += [nn.Dropout(dropout), nn.Linear(width, h), _ACTIVATIONS[activation]()]
+        width = h
+    layers += [nn.Dropout(dropout), nn.Linear(width, num_labels)]
+    return nn.Sequential(*layers)
+
+
+class MLPHeadClassifier(nn.Module):
+    """base (AutoModel: hidden states) -> pool -> MLP (fp32) -> logits; loss = cross-entropy on `labels`."""
+
+    def __init__(self, base, cfg: dict):
+        super().__init__()
+        self.base = base
+        self.pooling, self.layer = cfg["pooling"], cfg["layer"]
+        self.head = build_mlp(cfg["hidden_size"], cfg["num_labels"], cfg["hidden_sizes"], cfg["activation"], cfg["dropout"])
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        out = self.base(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=self.layer != -1)
+        hidden = out.last_hidden_state if self.layer == -1 else out.hidden_states[self.layer]
+        logits = self.head(pool(hidden, attention_mask, self.pooling).float())
+        loss = nn.functional.cross_entropy(logits, labels.to(logits.device)) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    def activation_checkpointing_enable(self, **kwargs):  # the Trainer calls this when asked to checkpoint
+        self.base.activation_checkpointing_enable(**kwargs)
+
+
+# -- building the model ------------------------------------------------------------------------
+
+def _base_ref(name_or_path: str) -> str:
+    """What head_config.json records: builtin: and hub ids as written, local directories absolute."""
+    from llama_recipes.paths import PREFIX
+
+    p = Path(name_or_path).expanduser()
+    return name_or_path if name_or_path.startswith(PREFIX) or not p.exists() else str(p.resolve())
+
+
+def _lora_config(lora, task_type: str):
+    from peft import LoraConfig
+
+    # modules_to_save: the classifier head trains in full and is saved inside the adapter (peft#1070).
+    return LoraConfig(task_type=task_type, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules, modules_to_save=["score"] if task_type == "SEQ_CLS" else None)
+
+
+def head_config(recipe, labels: list[str], pad_token_id: int, hidden_size: int) -> dict:
+    m, model = recipe.method, recipe.model
+    cfg = {"format_version": 1, "method": m.name, "base_model": _base_ref(model.name_or_path),
+           "base_revision": model.revision, "dtype": model.dtype, "attn_implementation": model.attn_implementation,
+           "labels": list(labels), "num_labels": len(labels), "pad_token_id": pad_token_id,
+           "hidden_size": hidden_size, "max_length": getattr(recipe.training, "max_length", None),
+           "lora": m.lora.model_dump() if m.lora else None}
+    if m.name == "mlp_head":
+        cfg.update(hidden_sizes=m.hidden_sizes, activation=m.activation, dropout=m.dropout, pooling=m.pooling,
+                   layer=m.layer)
+    return cfg
+
+
+def _load_base(cfg: dict):
+    """The base model a head sits on, with every parameter frozen."""
+    from llama_recipes import modeling
+    from llama_recipes.schema.model import ModelConfig
+
+    mcfg = ModelConfig(name_or_path=cfg["base_model"], revision=cfg["base_revision"], dtype=cfg["dtype"],
+                       attn_implementation=cfg["attn_implementation"])
+    from transformers.utils import logging as hf_logging
+
+    labels = cfg["labels"]
+    # transformers reports lm_head as unused and score as newly initialised: both expected here.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        if cfg["method"] == "classifier_head":
+            model = modeling.load_model(mcfg, "AutoModelForSequenceClassification", num_labels=len(labels),
+                                        id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+        else:
+            model = modeling.load_model(mcfg, "AutoModel")
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    # Llama checkpoints often have no pad token; the classifier finds the last real token through it.
+    model.config.pad_token_id = cfg["pad_token_id"]
+    model.requires_grad_(False)
+    return model
+
+
+def _cast_inputs_to_weight(module, args):
+    return tuple(a.to(module.weight.dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def build(cfg: dict, lora=None):
+    """Frozen base (+ LoRA) + a freshly initialised head, from a head config."""
+    base = _load_base(cfg)
+    if cfg["method"] == "classifier_head":
+        model = base
+        model.score.float().requires_grad_(True)  # the head trains in fp32 even on a bf16 base
+        model.score.register_forward_pre_hook(_cast_inputs_to_weight)
+        if lora is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, _lora_config(lora, "SEQ_CLS"))
+        return model
+    if lora is not None:
+        from peft import get_peft_model
+
+        base = get_peft_model(base, _lora_config(lora, "FEATURE_EXTRACTION"))
+    return MLPHeadClassifier(base, cfg)
+
+
+def head_state(model) -> dict:
+    """The head's weights (what head.safetensors holds). Collective under FSDP2: call on every rank."""
+    prefix, module = ("head", model.head) if isinstance(model, MLPHeadClassifier) else ("score", model.score)
+
+    def full(v):  # an FSDP2-sharded parameter is a DTensor: gather it whole
+        return (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().contiguous().cpu()
+
+    return {f"{prefix}.{k}": full(v) for k, v in module.state_dict().items()}
+
+
+# -- save / load / predict ---------------------------------------------------------------------
+
+def save(model, tokenizer, cfg: dict, out: Path) -> None:
+    """Write the head artifact (see the module docstring); never a copy of the base."""
+    from safetensors.torch import save_file
+
+    adapter_with_head = cfg["lora"] and cfg["method"] == "classifier_head"
+    state = None if adapter_with_head else head_state(model)  # on every rank (FSDP gathers)
+    if not is_main_process():
+        return
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / HEAD_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+    if adapter_with_head:
+        model.save_pretrained(str(out))  # adapter + `score` (modules_to_save) in adapter_model.safetensors
+    else:
+        if cfg["lora"]:
+            model.base.save_pretrained(str(out))
+        save_file(state, str(out / HEAD_WEIGHTS), metadata={"format": "pt"})
+    tokenizer.save_pretrained(str(out))
+
+
+@dataclass
+class HeadModel:
+    """A loaded head artifact: `logits(texts)`, `predict(texts)` -> label names."""
+
+    model: Any
+    tokenizer: Any
+    config: dict
+
+    @property
+    def labels(self) -> list[str]:
+        return self.config["labels"]
+
+    def logits(self, texts: list[str], batch_size: int = 32):
+        return batch_logits(self.model, self.tokenizer, texts, batch_size, self.config.get("max_length"))
+
+    def predict(self, texts: list[str], batch_size: int = 32) -> list[str]:
+        return [self.labels[i] for i in self.logits(texts, batch_size).argmax(-1).tolist()]
+
+
+def is_head_artifact(path) -> bool:
+    return (Path(path) / HEAD_CONFIG).is_file()
+
+
+def load(path) -> HeadModel:
+    """Load a head artifact written by `save` (base from its reference + head weights), in eval mode."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not is_head_artifact(path):
+        raise UserError(f"{path} is not a head artifact (no {HEAD_CONFIG})", "point at the output_dir of a head recipe")
+    cfg = json.loads((path / HEAD_CONFIG).read_text())
+    model = build(cfg)
+    if cfg["lora"] and cfg["method"] == "classifier_head":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(path))
+    else:
+        if cfg["lora"]:
+            from peft import PeftModel
+
+            model.base = PeftModel.from_pretrained(model.base, str(path))
+        state = load_file(str(path / HEAD_WEIGHTS))
+        target = model.head if isinstance(model, MLPHeadClassifier) else model.score
+        prefix = "head." if isinstance(model, MLPHeadClassifier) else "score."
+        target.load_state_dict({k.removeprefix(prefix): v for k, v in state.items()}, strict=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model.eval()
+    return HeadModel(model, tokenizer, cfg)
+
+
+def batch_logits(model, tokenizer, texts: list[str], batch_size: int = 32, max_length: int | None = None):
+    """(len(texts), num_labels) fp32 logits; right padding, truncation to max_length."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    side, tokenizer.padding_side = tokenizer.padding_side, "right"
+    try:
+        with torch.inference_mode():
+            for i in range(0, len(texts), batch_size):
+                enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True,
+                                truncation=max_length is not None, max_length=max_length).to(device)
+                out.append(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float().cpu())
+    finally:
+        tokenizer.padding_side = side
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def predict(path_or_model, texts: list[str]) -> list[str]:
+    """Label names for `texts` from a head artifact directory (or an already loaded HeadModel)."""
+    head = path_or_model if isinstance(path_or_model, HeadModel) else load(path_or_model)
+    return head.predict(texts)
+
+
+# -- metrics -----------------------------------------------------------------------------------
+
+def classification_metrics(preds: list[int], refs: list[int], num_labels: int) -> dict:
+    """accuracy, macro F1 (a class never predicted nor present is left out) and the confusion matrix (rows: true)."""
+    cm = [[0] * num_labels for _ in range(num_labels)]
+    for p, r in zip(preds, refs):
+        cm[r][p] += 1
+    f1s = []
+    for c in range(num_labels):
+        tp = cm[c][c]
+        fp = sum(cm[r][c] for r in range(num_labels)) - tp
+        fn = sum(cm[c]) - tp
+        if tp + fp + fn:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    n = len(refs)
+    return {"accuracy": sum(cm[c][c] for c in range(num_labels)) / max(n, 1),
+            "macro_f1": sum(f1s) / max(len(f1s), 1), "confusion_matrix": cm, "examples": n}
+
+
+def evaluate_model(model, tokenizer, ds, batch_size: int = 32, max_length: int | None = None,
+                   limit: int | None = None) -> dict:
+    """Classification metrics of a model on a `text`/`label` dataset; plus the majority-class baseline."""
+    n = min(len(ds), limit or len(ds))
+    rows = ds.select(range(n))
+    num_labels = len(ds.features["label"].names)
+    logits = batch_logits(model, tokenizer, rows["text"], batch_size, max_length)
+    result = classification_metrics(logits.argmax(-1).tolist(), rows["label"], num_labels)
+    counts = [rows["label"].count(c) for c in range(num_labels)]
+    result["majority_baseline"] = max(counts) / max(n, 1)
+    return result
+
+
+def _check_labels(train_ds, eval_ds, fmt: str) -> list[str]:
+    import datasets
+
+    if fmt != "classification" or not isinstance(train_ds.features.get("label"), datasets.ClassLabel):
+        raise UserError(f"head methods need classification data (text + label), got data.format {fmt!r}",
+                        "set data.format: classification (and data.columns if your columns are not text/label)")
+    labels = train_ds.features["label"].names
+    if eval_ds is not None and eval_ds.features["label"].names != labels:
+        raise UserError(f"the eval split's labels {eval_ds.features['label'].names} differ from training's {labels}",
+                        "make both splits use the same label set")
+    return labels
+
+
+def evaluate_artifact(recipe, path, limit: int | None = None) -> dict:
+    """accuracy, macro_f1, confusion_matrix (+ majority_baseline) of a head artifact on the recipe's eval split."""
+    from llama_recipes import data
+
+    head = load(path)
+    train_ds, eval_ds, fmt = data.build_datasets(recipe.data)
+    labels = _check_labels(train_ds, eval_ds, fmt)
+    if eval_ds is None:
+        raise UserError("no eval split to evaluate on", "set data.eval_split (a split name or a fraction)")
+    if labels != head.labels:
+        raise UserError(f"the artifact's labels {head.labels} differ from the data's {labels}",
+                        "evaluate on data with the labels the head was trained on")
+    return evaluate_model(head.model, head.tokenizer, eval_ds, recipe.eval.batch_size, head.config.get("max_length"),
+                          limit if limit is not None else recipe.eval.limit)
+
+
+# -- training ----------------------------------------------------------------------------------
+
+def train(recipe, overwrite: bool = False):
+    """Train a head recipe end to end (called by pipeline.train); returns a pipeline.Run."""
+    from transformers import DataCollatorWithPadding, Trainer, set_seed
+
+    from llama_recipes import artifacts, data, freeze, modeling, training
+    from llama_recipes.pipeline import Run
+
+    started = time.time()
+    set_seed(recipe.seed)
+
+    # -- output directory, tokenizer, data (the labels size the head) -------------------------
+    out = artifacts.prepare_output_dir(recipe, overwrite)
+    tokenizer = modeling.load_tokenizer(recipe.model)
+    tokenizer.padding_side = "right"
+    train_ds, eval_ds, fmt = data.build_datasets(recipe.data)
+    labels = _check_labels(train_ds, eval_ds, fmt)
+    log.info("labels (%d): %s", len(labels), ", ".join(labels))
+
+    # -- frozen base (+ LoRA) + head ----------------------------------------------------------
+    from transformers import AutoConfig
+
+    from llama_recipes.paths import resolve
+
+    base_config = AutoConfig.from_pretrained(resolve(recipe.model.name_or_path, "model"), revision=recipe.model.revision,
+                                             trust_remote_code=recipe.model.trust_remote_code)
+    cfg = head_config(recipe, labels, tokenizer.pad_token_id, base_config.get_text_config().hidden_size)
+    model = build(cfg, recipe.method.lora)
+    trainable, total = modeling.count_parameters(model)
+    log.info("trainable params: %s || all params: %s || trainable%%: %.4f",
+             f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    param_report = freeze.report(model)
+
+    # -- tokenize; the plain Trainer (labels are class ids, padding by the collator) ---------
+    max_length = cfg["max_length"]
+
+    def tokenize(ds):
+        return ds.map(lambda b: tokenizer(b["text"], truncation=True, max_length=max_length),
+                      batched=True, remove_columns=["text"])
+
+    args = training.sft_config(recipe)  # an SFTConfig is a TrainingArguments: one `training:` section
+    args.remove_unused_columns = False
+    if recipe.method.lora is None and args.activation_checkpointing:
+        # Nothing is back-propagated through a frozen base; checkpointing would only make the
+        # embeddings' output require grad and build a graph through every layer.
+        log.info("training.activation_checkpointing: off (the base is frozen, only the head trains)")
+        args.activation_checkpointing = False
+    trainer = Trainer(model=model, args=args, train_dataset=tokenize(train_ds),
+                      eval_dataset=tokenize(eval_ds) if eval_ds is not None else None,
+                      data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer)
+
+    def measure(tag):
+        if eval_ds is None or not recipe.eval.before_after:
+            return None
+        result = evaluate_model(trainer.model, tokenizer, eval_ds, recipe.eval.batch_size, max_length, recipe.eval.limit)
+        log.info("eval %s training: accuracy=%.4f macro_f1=%.4f (majority class %.4f, %d examples)", tag,
+                 result["accuracy"], result["macro_f1"], result["majority_baseline"], result["examples"])
+        return result
+
+    # -- train, save, eval --------------------------------------------------------------------
+    before = measure("before")
+    result = trainer.train()
+    save(trainer.model, tokenizer, cfg, out)
+    freeze.save_report(out, param_report)
+    after = measure("after")
+    metrics = {
+        "recipe_fingerprint": recipe.fingerprint(),
+        "data_format": fmt,
+        "labels": labels,
+        "trainable_params": trainable,
+        "total_params": total,
+        "train": {**result.metrics, "global_step": result.global_step},
+        "eval_before": before,
+        "eval_after": after,
+        "log_history": trainer.state.log_history,
+        "wall_seconds": round(time.time() - started, 1),
+    }
+    artifacts.write_metrics(out, metrics)
+    artifacts.plot_loss(out, trainer.state.log_history)
+    log.info("head artifact: %.3f MB of weights (the base is referenced, not copied)", artifacts.dir_size_mb(out))
+    log.info("done in %.0f s; artifacts in %s", metrics["wall_seconds"], out)
+    return Run(metrics, trainer, tokenizer, out)
