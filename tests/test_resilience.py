@@ -253,25 +253,21 @@ def test_trust_remote_code_is_off_by_default_and_logged_when_on():
 
 
 @pytest.mark.slow
-def test_two_rank_ddp_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
-    """torchrun --nproc_per_node 2: two processes, a process group, barriers and rank-0 renames.
-
-    Caveat (seen with this stack on CPU): the HF Trainer reports world_size 1 under plain torchrun
-    here (each rank reads the whole dataset, one rng_state.pth), so this checks that the atomic save
-    and the cross-rank stop/guard flags work with two processes, not DDP sharding. FSDP resume needs
-    the distributed branch's CPU shim and is not covered.
-    """
+@pytest.mark.parametrize("config", ["cpu_ddp_2proc.yaml", "cpu_fsdp_2proc.yaml"])
+def test_two_rank_sigkill_then_resume_matches_uninterrupted_run(tmp_path, config):
+    """accelerate launch, 2 processes on CPU (DDP, and FSDP2 through the CPU shim): same promise."""
     from conftest import free_port
 
-    def torchrun(recipe, env=None):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(free_port()), str(ROOT / "run_recipe.py"), str(recipe)]
+    def launch(recipe, env=None):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "accelerate_configs" / config), "--main_process_port", str(free_port()),
+               str(ROOT / "run_recipe.py"), str(recipe)]
         return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
 
     out = tmp_path / "killed"
     recipe = write_recipe(tmp_path, out, per_device_train_batch_size=2)
-    proc = torchrun(recipe, {resilience.SAVE_HOOK_ENV: "6:pause"})
+    proc = launch(recipe, {resilience.SAVE_HOOK_ENV: "6:pause"})
     try:
         wait_for(out / resilience.STAGING / "checkpoint-6" / "trainer_state.json", proc, timeout=600)
         os.killpg(proc.pid, signal.SIGKILL)
@@ -281,7 +277,7 @@ def test_two_rank_ddp_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert resilience.newest_checkpoint(out) == out / "checkpoint-3"
     for path, o in ((recipe, out), (write_recipe(tmp_path, tmp_path / "ref", name="ref.yaml",
                                                   per_device_train_batch_size=2), tmp_path / "ref")):
-        p = torchrun(path)
+        p = launch(path)
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
     killed, ref = step_losses(out), step_losses(tmp_path / "ref")
