@@ -158,7 +158,7 @@ CASES = {
     "model-weights-not-safetensors": (_model_dir("bin"), "needs config.json and *.safetensors"),
     "model-architecture-unsupported": (_model_dir("t5"), "is not a CausalLM architecture"),
     "target-modules-match-nothing": (["method.target_modules=[nope_proj]"], "use names this model has: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
-    "freeze-rule-matches-nothing": (["freeze.train=[nope]"], "freeze rule 'nope' matches no parameter"),
+    "freeze-rule-matches-nothing": (["freeze.train=[nope]"], "freeze.train[0].patterns: 'nope' matches no parameter"),
     # environment / output directory
     "output-dir-is-a-file": (_output("file"), "exists and is a file"),
     "output-dir-not-writable": (_output("under_file"), "cannot write to output_dir"),
