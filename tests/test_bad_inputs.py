@@ -149,6 +149,10 @@ CASES = {
     "split-missing": (["data.split=nope"], "no split 'nope'"),
     "eval-split-missing": (["data.eval_split=nope"], "no eval split 'nope'"),
     "format-undetectable": (_file("qa.jsonl", NO_COLUMNS), "cannot detect the data format"),
+    "data-malformed-json-line": (_file("bad.jsonl", '{"instruction": "a", "output": "b"}\n{not json\n'),
+                                 "JSON parse error"),
+    "data-row-missing-column": (_file("rows.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n'),
+                                "row 1: column `output`: missing value"),
     "data-hub-id-offline": (["data.path=someone/no-such-dataset"], "cannot load dataset 'someone/no-such-dataset'"),
     "empty-after-tokenization": (["training.max_length=8"], "no training examples left after tokenization"),
     # model
