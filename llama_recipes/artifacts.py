@@ -30,18 +30,25 @@ def prepare_output_dir(recipe, overwrite: bool = False) -> Path:
     out = Path(recipe.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} exists and is a file", "choose another output_dir")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    reused = False  # same recipe: its recipe.yaml stays as written by the first try
+    # eval/ holds --eval-only results (--base may run before training), never a run's files
+    if out.is_dir() and any(p.name != "eval" for p in out.iterdir()) and not overwrite:
         saved = out / RECIPE_FILE
         if not saved.is_file():
             raise UserError(f"output_dir {out} is not empty and was not written by llama-recipes",
                             "choose another output_dir, or pass --overwrite to write into it anyway")
-        if yaml.safe_load(saved.read_text()) != recipe.to_dict():
+        from llama_recipes.schema.guards import RUN_CONTROL_KEYS  # resume/guards may change between tries
+
+        before = {k: v for k, v in (yaml.safe_load(saved.read_text()) or {}).items() if k not in RUN_CONTROL_KEYS}
+        if before != recipe.identity():
             raise UserError(f"output_dir {out} holds a run of a different recipe ({saved})",
                             "choose another output_dir, or pass --overwrite to replace that run")
+        reused = True
     if is_main_process():
         try:
             out.mkdir(parents=True, exist_ok=True)
-            (out / RECIPE_FILE).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+            if not reused:
+                (out / RECIPE_FILE).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         except OSError as e:
             raise UserError(f"cannot write to output_dir {out}: {e.strerror}", "choose a writable output_dir") from None
     return out
@@ -89,10 +96,15 @@ def dir_size_mb(path: Path, pattern: str = "*.safetensors") -> float:
 def save_artifact(trainer, tokenizer, out: Path) -> None:
     """Write the final adapter or model (safetensors) and the tokenizer into OUTPUT_DIR.
 
-    trainer.save_model handles the distributed cases (it gathers a full state dict under FSDP and
-    writes on the main process only).
+    Under FSDP the model is gathered to the main process and written there (distributed.py);
+    otherwise trainer.save_model writes on the main process only.
     """
-    trainer.save_model(str(out))
+    from llama_recipes import distributed
+
+    if distributed.is_sharded(trainer.model):
+        distributed.save_sharded_model(trainer, out)
+    else:
+        trainer.save_model(str(out))
     if is_main_process():
         tokenizer.save_pretrained(str(out))
         # The Trainer also pickles its arguments; the artifact is safetensors + JSON only

@@ -45,6 +45,8 @@ def dispatch(recipe, args) -> int:
         from llama_recipes import dryrun
 
         return dryrun.main(recipe, args)
+    if (args.checkpoint or args.base) and not args.eval_only:
+        raise UserError("--checkpoint and --base choose what --eval-only evaluates", "add --eval-only")
     if args.eval_only:
         from llama_recipes import evaluation
 
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None, prog: str = "run_recipe.py") -> int:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
 
 
 def console_main() -> int:

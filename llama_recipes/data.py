@@ -1,15 +1,21 @@
-"""Turn the recipe's `data:` section into train/eval datasets of prompt/completion or text rows.
+"""Turn the recipe's `data:` section into the datasets TRL's SFTTrainer consumes.
 
-Rows are rendered to the shapes TRL's SFTTrainer understands (prompt/completion for
-instruction data, so only the completion is supervised; text for plain language modelling).
-TRL then tokenizes, appends EOS and builds the loss masks.
+    load (hub / local files / builtin, one or a weighted mix) -> check every row (bad rows: error
+    naming file, row and column, or skip and count) -> render -> split eval -> count lengths
+
+Rendered shapes: prompt/completion (alpaca, prompt_completion, summarization: TRL supervises the
+completion only), `messages` (chat: TRL supervises assistant turns through the template's
+{% generation %} markers), `text` (plain LM), text + ClassLabel `label` (classification, for
+head methods). TRL appends EOS to text and completions; for chat the template supplies it.
+Every `map`/`filter` here goes through `datasets`, so a second run loads it from the cache.
 """
+import bisect
 from pathlib import Path
 
 from llama_recipes.errors import UserError
 from llama_recipes.log import get_logger
 from llama_recipes.paths import resolve
-from llama_recipes.schema.data import DataConfig
+from llama_recipes.schema.data import DataConfig, SourceConfig
 
 log = get_logger(__name__)
 
@@ -22,41 +28,123 @@ ALPACA_PROMPT_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
+SUMMARY_PROMPT = "Summarize this dialogue:\n{document}\n---\nSummary:\n"
 _EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+ROLES = {"system", "user", "assistant", "tool"}
+# Canonical columns per format: (required string columns that must be non-empty, optional string columns).
+COLUMNS = {
+    "alpaca": (["instruction", "output"], ["input"]),
+    "prompt_completion": (["completion"], ["prompt"]),
+    "summarization": (["document", "summary"], []),
+    "text": (["text"], []),
+    "chat": (["messages"], []),
+    "classification": (["text", "label"], []),
+}
+# What each format renders to; formats of one family can be mixed.
+FAMILY = {"alpaca": "prompt_completion", "prompt_completion": "prompt_completion",
+          "summarization": "prompt_completion", "chat": "chat", "text": "text", "classification": "classification"}
+_DOCUMENT_ALIASES = ("dialogue", "dialog", "article", "document")
+_PROBLEM = "__problem"
 
 
-def _local_files(path: Path, split: str) -> dict[str, list[str]] | None:
-    """Files for one split of a local directory (SPLIT.jsonl, SPLIT.csv, ...)."""
-    files = sorted(str(p) for p in path.iterdir() if p.stem == split and p.suffix in _EXTENSIONS)
-    return {split: files} if files else None
+class Built(tuple):
+    """(train, eval or None, format name), plus `.stats` (row counts, skipped rows) for the metrics."""
+
+    def __new__(cls, train, eval_ds, fmt, stats):
+        obj = super().__new__(cls, (train, eval_ds, fmt))
+        obj.stats = stats
+        return obj
 
 
-def load_split(cfg: DataConfig, split: str):
-    """Load one split from a builtin, a local file/directory, or the hub."""
+# -- loading --------------------------------------------------------------------------------------
+
+
+class Rows:
+    """A loaded split and where each row came from (for error messages: file and row index)."""
+
+    def __init__(self, ds, origins: list[tuple[int, str]]):
+        self.ds, self.origins = ds, origins
+
+    def where(self, i: int) -> str:
+        k = bisect.bisect_right([start for start, _ in self.origins], i) - 1
+        start, name = self.origins[k]
+        return f"{name} row {i - start}"
+
+
+def _files_for(path: Path, split: str) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.stem == split and p.suffix in _EXTENSIONS)
+
+
+def _load_files(files: list[Path]) -> Rows:
     import datasets
 
-    ref = resolve(cfg.path, "data")
+    parts, origins, start = [], [], 0
+    for f in files:
+        try:
+            ds = datasets.load_dataset(_EXTENSIONS[f.suffix], data_files=str(f), split="train")
+        except Exception as e:  # noqa: BLE001 - arrow/json errors: one column with mixed types, bad JSON
+            cause = e.__cause__ or e
+            raise UserError(f"cannot read {f}: {type(cause).__name__}: {str(cause).splitlines()[0][:300]}",
+                            "every row needs the same columns with the same types (strings stay strings)") from None
+        parts.append(ds)
+        origins.append((start, str(f)))
+        start += len(ds)
+    try:
+        ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    except ValueError as e:
+        raise UserError(f"files of one split have different columns: {[str(f) for f in files]}: {e}") from None
+    return Rows(ds, origins)
+
+
+def load_split(src: SourceConfig, split: str) -> Rows | None:
+    """One split from a builtin, a local file/directory, or the hub; None if the split does not exist."""
+    import datasets
+
+    ref = resolve(src.path, "data")
     path = Path(ref)
     if path.is_file():
         if path.suffix not in _EXTENSIONS:
             raise UserError(f"unsupported data file type {path.suffix!r}: {path}", "use .json, .jsonl, .csv or .parquet")
-        if split != cfg.split:
-            return None
-        return datasets.load_dataset(_EXTENSIONS[path.suffix], data_files=str(path), split="train")
+        return _load_files([path]) if split == src.split else None
     if path.is_dir():
-        files = _local_files(path, split)
-        if files is None:
-            return None
-        builder = _EXTENSIONS[Path(files[split][0]).suffix]
-        return datasets.load_dataset(builder, data_files=files, split=split)
+        files = _files_for(path, split)
+        return _load_files(files) if files else None
+    if ref.startswith((".", "/", "~")) or Path(ref).suffix in _EXTENSIONS:
+        raise UserError(f"data file or directory not found: {ref}", "check data.path")
     try:
-        return datasets.load_dataset(ref, cfg.name, split=split, revision=cfg.revision)
-    except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
+        ds = datasets.load_dataset(ref, src.name, split=split, revision=src.revision)
+    except ValueError as e:
+        if "split" in str(e).lower():
+            return None
+        raise
+    except Exception as e:  # noqa: BLE001 - the hub raises many types; all mean "cannot get it"
+        import os
+
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
         raise UserError(
-            f"cannot load dataset {ref!r} (split {split}): {str(e).splitlines()[0]}",
-            "offline (HF_HUB_OFFLINE=1) only cached hub datasets load; point data.path at a local "
-            ".jsonl/.csv/.parquet file or directory instead",
+            f"cannot load dataset {ref!r} (split {split}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+            ("offline (HF_HUB_OFFLINE=1): only datasets already in the HF cache load. " if offline else "")
+            + "Download it once with the network, or point data.path at a local .jsonl/.csv/.parquet file or a "
+            "directory with train.jsonl (and eval.jsonl)",
         ) from None
+    return Rows(ds, [(0, f"{ref}[{split}]")])
+
+
+# -- formats and row checks -----------------------------------------------------------------------
+
+
+def _canonical(ds, src: SourceConfig, fmt_hint: str):
+    mapping = {theirs: ours for ours, theirs in src.columns.items() if theirs != ours}
+    missing = [theirs for theirs in mapping if theirs not in ds.column_names]
+    if missing:
+        raise UserError(f"data.columns maps columns that are not in {src.path}: {missing} "
+                        f"(columns: {ds.column_names})", "fix data.columns")
+    ds = ds.rename_columns(mapping) if mapping else ds
+    if fmt_hint in ("summarization", "auto") and "document" not in ds.column_names and "summary" in ds.column_names:
+        alias = next((a for a in _DOCUMENT_ALIASES if a in ds.column_names), None)
+        if alias:
+            ds = ds.rename_column(alias, "document")
+    return ds
 
 
 def detect_format(columns: list[str]) -> str:
@@ -67,63 +155,405 @@ def detect_format(columns: list[str]) -> str:
         return "prompt_completion"
     if "messages" in cols:
         return "chat"
+    if {"document", "summary"} <= cols:
+        return "summarization"
+    if {"text", "label"} <= cols:
+        return "classification"
     if "text" in cols:
         return "text"
     raise UserError(f"cannot detect the data format from columns {sorted(cols)}",
-                    "set data.format (alpaca, prompt_completion, chat, text) and data.columns if names differ")
+                    "set data.format (alpaca, prompt_completion, chat, text, summarization, classification) "
+                    "and data.columns if your column names differ")
+
+
+def _row_problem(row: dict, fmt: str, label_ids: dict | None) -> str:
+    """'' for a good row, else 'column `X`: what is wrong'."""
+    required, optional = COLUMNS[fmt]
+    for col in required + optional:
+        value = row.get(col)
+        if col == "label":
+            if value is None:
+                return "column `label`: missing value"
+            if isinstance(value, bool) or not isinstance(value, (str, int)):
+                return f"column `label`: expected a string or an integer, got {type(value).__name__}"
+            if label_ids is not None and value not in label_ids:
+                return f"column `label`: {value!r} is not in the label set {sorted(label_ids, key=str)}"
+        elif col == "messages":
+            if not isinstance(value, list) or not value:
+                return "column `messages`: empty or not a list of {role, content} messages"
+            for j, m in enumerate(value):
+                if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+                    return f"column `messages`: message {j} has no string `content`"
+                if m.get("role") not in ROLES:
+                    return f"column `messages`: message {j} has unknown role {m.get('role')!r} (known: {sorted(ROLES)})"
+            if not any(m["role"] == "assistant" and m["content"].strip() for m in value):
+                return "column `messages`: no non-empty assistant message to learn from"
+        elif value is None:
+            if col in required:
+                return f"column `{col}`: missing value"
+        elif not isinstance(value, str):
+            return f"column `{col}`: expected a string, got {type(value).__name__}"
+        elif col in required and not value.strip():
+            return f"column `{col}`: empty"
+    return ""
+
+
+def check_rows(rows: Rows, fmt: str, policy: str, label_ids: dict | None = None):
+    """Drop or refuse bad rows. Returns (dataset without bad rows, number skipped)."""
+    ds = rows.ds
+    required, _ = COLUMNS[fmt]
+    absent = [c for c in required if c not in ds.column_names]
+    if absent:
+        raise UserError(f"{rows.origins[0][1]}: column {absent[0]!r} missing for format {fmt} "
+                        f"(columns: {ds.column_names})",
+                        "map your column with data.columns (e.g. {%s: your_column}) or set data.format" % absent[0])
+    checked = ds.map(
+        lambda batch: {_PROBLEM: [_row_problem({k: batch[k][i] for k in batch}, fmt, label_ids)
+                                  for i in range(len(batch[_first(batch)]))]},
+        batched=True, desc=f"checking {fmt} rows",
+    )
+    bad = [i for i, p in enumerate(checked[_PROBLEM]) if p]
+    if bad and policy == "error":
+        i = bad[0]
+        raise UserError(f"bad row: {rows.where(i)}: {checked[i][_PROBLEM]}"
+                        + (f" ({len(bad) - 1} more bad rows)" if len(bad) > 1 else ""),
+                        "fix the data, or set data.bad_rows: skip to drop such rows (they are counted)")
+    if bad:
+        first = checked[bad[0]][_PROBLEM]
+        log.warning("data: skipped %d bad rows of %s (first: %s: %s)", len(bad), rows.origins[0][1],
+                    rows.where(bad[0]), first)
+        checked = checked.filter(lambda p: not p, input_columns=[_PROBLEM], desc="dropping bad rows")
+    return checked.remove_columns(_PROBLEM), len(bad)
+
+
+def _first(batch: dict) -> str:
+    return next(iter(batch))
+
+
+def label_set(ds, cfg: DataConfig) -> list[str]:
+    """id -> name: data.label_names, the dataset's ClassLabel names, sorted strings, or 0..max for ints."""
+    import datasets
+
+    if cfg.label_names:
+        return list(cfg.label_names)
+    feature = ds.features.get("label")
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    values = {v for v in ds["label"] if v is not None and not isinstance(v, bool)}
+    if values and all(isinstance(v, int) for v in values):
+        if min(values) < 0:
+            raise UserError(f"classification labels must be >= 0, got {min(values)}", "use ids 0..N-1 or names")
+        return [str(i) for i in range(max(values) + 1)]
+    return sorted(str(v) for v in values if isinstance(v, str))
+
+
+def label_ids_for(names: list[str], ds) -> dict:
+    """Accepted raw label values -> id: names, and ids 0..N-1 where the column holds integers."""
+    ids: dict = {n: i for i, n in enumerate(names)}
+    if "label" in ds.column_names and str(ds.features["label"].dtype).startswith("int"):
+        ids.update({i: i for i in range(len(names))})
+    return ids
+
+
+# -- rendering ------------------------------------------------------------------------------------
 
 
 def render_alpaca(row: dict, template: str | None = None) -> dict:
     has_input = bool((row.get("input") or "").strip())
-    prompt = (template or (ALPACA_PROMPT if has_input else ALPACA_PROMPT_NO_INPUT)).format(**row)
+    fields = {**row, "input": row.get("input") or ""}
+    prompt = (template or (ALPACA_PROMPT if has_input else ALPACA_PROMPT_NO_INPUT)).format(**fields)
     return {"prompt": prompt, "completion": row["output"]}
 
 
-def render(ds, cfg: DataConfig):
-    """Rename mapped columns and render rows into the shape SFTTrainer expects."""
-    ds = ds.rename_columns({v: k for k, v in cfg.columns.items() if v in ds.column_names and v != k})
-    fmt = cfg.format if cfg.format != "auto" else detect_format(ds.column_names)
+def _template_fields_ok(template: str | None, columns: list[str], what: str):
+    import string
+
+    if not template:
+        return
+    names = {f for _, f, _, _ in string.Formatter().parse(template) if f}
+    unknown = sorted(names - set(columns))
+    if unknown:
+        raise UserError(f"data.prompt_template uses {unknown}, not columns of the {what} data ({columns})",
+                        "use {column} fields that exist after data.columns mapping")
+
+
+def render(ds, src: SourceConfig, fmt: str, label_names: list[str] | None = None, label_ids: dict | None = None):
+    """Render checked rows into the columns SFTTrainer (or a head method) consumes."""
+    import datasets
+
+    cols = ds.column_names
     if fmt == "alpaca":
-        ds = ds.map(lambda r: render_alpaca(r, cfg.prompt_template), remove_columns=ds.column_names)
-    elif fmt in ("prompt_completion", "text", "chat"):
-        keep = {"prompt_completion": ["prompt", "completion"], "text": ["text"], "chat": ["messages"]}[fmt]
-        ds = ds.select_columns(keep)
-    elif fmt == "classification":  # minimal stand-in (issue 5); the data engineer's version (issue 3) replaces it
-        import datasets
+        _template_fields_ok(src.prompt_template, cols, fmt)
+        return ds.map(lambda r: render_alpaca(r, src.prompt_template), remove_columns=cols, desc="rendering alpaca")
+    if fmt == "summarization":
+        _template_fields_ok(src.prompt_template, cols, fmt)
+        template = src.prompt_template or SUMMARY_PROMPT
+        return ds.map(lambda r: {"prompt": template.format(**r), "completion": r["summary"]},
+                      remove_columns=cols, desc="rendering summarization")
+    if fmt == "prompt_completion":
+        if src.prompt_template:
+            _template_fields_ok(src.prompt_template, cols, fmt)
+            return ds.map(lambda r: {"prompt": src.prompt_template.format(**r), "completion": r["completion"]},
+                          remove_columns=cols, desc="rendering prompts")
+        if "prompt" not in cols:
+            ds = ds.add_column("prompt", [""] * len(ds))
+        return ds.map(lambda r: {"prompt": r["prompt"] or ""}, desc="rendering prompts").select_columns(
+            ["prompt", "completion"])
+    if fmt == "chat":
+        # Keep role/content only: hub datasets carry extra per-message keys that templates choke on.
+        return ds.map(lambda r: {"messages": [{"role": m["role"], "content": m["content"]} for m in r["messages"]]},
+                      remove_columns=cols, desc="rendering chat")
+    if fmt == "text":
+        return ds.select_columns(["text"])
+    if fmt == "classification":
+        features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=label_names)})
+        return ds.map(lambda r: {"text": r["text"], "label": label_ids[r["label"]]}, remove_columns=cols,
+                      features=features, desc="rendering classification")
+    raise UserError(f"data.format {fmt!r} is not supported")
 
-        ds = ds.select_columns(["text", "label"])
-        if not isinstance(ds.features["label"], datasets.ClassLabel):
-            names = sorted(set(map(str, ds["label"])))
-            features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
-            ds = ds.map(lambda r: {"label": names.index(str(r["label"]))}, features=features)
-    else:
-        raise UserError(f"data.format {fmt!r} is not supported yet", "use alpaca, prompt_completion, chat or text")
-    return ds, fmt
+
+# -- the whole section -----------------------------------------------------------------------------
 
 
-def build_datasets(cfg: DataConfig):
-    """(train, eval or None, format name)."""
-    train = load_split(cfg, cfg.split)
-    if train is None:
-        raise UserError(f"no split {cfg.split!r} in {cfg.path}", "set data.split to an existing split")
+def _mix(parts: list, weights: list[float], total: int | None, seed: int):
+    """Concatenate sources so that source i holds weight_i / sum(weights) of the rows (cycling if short)."""
+    import datasets
+
+    if len(parts) == 1:
+        return parts[0]
+    size = total or sum(len(p) for p in parts)
+    shares = [w / sum(weights) for w in weights]
+    picked = []
+    for p, share in zip(parts, shares):
+        n = round(share * size)
+        order = p.shuffle(seed=seed)
+        idx = [i % len(p) for i in range(n)]
+        if n > len(p):
+            log.info("data: mix repeats a source %.1fx to reach its weight", n / len(p))
+        picked.append(order.select(idx))
+    return datasets.concatenate_datasets(picked).shuffle(seed=seed)
+
+
+def build_datasets(cfg: DataConfig) -> Built:
+    """(train, eval or None, format name) with `.stats`; every row checked, rendered, counted."""
+    import datasets
+
+    trains, evals, fmts, weights = [], [], [], []
+    stats = {"skipped_rows": 0, "sources": []}
+    names = None
+    for src in cfg.sources():
+        train = load_split(src, src.split)
+        if train is None:
+            raise UserError(f"no split {src.split!r} in {src.path}", "set data.split to an existing split")
+        held = None
+        if isinstance(src.eval_split, str):
+            held = load_split(src, src.eval_split)
+            if held is None:
+                raise UserError(f"no eval split {src.eval_split!r} in {src.path}",
+                                "set data.eval_split to a split name or a fraction such as 0.05")
+        train.ds = _canonical(train.ds, src, src.format)
+        fmt = src.format if src.format != "auto" else detect_format(train.ds.column_names)
+        label_ids = None
+        if fmt == "classification":
+            names = names or label_set(train.ds, cfg)
+            label_ids = label_ids_for(names, train.ds)
+        train_ds, skipped = check_rows(train, fmt, cfg.bad_rows, label_ids)
+        stats["skipped_rows"] += skipped
+        eval_ds = eval_ids = None
+        if held is not None:
+            held.ds = _canonical(held.ds, src, fmt)
+            eval_ids = label_ids_for(names, held.ds) if fmt == "classification" else None
+            eval_ds, skipped = check_rows(held, fmt, cfg.bad_rows, eval_ids)
+            stats["skipped_rows"] += skipped
+        elif isinstance(src.eval_split, float):
+            parts = train_ds.train_test_split(test_size=src.eval_split, seed=cfg.seed)
+            train_ds, eval_ds, eval_ids = parts["train"], parts["test"], label_ids
+        trains.append(render(train_ds, src, fmt, names, label_ids))
+        if eval_ds is not None:
+            evals.append(render(eval_ds, src, fmt, names, eval_ids))
+        fmts.append(fmt)
+        weights.append(src.weight)
+        stats["sources"].append({"path": src.path, "format": fmt, "train_rows": len(train_ds),
+                                 "eval_rows": len(eval_ds) if eval_ds is not None else 0})
+
+    families = {FAMILY[f] for f in fmts}
+    if len(families) > 1:
+        raise UserError(f"data.mix combines formats that render differently: {fmts}",
+                        "mix only formats of one family (alpaca, prompt_completion and summarization mix)")
+    fmt = fmts[0] if len(set(fmts)) == 1 else "+".join(dict.fromkeys(fmts))
+    train = _mix(trains, weights, cfg.max_samples, cfg.seed)
+    if cfg.max_samples and len(train) > cfg.max_samples:
+        train = train.select(range(cfg.max_samples))
     eval_ds = None
-    if isinstance(cfg.eval_split, float):
-        if not 0 < cfg.eval_split < 1:
-            raise UserError(f"data.eval_split fraction must be between 0 and 1, got {cfg.eval_split}")
-        parts = train.train_test_split(test_size=cfg.eval_split, seed=cfg.seed)
-        train, eval_ds = parts["train"], parts["test"]
-    elif cfg.eval_split:
-        eval_ds = load_split(cfg, cfg.eval_split)
-        if eval_ds is None:
-            raise UserError(f"no eval split {cfg.eval_split!r} in {cfg.path}",
-                            "set data.eval_split to a split name or a fraction such as 0.05")
-    if cfg.max_samples:
-        train = train.select(range(min(cfg.max_samples, len(train))))
-    if eval_ds is not None and cfg.max_eval_samples:
-        eval_ds = eval_ds.select(range(min(cfg.max_eval_samples, len(eval_ds))))
-    train, fmt = render(train, cfg)
-    if eval_ds is not None:
-        eval_ds, _ = render(eval_ds, cfg)
-    log.info("data: %s format, %d train rows%s", fmt, len(train),
-             f", {len(eval_ds)} eval rows" if eval_ds is not None else "")
-    return train, eval_ds, fmt
+    if evals:
+        eval_ds = evals[0] if len(evals) == 1 else datasets.concatenate_datasets(evals)
+        if cfg.max_eval_samples:
+            eval_ds = eval_ds.select(range(min(cfg.max_eval_samples, len(eval_ds))))
+    stats.update(format=fmt, train_rows=len(train), eval_rows=len(eval_ds) if eval_ds is not None else 0)
+    if fmt == "classification":
+        stats["label_names"] = names
+    log.info("data: %s format, %d train rows%s%s", fmt, len(train),
+             f", {len(eval_ds)} eval rows" if eval_ds is not None else "",
+             f", {stats['skipped_rows']} bad rows skipped" if stats["skipped_rows"] else "")
+    return Built(train, eval_ds, fmt, stats)
+
+
+# -- what the trainer needs --------------------------------------------------------------------------
+
+
+def _family(columns) -> str:
+    cols = set(columns)
+    if "messages" in cols:
+        return "chat"
+    if {"prompt", "completion"} <= cols:
+        return "prompt_completion"
+    if "label" in cols:
+        return "classification"
+    return "text"
+
+
+def sft_overrides(recipe, train_ds) -> dict:
+    """The SFTConfig keys that follow from the data (the schema refuses them in `training:`)."""
+    family = _family(train_ds.column_names)
+    if family == "classification":
+        raise UserError("classification data (text + label) cannot train a causal LM with SFTTrainer",
+                        "use a classification-head method, or format: text for plain language modelling")
+    out = {"dataset_text_field": "text",
+           "completion_only_loss": family == "prompt_completion" and not recipe.data.train_on_prompt,
+           "assistant_only_loss": family == "chat" and not recipe.data.train_on_prompt}
+    if getattr(recipe.training, "packing", False) and "eval_packing" not in recipe.training.model_fields_set:
+        out["eval_packing"] = False  # eval loss per example, comparable across runs with and without packing
+    return out
+
+
+def _apply_chat_template_choice(recipe, tokenizer):
+    """Install data.chat_template on the tokenizer (so the saved artifact renders chats the same way)."""
+    template = recipe.data.chat_template
+    if template:
+        path = Path(template)
+        tokenizer.chat_template = path.read_text() if len(template) < 500 and path.is_file() else template
+    if not tokenizer.chat_template:
+        raise UserError("chat data needs a chat template, and the tokenizer has none",
+                        "set data.chat_template (inline Jinja or a .jinja file)")
+    if recipe.data.train_on_prompt:
+        return
+    from trl.chat_template_utils import has_generation_markers, is_chat_template_stop_token_trained
+
+    if not has_generation_markers(tokenizer.chat_template):
+        # TRL knows patched templates for a few model families; anything else we refuse rather than guess.
+        from trl.chat_template_utils import get_training_chat_template
+
+        try:
+            patched = get_training_chat_template(tokenizer)
+        except Exception:  # noqa: BLE001 - TRL raises for templates it does not know
+            patched = None
+        if patched is None:
+            raise UserError("assistant-only loss needs {% generation %} markers in the chat template, and this "
+                            "tokenizer's template has none (and TRL has no training variant of it)",
+                            "set data.chat_template to a copy of the template with assistant content wrapped in "
+                            "{% generation %}...{% endgeneration %}, or data.train_on_prompt: true")
+        # Installed on the tokenizer (not only used by TRL for tokenizing), so our length count and the saved
+        # artifact render chats exactly as training did; TRL's training variants are prefix-preserving.
+        tokenizer.chat_template = patched
+        log.info("data: chat template has no generation markers; using TRL's training variant of it")
+    if not is_chat_template_stop_token_trained(tokenizer):
+        raise UserError("the chat template leaves the end-of-turn token outside {% generation %}: the model "
+                        "would never learn to stop", "move the EOS/end-of-turn token inside the generation block")
+
+
+def _lengths(ds, tokenizer):
+    """Token count of every example exactly as TRL tokenizes it (EOS appended to text/completions)."""
+    from trl.data_utils import _tokenize
+
+    eos = tokenizer.eos_token
+    family = _family(ds.column_names)
+
+    def count(row):
+        if family == "chat":
+            return {"n": len(_tokenize(tokenizer, row["messages"])["input_ids"])}
+        text = row["prompt"] + row["completion"] if family == "prompt_completion" else row["text"]
+        return {"n": len(_tokenize(tokenizer, text if text.endswith(eos) else text + eos)["input_ids"])}
+
+    return ds.map(count, desc="counting tokens")["n"]
+
+
+def prepare(recipe, tokenizer, built):
+    """Chat template, length accounting and the over-length policy. Returns (train, eval, stats)."""
+    train, eval_ds, fmt = built
+    stats = dict(built.stats)
+    family = _family(train.column_names)
+    if family == "classification":
+        return train, eval_ds, stats
+    if family == "chat":
+        _apply_chat_template_choice(recipe, tokenizer)
+    max_length = getattr(recipe.training, "max_length", None)
+    for name, ds in (("train", train), ("eval", eval_ds)):
+        if ds is None:
+            continue
+        lengths = _lengths(ds, tokenizer)
+        over = [i for i, n in enumerate(lengths) if max_length and n > max_length]
+        lost = sum(lengths[i] - max_length for i in over)
+        kept = [n for n in lengths if not max_length or n <= max_length] if recipe.data.over_length == "drop" \
+            else [min(n, max_length or n) for n in lengths]
+        stats[f"{name}_tokens"] = sum(kept)
+        stats[f"{name}_over_length"] = len(over)
+        if over and recipe.data.over_length == "drop":
+            keep = sorted(set(range(len(ds))) - set(over))
+            ds = ds.select(keep)
+            stats[f"{name}_dropped_over_length"] = len(over)
+            log.warning("data: dropped %d of %d %s examples longer than max_length=%d", len(over), len(lengths),
+                        name, max_length)
+        elif over:
+            stats[f"{name}_truncated_tokens"] = lost
+            log.warning("data: truncated %d of %d %s examples to max_length=%d (%d tokens lost, %.1f%%); "
+                        "raise training.max_length or set data.over_length: drop", len(over), len(lengths), name,
+                        max_length, lost, 100 * lost / max(sum(lengths), 1))
+        if name == "train":
+            train, stats["lengths"] = ds, kept
+        else:
+            eval_ds = ds
+    return train, eval_ds, stats
+
+
+def padded_fraction(lengths: list[int], batch_size: int) -> float:
+    """Real tokens / slots when batches (in order) are padded to their longest example."""
+    slots = sum(len(b) * max(b) for b in (lengths[i:i + batch_size] for i in range(0, len(lengths), batch_size)))
+    return sum(lengths) / max(slots, 1)
+
+
+def finish_report(recipe, trainer, stats: dict) -> dict:
+    """Add what the trainer did to the data (packing fill, fully masked examples TRL dropped); log it."""
+    lengths = stats.pop("lengths", None)
+    if lengths is None:
+        return stats
+    t = recipe.training
+    batch = getattr(t, "per_device_train_batch_size", 8)
+    ds = trainer.train_dataset
+    packing = getattr(t, "packing", False)
+    # Compare with padded batches holding as many examples per step as the packed batches do.
+    padded_batch = max(1, round(len(lengths) / max(len(ds), 1) * batch)) if packing else batch
+    stats["padded_batch_size"] = padded_batch
+    stats["padded_efficiency"] = round(padded_fraction(lengths, padded_batch), 4)
+    if packing:
+        max_length = t.max_length
+        if batch > 1 and recipe.model.attn_implementation in ("sdpa", "eager"):
+            # The collator flattens a batch's packed rows into one row; sdpa/eager then attend over
+            # (batch * max_length)^2 with a block-diagonal mask (~2.3x slower than padded here).
+            log.warning("data: packing with %s flattens the %d packed rows of a batch into one row: attention "
+                        "costs %dx more than needed; prefer per_device_train_batch_size: 1 with "
+                        "gradient_accumulation_steps (or flash_attention_2 on GPU)",
+                        recipe.model.attn_implementation, batch, batch)
+        real = sum(sum(r) for r in ds["seq_lengths"])
+        stats["packed_rows"] = len(ds)
+        stats["packing_efficiency"] = round(real / (len(ds) * max_length), 4)
+        log.info("data: packing %d examples into %d rows of %d: %.1f%% of slots are real tokens "
+                 "(padded batches with as many examples, %d, would be %.1f%%)", len(lengths), len(ds), max_length,
+                 100 * stats["packing_efficiency"], padded_batch, 100 * stats["padded_efficiency"])
+    else:
+        dropped = len(lengths) - len(ds)
+        if dropped:
+            stats["train_fully_masked_dropped"] = dropped
+            log.warning("data: %d examples had no supervised token left after truncation and were dropped", dropped)
+        log.info("data: padded batches of %d: %.1f%% of slots are real tokens (training.packing: true packs "
+                 "them)", batch, 100 * stats["padded_efficiency"])
+    return stats

@@ -104,6 +104,8 @@ def apply_method(model, recipe):
     if recipe.is_peft:
         from peft import get_peft_model
 
+        from llama_recipes.resilience import peft_errors
+
         method = recipe.method
         if method.name == "qlora":
             from peft import prepare_model_for_kbit_training
@@ -113,7 +115,8 @@ def apply_method(model, recipe):
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=bool(getattr(recipe.training, "activation_checkpointing", False)))
         tok_path = resolve(recipe.model.tokenizer or recipe.model.name_or_path, "model")
-        model = get_peft_model(model, peft_config(method, model, tok_path))
+        with peft_errors(model):
+            model = get_peft_model(model, peft_config(method, model, tok_path))
     else:
         for p in model.parameters():
             p.requires_grad_(True)

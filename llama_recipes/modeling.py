@@ -1,4 +1,6 @@
 """Load the tokenizer and the base model named by the recipe's `model:` section."""
+from pathlib import Path
+
 from llama_recipes.errors import UserError
 from llama_recipes.log import get_logger
 from llama_recipes.paths import is_local, resolve
@@ -18,6 +20,10 @@ def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     ref = resolve(cfg.tokenizer or cfg.name_or_path, "model")
+    if ref.startswith((".", "/", "~")) and not Path(ref).expanduser().exists():
+        raise UserError(f"model path {ref} does not exist",
+                        "point model.name_or_path at a directory with config.json, tokenizer files and "
+                        "*.safetensors, or at a hub id")
     try:
         tok = AutoTokenizer.from_pretrained(ref, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:
@@ -54,6 +60,11 @@ def load_model(cfg: ModelConfig, auto_class: str = "AutoModelForCausalLM", **kwa
             use_safetensors=True,
             **kwargs,
         )
+    except ValueError as e:  # an architecture this auto class does not cover (e.g. T5 for a causal LM)
+        if "Unrecognized configuration class" not in str(e):
+            raise
+        raise UserError(f"{ref} is not a {auto_class.replace('AutoModelFor', '')} architecture: {str(e).splitlines()[0][:200]}",
+                        "use a decoder-only model (Llama, Mistral, Qwen, ...) for this recipe") from None
     except OSError as e:
         if not is_local(ref):
             raise UserError(f"cannot load model: {str(e).splitlines()[0]}", _hub_hint(ref)) from None

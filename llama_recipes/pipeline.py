@@ -26,13 +26,19 @@ class Run:
         return self.trainer.model
 
 
-def train(recipe, overwrite: bool = False) -> Run:
-    """Run a validated recipe end to end; metrics are also written to OUTPUT_DIR/metrics.json."""
+def train(recipe, overwrite: bool = False, callbacks: list | None = None) -> Run:
+    """Run a validated recipe end to end; metrics are also written to OUTPUT_DIR/metrics.json.
+
+    `callbacks` are extra TrainerCallbacks (the dry run times steps with one).
+    """
     from transformers import set_seed
 
-    from llama_recipes import artifacts, data, evaluation, freeze, methods, modeling, training
+    from llama_recipes import artifacts, data, distributed, evaluation, freeze, methods, modeling, resilience, training
     from llama_recipes.schema.finetune import HEAD_METHODS
 
+    # Recipe vs accelerate launch config (precision, activation checkpointing, FSDP1 rules),
+    # checked before anything is loaded.
+    recipe = distributed.setup(recipe)
     if recipe.method.name in HEAD_METHODS:  # task heads train with the plain Trainer (heads.py)
         from llama_recipes import heads
 
@@ -43,6 +49,7 @@ def train(recipe, overwrite: bool = False) -> Run:
 
     # -- output directory: claimed first, so a clash fails before minutes of loading ----------
     out = artifacts.prepare_output_dir(recipe, overwrite)
+    resume = resilience.resume_checkpoint(recipe, out, overwrite)  # newest complete checkpoint, or None
 
     # -- tokenizer and model (+ freeze / PEFT) ------------------------------------------------
     tokenizer = modeling.load_tokenizer(recipe.model)
@@ -51,13 +58,19 @@ def train(recipe, overwrite: bool = False) -> Run:
     trainable, total = modeling.count_parameters(model)
     log.info("trainable params: %s || all params: %s || trainable%%: %.4f",
              f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    if recipe.guards.check_disk:
+        resilience.check_disk_space(model, recipe, out)
     param_report = freeze.report(model)
 
     # -- datasets -----------------------------------------------------------------------------
-    train_ds, eval_raw, fmt = data.build_datasets(recipe.data)
+    train_ds, eval_raw, fmt = built = data.build_datasets(recipe.data)
+    train_ds, eval_raw, data_stats = data.prepare(recipe, tokenizer, built)  # lengths, truncation, chat template
 
     # -- trainer (tokenizes the data, so it comes after the model and datasets) ---------------
-    trainer = training.build_trainer(recipe, model, tokenizer, train_ds, eval_raw)
+    trainer = training.build_trainer(recipe, model, tokenizer, train_ds, eval_raw, callbacks=callbacks)
+    distributed.prepare_trainer(trainer)  # before train(): the FSDP wrap happens inside it
+    resilience.install(trainer, recipe)  # atomic checkpoints, SIGTERM/SIGINT stop, NaN guard
+    data_stats = data.finish_report(recipe, trainer, data_stats)  # packing / padding efficiency
 
     def measure(tag):
         if trainer.eval_dataset is None or not recipe.eval.before_after:
@@ -69,7 +82,7 @@ def train(recipe, overwrite: bool = False) -> Run:
 
     # -- train --------------------------------------------------------------------------------
     before = measure("before")
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume)
     after = measure("after")
 
     # -- save ---------------------------------------------------------------------------------
@@ -78,6 +91,7 @@ def train(recipe, overwrite: bool = False) -> Run:
     metrics = {
         "recipe_fingerprint": recipe.fingerprint(),
         "data_format": fmt,
+        "data": data_stats,
         "trainable_params": trainable,
         "total_params": total,
         "train": {**result.metrics, "global_step": result.global_step},

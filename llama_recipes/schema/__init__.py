@@ -15,10 +15,12 @@ from pydantic import Field, ValidationError, model_validator
 
 from llama_recipes.errors import RecipeError
 from llama_recipes.schema.base import Section
-from llama_recipes.schema.data import DataConfig
+from llama_recipes.schema.checks import redact
+from llama_recipes.schema.data import DataConfig, check_recipe as check_data
 from llama_recipes.schema.evaluation import EvalConfig
 from llama_recipes.schema.finetune import check_method_freeze
 from llama_recipes.schema.freeze import FreezeConfig
+from llama_recipes.schema.guards import RESUME_DESCRIPTION, RUN_CONTROL_KEYS, GuardsConfig
 from llama_recipes.schema.method import PEFT_METHODS, MethodConfig, check_combinations
 from llama_recipes.schema.model import ModelConfig
 from llama_recipes.schema.training import TrainingConfig
@@ -33,15 +35,18 @@ class Recipe(Section):
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)  # type: ignore[valid-type]
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    resume: str = Field("auto", description=RESUME_DESCRIPTION)
+    guards: GuardsConfig = Field(default_factory=GuardsConfig)
 
     @model_validator(mode="after")
     def _combinations(self):
         # Impossible combinations are refused here, before any model is loaded.
         t = self.training
-        if self.eval.before_after and self.data.eval_split is None and getattr(t, "eval_strategy", "no") != "no":
+        if self.data.eval_split is None and getattr(t, "eval_strategy", "no") != "no":
             raise ValueError("training.eval_strategy needs data.eval_split (a split name or a fraction)")
         check_combinations(self)
         check_method_freeze(self)
+        check_data(self)
         return self
 
     @property
@@ -52,11 +57,15 @@ class Recipe(Section):
         """The resolved recipe as plain data (what is written to OUTPUT_DIR/recipe.yaml)."""
         data = self.model_dump(mode="json", exclude={"training"})
         data["training"] = self.training.sft_kwargs(mode="json")
-        return data
+        return redact(data)
+
+    def identity(self) -> dict[str, Any]:
+        """to_dict() without run-control keys (resume, guards): what makes two runs the same run."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUN_CONTROL_KEYS}
 
     def fingerprint(self) -> str:
         """Hash of the resolved recipe; a different hash in an existing output_dir is another run."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        blob = json.dumps(self.identity(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -71,7 +80,8 @@ def _read_yaml(path: Path) -> dict:
     except yaml.YAMLError as e:
         raise RecipeError(f"YAML error: {e}", "fix the YAML syntax", str(path)) from None
     if not isinstance(data, dict):
-        raise RecipeError("the recipe must be a YAML mapping of sections (model:, data:, method:, ...)", where=str(path))
+        raise RecipeError("the recipe must be a YAML mapping of sections (model:, data:, method:, ...)",
+                          "start from a recipe under recipes/ and edit it", str(path))
     return data
 
 
@@ -134,6 +144,8 @@ def _render_error(err: dict, source: str) -> str:
         return f"{shown}: {err['msg']}"
     got = err.get("input")
     got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+    if not loc:  # a cross-section check: its message already names the keys
+        return err["msg"].removeprefix("Value error, ")
     return f"{shown or '(top level)'}: {err['msg']}{got_s}"
 
 

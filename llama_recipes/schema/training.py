@@ -20,6 +20,11 @@ RESERVED = {
     "seed": "set `seed:` at the top level of the recipe",
     "gradient_checkpointing": "use `training.activation_checkpointing` (its transformers 5 name)",
     "gradient_checkpointing_kwargs": "use `training.activation_checkpointing_kwargs` (its transformers 5 name)",
+    "resume_from_checkpoint": "set `resume:` at the top level (auto, never, or a checkpoint path)",
+    # Distribution is the launch's business: one accelerate config per cluster shape.
+    "fsdp": "FSDP is set by the accelerate config: launch with accelerate_configs/fsdp_*.yaml (docs/distributed.md)",
+    "fsdp_config": "FSDP options live in the accelerate config's fsdp_config: (accelerate_configs/fsdp_*.yaml)",
+    "deepspeed": "DeepSpeed is set by the accelerate config: launch with accelerate_configs/deepspeed_zero3.yaml",
 }
 
 # Where our default differs from TRL's, and why.

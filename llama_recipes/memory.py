@@ -1,0 +1,633 @@
+"""Pre-flight memory estimate: will this recipe fit, and if not, what would make it fit.
+
+    python run_recipe.py RECIPE --estimate-memory [--gpus N] [--gpu-memory 80GB] [--config ACCEL.yaml] [--compare]
+
+Reads only the model config (the model is built on the meta device, so every parameter is
+counted exactly and no weight is loaded) and the recipe. Never imports trl, peft or
+bitsandbytes. Per device, in bytes:
+
+  weights      every parameter at its storage dtype (QLoRA: 4-bit NF4 + quantization constants)
+  gradients    trainable parameters, at the parameter dtype
+  optimizer    per trainable parameter: AdamW 2 states at the parameter dtype, 8-bit Adam 2 bytes, ...
+  activations  tensors autograd keeps for backward at micro-batch x max_length (with and without
+               activation checkpointing), plus the logits and the loss's log-softmax
+  buffers      FSDP all-gather of the largest unit (x2 for prefetch) and its unsharded gradient,
+               or DDP's gradient buckets
+
+The formulas are documented in docs/memory.md; tests/test_memory.py checks weights, gradients
+and optimizer states against tensor bytes after a real optimizer step.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from llama_recipes.errors import UserError
+
+GiB = 2**30
+USABLE = 0.95  # of the card: the rest is the CUDA context and allocator fragmentation
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# NF4 with double quantization (what QLoRA uses): 4 bits per weight, one 8-bit absmax per 64
+# weights, one fp32 scale per 256 absmax blocks.
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+
+PEFT_DEFAULTS = {
+    "lora": {"r": 8, "target_modules": "all-linear", "use_dora": False, "dropout": 0.05, "modules_to_save": []},
+    "ia3": {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
+    "prefix": {"num_virtual_tokens": 20},
+    "prompt_tuning": {"num_virtual_tokens": 20},
+    "llama_adapter": {"adapter_len": 10, "adapter_layers": 30},
+}
+ALIASES = {"qlora": "lora", "dora": "lora", "prefix_tuning": "prefix", "prompt": "prompt_tuning",
+           "adaption_prompt": "llama_adapter"}
+HEAD_METHODS = {"classifier_head", "mlp_head"}  # schema/finetune.py
+# The methods --compare puts side by side (name, settings).
+COMPARE = [
+    ("full", {"name": "full"}),
+    ("partial (top 25% layers)", {"name": "partial"}),
+    ("classifier head (frozen base)", {"name": "classifier_head"}),
+    ("lora r16 all-linear", {"name": "lora", "r": 16}),
+    ("dora r16 all-linear", {"name": "lora", "r": 16, "use_dora": True}),
+    ("qlora r16 all-linear", {"name": "qlora", "r": 16}),
+    ("ia3", {"name": "ia3"}),
+    ("prefix (20 tokens)", {"name": "prefix"}),
+    ("prompt tuning (20)", {"name": "prompt_tuning"}),
+    ("llama_adapter", {"name": "llama_adapter"}),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# The model, counted on the meta device
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ModelShape:
+    """Every parameter (name -> shape), every linear layer, and the sizes activations depend on."""
+
+    params: dict[str, tuple[int, ...]]
+    linears: dict[str, tuple[int, int]]  # module name -> (in_features, out_features)
+    layer_prefix: str  # e.g. "model.layers."
+    num_layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    dtype: str  # the checkpoint's dtype (what dtype: auto loads)
+
+    @property
+    def total(self) -> int:
+        return sum(math.prod(s) for s in self.params.values())
+
+    def layer_of(self, name: str) -> int | None:
+        if not name.startswith(self.layer_prefix):
+            return None
+        return int(name[len(self.layer_prefix):].split(".")[0])
+
+    def unit_sizes(self) -> list[int]:
+        """Parameter counts of the FSDP units: one per decoder layer, then the root (the rest)."""
+        per = [0] * self.num_layers
+        rest = 0
+        for n, s in self.params.items():
+            i = self.layer_of(n)
+            if i is None:
+                rest += math.prod(s)
+            else:
+                per[i] += math.prod(s)
+        return per + [rest]
+
+
+def load_config(ref: str, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    from llama_recipes.paths import resolve
+
+    path = resolve(ref, "model")
+    try:
+        return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the model config of {ref!r}: {str(e).splitlines()[0]}",
+                        "point model.name_or_path at a local directory with config.json, or go online once "
+                        "for a hub id (only config.json is read)") from None
+
+
+def model_shape(cfg) -> ModelShape:
+    """Build the model on the meta device (no memory, no weights) and record its parameters."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    params, seen = {}, set()
+    for n, p in model.named_parameters():  # tied weights appear once
+        if id(p) not in seen:
+            seen.add(id(p))
+            params[n] = tuple(p.shape)
+    linears = {n: (m.in_features, m.out_features) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear)}
+    layers = [n for n, m in model.named_modules()
+              if isinstance(m, torch.nn.ModuleList) and len(m) == cfg.num_hidden_layers]
+    prefix = (layers[0] + ".") if layers else "model.layers."
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or "float32"
+    return ModelShape(
+        params=params, linears=linears, layer_prefix=prefix, num_layers=cfg.num_hidden_layers,
+        hidden=cfg.hidden_size, intermediate=getattr(cfg, "intermediate_size", 4 * cfg.hidden_size),
+        heads=heads, kv_heads=getattr(cfg, "num_key_value_heads", None) or heads, head_dim=head_dim,
+        vocab=cfg.vocab_size, dtype=str(dtype).replace("torch.", ""),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# What the recipe trains, in which precision, with which optimizer, sharded how
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Setup:
+    method: dict  # recipe.method as plain data (name + settings)
+    freeze_train: list[str] = field(default_factory=list)
+    freeze_freeze: list[str] = field(default_factory=list)
+    weight_dtype: str = "float32"  # dtype the base weights are loaded in
+    mixed: str | None = "bf16"  # autocast dtype (bf16/fp16) or None
+    optim: str = "adamw_torch"
+    micro_batch: int = 1
+    seq_len: int = 1024
+    checkpointing: bool = False
+    gpus: int = 1
+    sharding: str = "none"  # none | full_shard | shard_grad_op | no_shard (FSDP) ; DDP is none with gpus>1
+    offload: bool = False  # FSDP CPU offload of params, grads and optimizer states
+    gpu_memory: float | None = None  # bytes
+
+    @property
+    def base_name(self) -> str:
+        n = self.method["name"]
+        return ALIASES.get(n, n)
+
+    @property
+    def quantized(self) -> bool:
+        m = self.method
+        return m["name"] == "qlora" or bool(m.get("load_in_4bit") or m.get("quantize") in ("4bit", "nf4"))
+
+
+def setup_from_recipe(recipe, gpus=None, config=None, gpu_memory=None) -> Setup:
+    """Collect what the estimate needs from the recipe and the (optional) accelerate config."""
+    t = recipe.training
+    method = recipe.method.model_dump()
+    shape_dtype = recipe.model.dtype
+    bf16 = getattr(t, "bf16", None)
+    fp16 = bool(getattr(t, "fp16", False))
+    mixed = "fp16" if fp16 else ("bf16" if bf16 in (None, True) else None)  # TRL: bf16 unless told
+    ac = getattr(t, "activation_checkpointing", None)
+    ac = getattr(t, "gradient_checkpointing", True) if ac is None else ac  # TRL's default is on
+    s = Setup(
+        method=method, freeze_train=list(recipe.freeze.train), freeze_freeze=list(recipe.freeze.freeze),
+        weight_dtype=shape_dtype, mixed=mixed, optim=str(getattr(t, "optim", "adamw_torch")),
+        micro_batch=int(getattr(t, "per_device_train_batch_size", 8)),
+        seq_len=int(getattr(t, "max_length", None) or 1024), checkpointing=bool(ac),
+    )
+    if isinstance(getattr(t, "fsdp", None), str) and t.fsdp:
+        _apply_fsdp_string(s, t.fsdp)
+    if config:
+        _apply_accelerate_config(s, config)
+    if gpus:
+        s.gpus = gpus
+    if gpu_memory:
+        s.gpu_memory = parse_memory(gpu_memory)
+    return s
+
+
+def _apply_fsdp_string(s: Setup, spec: str) -> None:
+    words = spec.split()
+    for w in ("full_shard", "shard_grad_op", "no_shard", "hybrid_shard"):
+        if w in words:
+            s.sharding = "full_shard" if w == "hybrid_shard" else w
+    s.offload = "offload" in words
+
+
+def _apply_accelerate_config(s: Setup, path: str) -> None:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"accelerate config not found: {path}", "pass --config accelerate_configs/NAME.yaml")
+    cfg = yaml.safe_load(p.read_text()) or {}
+    s.gpus = int(cfg.get("num_processes", 1) or 1)  # accelerate counts processes over all machines
+    kind = str(cfg.get("distributed_type", "NO")).upper()
+    if cfg.get("mixed_precision") in ("bf16", "fp16"):
+        s.mixed = cfg["mixed_precision"]
+    if kind == "FSDP":
+        f = cfg.get("fsdp_config", {}) or {}
+        strategy = str(f.get("fsdp_sharding_strategy", "FULL_SHARD")).upper()
+        if int(f.get("fsdp_version", 1) or 1) == 2:
+            strategy = "FULL_SHARD" if f.get("fsdp_reshard_after_forward", True) not in (False, "false") else "SHARD_GRAD_OP"
+        s.sharding = {"FULL_SHARD": "full_shard", "1": "full_shard", "SHARD_GRAD_OP": "shard_grad_op",
+                      "2": "shard_grad_op", "NO_SHARD": "no_shard", "3": "no_shard",
+                      "HYBRID_SHARD": "full_shard"}.get(strategy, "full_shard")
+        s.offload = str(f.get("fsdp_offload_params", False)).lower() == "true"
+        if str(f.get("fsdp_activation_checkpointing", False)).lower() == "true":
+            s.checkpointing = True
+    elif kind == "DEEPSPEED":
+        d = cfg.get("deepspeed_config", {}) or {}
+        stage = int(d.get("zero_stage", 0) or 0)
+        s.sharding = {3: "full_shard", 2: "shard_grad_op"}.get(stage, "none")
+        s.offload = d.get("offload_param_device", "none") == "cpu"
+
+
+def parse_memory(text: str) -> float:
+    """'80GB', '24GiB', '16G', '40000MB' -> bytes. GB means GiB: cards are sold that way (80 GB = 81920 MiB)."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*([GgMmTt])?(?:i?[Bb])?\s*", str(text))
+    if not m:
+        raise UserError(f"cannot read --gpu-memory {text!r}", "write it like 80GB, 24GB or 16GiB")
+    unit = {"g": GiB, "m": 2**20, "t": 2**40}[(m.group(2) or "g").lower()]
+    return float(m.group(1)) * unit
+
+
+# ---------------------------------------------------------------------------------------------
+# The arithmetic
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Estimate:
+    label: str
+    trainable: int
+    total_params: int
+    weights: float
+    gradients: float
+    optimizer: float
+    act_plain: float
+    act_ckpt: float
+    buffers: float
+    checkpointing: bool
+    cpu: float = 0.0  # bytes held in host RAM per process (CPU offload)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def activations(self) -> float:
+        return self.act_ckpt if self.checkpointing else self.act_plain
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.buffers
+
+
+def _match(rules, name):
+    return any(re.search(r, name) for r in rules)
+
+
+def _lora_targets(shape: ModelShape, targets) -> list[str]:
+    if targets in ("all-linear", None):
+        # PEFT's all-linear: every Linear except the output layer.
+        return [n for n in shape.linears if not n.endswith("lm_head")]
+    if isinstance(targets, str):
+        return [n for n in shape.linears if re.fullmatch(targets, n)]
+    return [n for n in shape.linears if n.split(".")[-1] in targets]
+
+
+def trainable_params(shape: ModelShape, s: Setup) -> tuple[dict[str, int], list[str]]:
+    """New (adapter) parameters by name, and the base parameters that train."""
+    name, m = s.base_name, {**PEFT_DEFAULTS.get(ALIASES.get(s.method["name"], s.method["name"]), {}), **s.method}
+    base_trained: list[str] = []
+    extra: dict[str, int] = {}
+    if name == "full":
+        base_trained = list(shape.params)
+    elif name == "partial":  # --compare: the top quarter of the decoder layers (+ final norm)
+        keep = max(1, shape.num_layers // 4)
+        def top(n):
+            i = shape.layer_of(n)
+            return (i is not None and i >= shape.num_layers - keep) or (i is None and n.endswith("norm.weight"))
+
+        base_trained = [n for n in shape.params if top(n)]
+    elif name in HEAD_METHODS:
+        # A new head on a frozen base; the label count comes from the data, so assume a handful.
+        labels = int(m.get("num_labels") or 4)
+        if name == "mlp_head":
+            widths = [shape.hidden, *(m.get("hidden_sizes") if m.get("hidden_sizes") is not None else [256])]
+            for i, (a, b) in enumerate(zip(widths, widths[1:] + [labels])):
+                extra[f"head.{i}"] = a * b + b
+        else:
+            extra["score"] = shape.hidden * labels
+    elif name == "lora":
+        r = int(m["r"])
+        for t in _lora_targets(shape, m.get("target_modules")):
+            fin, fout = shape.linears[t]
+            extra[f"{t}.lora_A"] = r * fin
+            extra[f"{t}.lora_B"] = r * fout
+            if m.get("use_dora") or s.method["name"] == "dora":
+                extra[f"{t}.lora_magnitude_vector"] = fout
+        for mod in m.get("modules_to_save") or []:
+            # a trainable copy next to the frozen original
+            for n, sh in shape.params.items():
+                if n.split(".")[-2] == mod or n.startswith(mod + "."):
+                    extra[f"{n}.modules_to_save"] = math.prod(sh)
+    elif name == "ia3":
+        ff = set(m.get("feedforward_modules") or [])
+        for t in _lora_targets(shape, m.get("target_modules")):
+            fin, fout = shape.linears[t]
+            extra[f"{t}.ia3_l"] = fin if t.split(".")[-1] in ff else fout
+    elif name == "prefix":
+        n_tok = int(m["num_virtual_tokens"])
+        extra["prefix_encoder"] = n_tok * shape.num_layers * 2 * shape.kv_heads * shape.head_dim
+    elif name == "prompt_tuning":
+        extra["prompt_encoder"] = int(m["num_virtual_tokens"]) * shape.hidden
+    elif name == "llama_adapter":
+        layers = min(int(m["adapter_layers"]), shape.num_layers)
+        extra["adaption_prompt"] = layers * (int(m["adapter_len"]) * shape.hidden + 1)
+    else:
+        known = ["full", *HEAD_METHODS, "lora", "qlora", "dora", "ia3", "prefix", "prompt_tuning", "llama_adapter"]
+        raise UserError(f"the memory estimate does not know method {s.method['name']!r}",
+                        f"estimate one of: {', '.join(sorted(set(known)))}; or open an issue with the method's "
+                        "parameter formula")
+    # The recipe's freeze: rules act on the base model's parameter names.
+    if s.freeze_train:
+        base_trained = [n for n in shape.params if _match(s.freeze_train, n)]
+    if s.freeze_freeze:
+        base_trained = [n for n in base_trained if not _match(s.freeze_freeze, n)]
+    return extra, base_trained
+
+
+def optimizer_bytes_per_param(optim: str, param_bytes: int) -> float:
+    """Bytes of optimizer state per trainable parameter."""
+    o = optim.lower()
+    if "8bit" in o:
+        return 1.0 if "lion" in o else 2.0
+    if o.startswith("sgd"):
+        return 0.0  # the Trainer's SGD has no momentum unless optim_args set it
+    if "lion" in o or "adagrad" in o or "rmsprop" in o:
+        return float(param_bytes)
+    if "adafactor" in o:
+        return 0.05 * param_bytes  # factored second moment: rows + columns per matrix
+    return 2.0 * param_bytes  # Adam family: exp_avg and exp_avg_sq, at the parameter's dtype
+
+
+def backprop_layers(shape: ModelShape, extra: dict[str, int], base_trained: list[str]) -> int:
+    """How many decoder layers backward runs through: from the lowest one holding a trainable
+    parameter (or all, if the embeddings or an input-side adapter train) up to the top.
+    Layers below it keep no activations (nothing below needs a gradient)."""
+    names = [n.rsplit(".", 1)[0] for n in extra] + base_trained
+    if any(shape.layer_of(n) is None and not n.startswith(("lm_head", "score", "model.norm")) for n in names):
+        return shape.num_layers  # embeddings, prompt/prefix encoders: gradients flow to the bottom
+    layers = [shape.layer_of(n) for n in names if shape.layer_of(n) is not None]
+    return shape.num_layers - min(layers) if layers else 0
+
+
+def activation_bytes(shape: ModelShape, s: Setup, lora_targets: list[str], r: int, dropout: float,
+                     active: int) -> tuple[float, float]:
+    """(without, with) activation checkpointing, per device, for one micro-batch.
+
+    Per token and decoder layer, the tensors autograd saves (Llama-style block, SDPA attention):
+      2 RMSNorms: input and normalized input at the residual dtype, the 16-bit copy under autocast
+      q, k after RoPE, v, the attention output (twice: SDPA's and o_proj's contiguous input)
+      MLP: gate, silu(gate), up, and their product (4 x intermediate)
+      LoRA: lora_A output (r) per target; with dropout, the dropped input and a 1-byte mask.
+    Plus, once: the logits (compute dtype), their fp32 upcast and the loss's log-softmax.
+    With checkpointing each layer keeps only its input; one layer is recomputed at a time.
+    Only the `active` top layers (those backward runs through) keep anything.
+    """
+    tokens = s.micro_batch * s.seq_len
+    w = DTYPE_BYTES.get(s.weight_dtype if s.weight_dtype != "auto" else shape.dtype, 4)
+    comp = 2 if s.mixed else w
+    res = w if not s.quantized else comp  # the residual stream stays in the weights' dtype
+    h, i = shape.hidden, shape.intermediate
+    qd, kvd = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    norms = 2 * (2 * h * res + (h * comp if comp != res else h * res))
+    attn = (3 * qd + 2 * kvd) * comp
+    mlp = 4 * i * comp
+    per_layer = norms + attn + mlp
+    lora = 0.0
+    for t in lora_targets:
+        fin, _ = shape.linears[t]
+        lora += r * comp + (fin * comp + fin if dropout > 0 else 0)
+    per_layer += lora / max(shape.num_layers, 1)
+    logits = shape.vocab * (comp + (4 if comp != 4 else 0) + 4)
+    plain = tokens * (active * per_layer + logits + h * res)
+    ckpt = tokens * (active * h * res + (per_layer if active else 0) + logits + h * res)
+    return plain, ckpt
+
+
+def estimate(shape: ModelShape, s: Setup, label: str | None = None) -> Estimate:
+    wdt = s.weight_dtype if s.weight_dtype != "auto" else shape.dtype
+    w = DTYPE_BYTES.get(wdt, 4)  # unknown checkpoint dtypes (fp8, ...) load as fp32 upcasts
+    notes = []
+    extra, base_trained = trainable_params(shape, s)
+    # Adapter dtype: PEFT upcasts adapters to fp32 (autocast_adapter_dtype); TRL casts them to
+    # bf16 on a quantized base (QLoRA), except DoRA's magnitude vector.
+    adapter_bytes = {n: (2 if s.quantized and "magnitude" not in n else 4) for n in extra}
+    quant_targets = {n for n in shape.linears if not n.endswith("lm_head")} if s.quantized else set()
+    weights = 0.0
+    for n, sh in shape.params.items():
+        k = math.prod(sh)
+        mod = n.rsplit(".", 1)[0]
+        if mod in quant_targets and n.endswith("weight"):
+            weights += k * NF4_BYTES
+        else:
+            weights += k * (comp_bytes(s) if s.quantized else w)
+    weights += sum(k * adapter_bytes[n] for n, k in extra.items())
+    n_train = sum(math.prod(shape.params[n]) for n in base_trained) + sum(extra.values())
+    grad_bytes = sum(math.prod(shape.params[n]) for n in base_trained) * w + sum(k * adapter_bytes[n] for n, k in extra.items())
+    optim = sum(math.prod(shape.params[n]) * optimizer_bytes_per_param(s.optim, w) for n in base_trained) + \
+        sum(k * optimizer_bytes_per_param(s.optim, adapter_bytes[n]) for n, k in extra.items())
+
+    m = {**PEFT_DEFAULTS.get("lora", {}), **s.method} if s.base_name == "lora" else {}
+    targets = _lora_targets(shape, m.get("target_modules")) if m else []
+    plain, ckpt = activation_bytes(shape, s, targets, int(m.get("r", 0) or 0), float(m.get("dropout", 0) or 0),
+                                   backprop_layers(shape, extra, base_trained))
+    if s.base_name in ("prefix", "prompt_tuning"):
+        n_tok = int({**PEFT_DEFAULTS[s.base_name], **s.method}["num_virtual_tokens"])
+        scale = (s.seq_len + n_tok) / s.seq_len
+        plain, ckpt = plain * scale, ckpt * scale
+    # Sharding: the per-device share of persistent state, and the transient buffers.
+    n = max(1, s.gpus)
+    units = shape.unit_sizes()
+    gather_bytes = comp_bytes(s) if s.mixed else w
+    buffers = 0.0
+    cpu = 0.0
+    if s.sharding in ("full_shard", "shard_grad_op") and n >= 1:
+        if s.sharding == "full_shard":
+            # the root unit (embeddings, head) stays gathered through the step; one layer and its
+            # prefetched successor are gathered at a time, and one layer's gradient is unsharded
+            buffers = (units[-1] + 2 * max(units[:-1] or [0])) * gather_bytes \
+                + (max(units[:-1] or [0]) * w if n_train else 0)
+            dev_weights = weights / n
+            gathered = 0.0
+        else:
+            buffers = (max(units[:-1] or [0]) * w if n_train else 0)
+            gathered = shape.total * gather_bytes  # kept unsharded between forward and backward
+            dev_weights = weights / n
+        dev_grads, dev_optim = grad_bytes / n, optim / n
+        if s.offload:
+            cpu = dev_weights + dev_grads + dev_optim
+            dev_weights = dev_grads = dev_optim = 0.0
+            notes.append(f"CPU offload: {cpu / GiB:.1f} GiB of host RAM per process")
+        dev_weights += gathered
+    else:
+        dev_weights, dev_grads, dev_optim = weights, grad_bytes, optim
+        if n > 1 and n_train:
+            buffers = grad_bytes  # DDP gradient buckets: a second copy of every gradient
+    if s.quantized and s.base_name != "lora":
+        notes.append("4-bit base with a non-LoRA method: estimated as the same adapter on a NF4 base")
+    return Estimate(label or s.method["name"], n_train, shape.total + sum(extra.values()), dev_weights, dev_grads,
+                    dev_optim, plain, ckpt, buffers, s.checkpointing, cpu, notes)
+
+
+def comp_bytes(s: Setup) -> int:
+    return 2 if s.mixed or s.quantized else DTYPE_BYTES.get(s.weight_dtype, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Verdict and options
+# ---------------------------------------------------------------------------------------------
+def fits(e: Estimate, s: Setup) -> bool:
+    return s.gpu_memory is None or e.total <= USABLE * s.gpu_memory
+
+
+def n_trainable_base(shape: ModelShape, s: Setup) -> int:
+    return len(trainable_params(shape, s)[1])
+
+
+def options(shape: ModelShape, s: Setup) -> list[tuple[str, Estimate]]:
+    """Changes that make the run fit, cheapest first (what each costs is in the text)."""
+    found: list[tuple[str, Estimate]] = []
+
+    def add(text, setup):
+        e = estimate(shape, setup)
+        if fits(e, setup):
+            found.append((text, e))
+
+    if not s.checkpointing:
+        add("turn on activation checkpointing (training.activation_checkpointing=true): ~30% slower steps",
+            replace(s, checkpointing=True))
+    for mb in (s.micro_batch // 2, s.micro_batch // 4, 1):
+        if 1 <= mb < s.micro_batch:
+            add(f"smaller micro-batch (training.per_device_train_batch_size={mb}, raise "
+                f"gradient_accumulation_steps x{s.micro_batch // mb} to keep the batch): slower steps, same result",
+                replace(s, micro_batch=mb, checkpointing=True) if not fits(estimate(shape, replace(s, micro_batch=mb)), s)
+                else replace(s, micro_batch=mb))
+            if found and "micro-batch" in found[-1][0]:
+                break
+    if s.sharding == "none":
+        for g in (max(2, s.gpus), 2, 4, 8):
+            if g >= max(2, s.gpus):
+                cand = replace(s, gpus=g, sharding="full_shard", checkpointing=True)
+                if fits(estimate(shape, cand), cand):
+                    where = f"on your {g} GPUs instead of DDP" if g == s.gpus else f"over {g} GPUs"
+                    add(f"FSDP full shard {where} (an FSDP accelerate config, --config) with activation "
+                        "checkpointing: same result, some communication cost", cand)
+                    break
+    if s.mixed and s.weight_dtype == "float32" and n_trainable_base(shape, s):
+        add("pure bf16 weights (model.dtype=bfloat16): half the state, but no fp32 master copy, so updates "
+            "below bf16 resolution are lost", replace(s, weight_dtype="bfloat16", checkpointing=True))
+    if s.base_name == "full" and not s.freeze_train:
+        add("LoRA instead of full fine-tuning (method.name=lora): different method, less capacity",
+            replace(s, method={"name": "lora", "r": 16}, weight_dtype="bfloat16", checkpointing=True))
+    if not s.quantized and s.base_name in ("lora", "full"):
+        add("QLoRA: 4-bit base (method.name=qlora): ~10-20% slower, small quality cost",
+            replace(s, method={**({"r": 16} if s.base_name == "full" else s.method), "name": "qlora"},
+                    checkpointing=True))
+    if s.sharding != "none" and not s.offload:
+        add("FSDP CPU offload (fsdp_offload_params: true): much slower steps, needs host RAM",
+            replace(s, offload=True, checkpointing=True))
+    seen, out = set(), []
+    for text, e in found:
+        if text not in seen:
+            seen.add(text)
+            out.append((text, e))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+def _g(x: float) -> str:
+    return f"{x / GiB:.2f}"
+
+
+def precision_text(s: Setup) -> str:
+    if s.quantized:
+        return "NF4 4-bit base, bf16 compute"
+    if s.mixed and s.weight_dtype in ("float32",):
+        return f"{s.mixed} mixed precision (fp32 weights)"
+    if s.mixed:
+        return f"pure {s.weight_dtype} weights, {s.mixed} autocast"
+    return f"{s.weight_dtype}"
+
+
+def sharding_text(s: Setup) -> str:
+    if s.sharding == "none":
+        return "DDP" if s.gpus > 1 else "single device"
+    t = {"full_shard": "FSDP full shard", "shard_grad_op": "FSDP shard-grad-op", "no_shard": "FSDP no shard"}[s.sharding]
+    return t + (" + CPU offload" if s.offload else "")
+
+
+def render(shape: ModelShape, s: Setup, e: Estimate) -> str:
+    rows = [
+        ("weights", e.weights), ("gradients", e.gradients), ("optimizer states", e.optimizer),
+        (f"activations, checkpointing off{' (in use)' if not s.checkpointing else ''}", e.act_plain),
+        (f"activations, checkpointing on{' (in use)' if s.checkpointing else ''}", e.act_ckpt),
+        ("temporary buffers", e.buffers),
+    ]
+    unit, div = ("GiB", GiB) if e.total >= GiB / 4 else ("MiB", 2**20)  # tiny models read better in MiB
+    lines = [
+        f"model: {shape.total:,} parameters ({shape.num_layers} layers, hidden {shape.hidden}, vocab {shape.vocab})",
+        f"method: {s.method['name']} — trainable {e.trainable:,} ({100 * e.trainable / max(e.total_params, 1):.3f}%)",
+        f"precision: {precision_text(s)}; optimizer: {s.optim}; {sharding_text(s)} over {s.gpus} GPU(s)",
+        f"micro-batch {s.micro_batch} x seq {s.seq_len}",
+        "",
+        f"{'per device':<44} {unit:>9}",
+    ]
+    lines += [f"{k:<44} {v / div:>9.2f}" for k, v in rows]
+    lines.append(f"{'total':<44} {e.total / div:>9.2f}")
+    lines += [f"note: {n}" for n in e.notes]
+    return "\n".join(lines)
+
+
+def verdict(shape: ModelShape, s: Setup, e: Estimate) -> str:
+    if s.gpu_memory is None:
+        return "verdict: pass --gpu-memory (e.g. 80GB) for a fits / does-not-fit verdict"
+    cap = USABLE * s.gpu_memory
+    if e.total <= cap:
+        return f"verdict: FITS — {_g(e.total)} of {_g(cap)} GiB usable ({s.gpu_memory / GiB:.0f} GiB card, 5% reserved)"
+    out = [f"verdict: DOES NOT FIT — {_g(e.total)} GiB needed, {_g(cap)} GiB usable per device"]
+    opts = options(shape, s)
+    if opts:
+        out.append("options, cheapest first:")
+        out += [f"  {k}. {text}  -> {_g(oe.total)} GiB" for k, (text, oe) in enumerate(opts, 1)]
+    else:
+        out.append("no single change fits: combine FSDP over more GPUs, QLoRA and a shorter max_length")
+    return "\n".join(out)
+
+
+def compare_table(shape: ModelShape, s: Setup) -> str:
+    head = f"{'method':<26} {'trainable':>14} {'weights':>8} {'grads':>7} {'optim':>7} {'act':>7} {'act+ck':>7} " \
+           f"{'buffers':>8} {'total':>8}  fits"
+    lines = [head, "-" * len(head)]
+    for label, m in COMPARE:
+        cs = replace(s, method=m, freeze_train=[], freeze_freeze=[])
+        if cs.quantized:
+            cs = replace(cs, weight_dtype="bfloat16")
+        e = estimate(shape, cs, label)
+        ok = "-" if s.gpu_memory is None else ("yes" if fits(e, cs) else "no")
+        lines.append(f"{label:<26} {e.trainable:>14,} {_g(e.weights):>8} {_g(e.gradients):>7} {_g(e.optimizer):>7} "
+                     f"{_g(e.act_plain):>7} {_g(e.act_ckpt):>7} {_g(e.buffers):>8} {_g(e.total):>8}  {ok}")
+    lines.append(f"(GiB per device; total uses checkpointing {'on' if s.checkpointing else 'off'} as in the recipe)")
+    return "\n".join(lines)
+
+
+def estimate_recipe(recipe, gpus=None, config=None, gpu_memory=None):
+    """(shape, setup, estimate) for a validated recipe."""
+    cfg = load_config(recipe.model.name_or_path, recipe.model.revision, recipe.model.trust_remote_code)
+    shape = model_shape(cfg)
+    s = setup_from_recipe(recipe, gpus, config, gpu_memory)
+    return shape, s, estimate(shape, s)
+
+
+def main(recipe, args) -> int:
+    """`--estimate-memory`: print the table and the verdict. Exit 0 when it fits (or no memory given), 1 if not."""
+    shape, s, e = estimate_recipe(recipe, args.gpus, args.config, args.gpu_memory)
+    print(render(shape, s, e))
+    if args.compare:
+        print()
+        print(compare_table(shape, s))
+    print()
+    print(verdict(shape, s, e))
+    return 0 if fits(e, s) else 1

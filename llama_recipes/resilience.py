@@ -1,0 +1,434 @@
+"""Nothing lost: exact resume, atomic checkpoints, a clean stop on SIGTERM/SIGINT, a NaN guard, a disk check.
+
+    resume = resilience.resume_checkpoint(recipe, out, overwrite)   # newest complete checkpoint or None
+    resilience.check_disk_space(model, recipe, out)                  # before minutes of training
+    resilience.install(trainer, recipe)                              # atomic saves, signals, guards
+    trainer.train(resume_from_checkpoint=resume)
+
+Checkpoints are written to OUTPUT_DIR/.staging/checkpoint-N and renamed to OUTPUT_DIR/checkpoint-N
+only when every file (weights, optimizer, scheduler, RNG, trainer_state.json) is on disk, so a
+`checkpoint-N` directory is always complete. The HF Trainer's `resume_from_checkpoint` restores
+model or adapter weights, optimizer, scheduler, step, data position (it skips the batches already
+seen) and RNG states; tests/test_resilience.py checks the per-step losses match an uninterrupted run.
+"""
+import os
+import re
+import shutil
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from llama_recipes.errors import UserError
+from llama_recipes.log import get_logger, is_main_process
+
+log = get_logger(__name__)
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STAGING = ".staging"
+COMPLETE_MARKER = "trainer_state.json"  # the Trainer writes it last
+# Test hook: "STEP:pause" waits (up to 120 s, or until a signal) inside the save of STEP, before the
+# rename; "STEP:raise" fails there. Lets tests kill or interrupt a run in the middle of a save.
+SAVE_HOOK_ENV = "LLAMA_RECIPES_TEST_SAVE_HOOK"
+
+
+class TrainingStopped(UserError):
+    """Training stopped early on purpose (signal) or by a guard; the CLI exits with `exit_code`."""
+
+    exit_code = 3
+
+
+# -- checkpoints on disk ----------------------------------------------------------------------
+
+def checkpoint_step(path: Path) -> int | None:
+    m = CHECKPOINT_RE.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def is_complete(path: Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / COMPLETE_MARKER).is_file()
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    """checkpoint-N directories that were fully written, oldest step first."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    found = [p for p in out.iterdir() if checkpoint_step(p) is not None and is_complete(p)]
+    return sorted(found, key=checkpoint_step)
+
+
+def newest_checkpoint(out: Path) -> Path | None:
+    done = complete_checkpoints(out)
+    return done[-1] if done else None
+
+
+def clean_partial(out: Path) -> list[Path]:
+    """Remove half-written checkpoints (the staging area, checkpoint-N without trainer_state.json)."""
+    out = Path(out)
+    removed = []
+    if not is_main_process() or not out.is_dir():
+        return removed
+    for p in [out / STAGING, *out.iterdir()]:
+        if p.is_dir() and (p.name == STAGING or (checkpoint_step(p) is not None and not is_complete(p))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    if removed:
+        log.warning("removed half-written checkpoint(s) left by an interrupted save: %s",
+                    ", ".join(p.name for p in removed))
+    return removed
+
+
+def rotate(out: Path, limit: int | None, best: str | None = None) -> list[Path]:
+    """Keep at most `limit` complete checkpoints; the newest and the best are never deleted.
+
+    Ordered by step number, not mtime (the HF Trainer's default), so a copied or touched
+    directory can never make the newest one look old.
+    """
+    if not limit or limit <= 0:
+        return []
+    done = complete_checkpoints(out)
+    protected = {done[-1].resolve()} if done else set()
+    if best and Path(best).is_dir():
+        protected.add(Path(best).resolve())
+    keep = max(limit, len(protected))
+    removed = []
+    for p in done:
+        if len(done) - len(removed) <= keep:
+            break
+        if p.resolve() not in protected:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def resume_checkpoint(recipe, out: Path, overwrite: bool = False) -> str | None:
+    """The checkpoint to resume from, per the recipe's `resume:` (auto | never | PATH)."""
+    out = Path(out)
+    clean_partial(out)
+    mode = recipe.resume
+    done = complete_checkpoints(out)
+    if overwrite:
+        if done and is_main_process():
+            for p in done:
+                shutil.rmtree(p, ignore_errors=True)
+            log.warning("--overwrite: removed %d checkpoint(s) of the previous run in %s", len(done), out)
+        return None
+    if mode == "never":
+        if done:
+            raise UserError(
+                f"output_dir {out} already holds checkpoints of this recipe (newest: {done[-1].name}) and resume is 'never'",
+                "set resume: auto to continue that run, or choose another output_dir, or pass --overwrite to start over",
+            )
+        return None
+    if mode == "auto":
+        if not done:
+            return None
+        step = checkpoint_step(done[-1])
+        log.info("resuming from %s (step %d): weights, optimizer, scheduler, data position and RNG state",
+                 done[-1], step)
+        return str(done[-1])
+    path = Path(mode)
+    if not is_complete(path):
+        why = "does not exist" if not path.exists() else f"is not a complete checkpoint (no {COMPLETE_MARKER})"
+        raise UserError(f"resume: {path} {why}",
+                        f"point resume at a checkpoint-N directory that holds {COMPLETE_MARKER}, or use resume: auto")
+    log.info("resuming from %s", path)
+    return str(path)
+
+
+def _fsync_tree(root: Path) -> None:
+    # The rename only promises "complete" if the bytes are on disk before it.
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _save_hook(step: int, signals) -> None:
+    spec = os.environ.get(SAVE_HOOK_ENV, "")
+    at, _, action = spec.partition(":")
+    if not spec or int(at) != step:
+        return
+    if action == "raise":
+        raise RuntimeError(f"{SAVE_HOOK_ENV}: simulated failure inside the save of step {step}")
+    log.warning("%s: pausing inside the save of step %d", SAVE_HOOK_ENV, step)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (signals and signals.received):
+        time.sleep(0.05)
+
+
+def _barrier() -> None:
+    # torch's own barrier: accelerate's wait_for_everyone is a no-op when it did not set up the
+    # process group itself (torchrun on CPU here), and then rank 0 could rename under rank 1's writes.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _atomic_checkpoints(trainer, signals=None) -> None:
+    """Make the trainer's checkpoint saves atomic and take over save_total_limit."""
+    limit = trainer.args.save_total_limit
+    trainer.args.save_total_limit = None  # rotation happens here, after the rename, by step number
+    original_save = trainer._save_checkpoint
+    run_dir_of = trainer._get_output_dir
+
+    def save_checkpoint(model, trial=None):
+        run_dir = Path(run_dir_of(trial))
+        staging = run_dir / STAGING
+        name = f"checkpoint-{trainer.state.global_step}"
+        if trainer.args.should_save and is_main_process():  # RANK: should_save alone was true on every rank under torchrun on CPU
+            shutil.rmtree(staging / name, ignore_errors=True)
+        _barrier()  # before any rank writes its RNG state there
+        trainer._get_output_dir = lambda trial=None: str(staging)
+        try:
+            original_save(model, trial)
+        finally:
+            del trainer._get_output_dir  # back to the class method
+        _save_hook(trainer.state.global_step, signals)
+        _barrier()  # every rank wrote its shards and RNG state
+        if trainer.args.should_save and is_main_process():
+            tmp, final = staging / name, run_dir / name
+            best = trainer.state.best_model_checkpoint
+            if best and Path(best).parent == staging:
+                trainer.state.best_model_checkpoint = str(run_dir / Path(best).name)
+                trainer.state.save_to_json(str(tmp / COMPLETE_MARKER))
+            # Not needed to resume, and a pickle that would carry training.hub_token in clear.
+            (tmp / "training_args.bin").unlink(missing_ok=True)
+            _fsync_tree(tmp)
+            if final.exists():  # same step saved before (a rerun): swap, never leave neither
+                old = staging / f"old-{name}"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            _fsync_dir(run_dir)
+            shutil.rmtree(staging, ignore_errors=True)
+            for p in rotate(run_dir, limit, trainer.state.best_model_checkpoint):
+                log.info("save_total_limit=%s: deleted %s", limit, p.name)
+        _barrier()
+
+    trainer._save_checkpoint = save_checkpoint
+
+
+# -- SIGTERM / SIGINT ---------------------------------------------------------------------------
+
+def _any_rank(flag: bool) -> bool:
+    """True if any rank has the flag (ranks must agree on when to stop, or collectives hang)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _callbacks():
+    from transformers import TrainerCallback
+
+    class StopOnSignal(TrainerCallback):
+        """SIGTERM/SIGINT: finish the current step, save a checkpoint, stop with a non-zero exit code.
+
+        A second signal gets the default behaviour (immediate exit), for a user who really means it.
+        """
+
+        CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}  # 128 + signal number, as shells report it
+
+        def __init__(self, out):
+            self.out, self.received, self.previous, self.stopped_at = Path(out), None, {}, None
+
+        def _handle(self, signum, frame):
+            self.received = signum
+            self.restore()
+            log.warning("received %s: finishing the current step, then saving a checkpoint (send it again to quit now)",
+                        signal.Signals(signum).name)
+
+        def on_train_begin(self, args, state, control, **kw):
+            try:
+                for sig in self.CODES:
+                    self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                self.previous = {}
+
+        def on_step_end(self, args, state, control, **kw):
+            if _any_rank(self.received is not None):
+                control.should_save = True
+                control.should_training_stop = True
+                self.stopped_at = state.global_step
+
+        def restore(self):
+            for sig, handler in self.previous.items():
+                signal.signal(sig, handler)
+            self.previous = {}
+
+        def on_train_end(self, args, state, control, **kw):
+            self.restore()
+            if self.stopped_at is None:
+                return
+            name = signal.Signals(self.received).name if self.received else "a signal on another rank"
+            err = TrainingStopped(
+                f"training stopped by {name} after step {self.stopped_at}; "
+                f"checkpoint saved to {self.out / f'checkpoint-{self.stopped_at}'}",
+                "rerun the same command to resume from it (resume: auto)",
+            )
+            err.exit_code = self.CODES.get(self.received, 143)
+            raise err
+
+    class NonFiniteGuard(TrainerCallback):
+        """Skip updates whose loss or gradient norm is NaN/inf; stop after `max_bad_steps` of them."""
+
+        def __init__(self, out, max_bad_steps: int, check_grads: bool):
+            self.out, self.max_bad, self.check_grads = Path(out), max_bad_steps, check_grads
+            self.loss_bad, self.bad_steps = False, []
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kw):
+            import torch
+
+            grads = [p.grad for p in model.parameters() if p.grad is not None] if self.check_grads else []
+            grad_bad = bool(grads) and not bool(torch.isfinite(
+                torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)).item())
+            what = "loss" if self.loss_bad else "gradient norm"
+            bad = _any_rank(self.loss_bad or grad_bad)
+            self.loss_bad = False
+            if not bad:
+                return
+            for group in optimizer.param_groups:  # grad None: the optimizer leaves these weights alone
+                for p in group["params"]:
+                    p.grad = None
+            step = state.global_step + 1
+            self.bad_steps.append(step)
+            log.warning("step %d: non-finite %s; update skipped (%d of %d bad steps allowed by guards.max_bad_steps)",
+                        step, what, len(self.bad_steps), self.max_bad)
+            if len(self.bad_steps) > self.max_bad:
+                last = newest_checkpoint(self.out)
+                raise TrainingStopped(
+                    f"training diverged: non-finite {what} at step {step} "
+                    f"(bad steps: {', '.join(map(str, self.bad_steps))}; guards.max_bad_steps={self.max_bad}); "
+                    f"last good checkpoint: {last if last else 'none saved yet'}",
+                    "lower training.learning_rate or add warmup_steps, check the data for broken rows, prefer "
+                    "bf16/fp32 over fp16; rerun to resume from the last good checkpoint",
+                )
+
+    return StopOnSignal, NonFiniteGuard
+
+
+def install(trainer, recipe):
+    """Atomic checkpoints, the signal handler and the non-finite guard, on an already-built trainer."""
+    check_not_empty(trainer, recipe)
+    StopOnSignal, NonFiniteGuard = _callbacks()
+    out = Path(trainer.args.output_dir)
+    signals = StopOnSignal(out)
+    guard = NonFiniteGuard(out, recipe.guards.max_bad_steps, check_grads=not trainer.args.fp16)
+    _atomic_checkpoints(trainer, signals)
+    trainer.add_callback(signals)
+    trainer.add_callback(guard)
+
+    original_step = trainer.training_step
+
+    def training_step(*args, **kwargs):
+        import torch
+
+        loss = original_step(*args, **kwargs)
+        if not bool(torch.isfinite(loss.detach()).all()):
+            guard.loss_bad = True
+        return loss
+
+    trainer.training_step = training_step
+    original_train = trainer.train
+
+    def train(*args, **kwargs):
+        try:
+            return original_train(*args, **kwargs)
+        finally:  # also when a guard raised mid-training: the process gets its own handlers back
+            signals.restore()
+
+    trainer.train = train
+    return signals, guard
+
+
+def check_not_empty(trainer, recipe) -> None:
+    """TRL drops rows whose completion was truncated away; none left is a recipe problem, not a crash."""
+    ds = trainer.train_dataset
+    if ds is not None and hasattr(ds, "__len__") and len(ds) == 0:
+        max_length = getattr(trainer.args, "max_length", None)
+        raise UserError(
+            f"no training examples left after tokenization: every row's completion lies beyond "
+            f"training.max_length={max_length} tokens (or the data is empty after data.max_samples/filters)",
+            "raise training.max_length, shorten the prompts, or set training.truncation_mode=keep_end",
+        )
+
+
+@contextmanager
+def peft_errors(model):
+    """PEFT's 'target modules not found' as a UserError naming modules that do exist."""
+    try:
+        yield
+    except ValueError as e:
+        if "not found in the base model" not in str(e):
+            raise
+        head = model.get_output_embeddings()  # TRL refuses LoRA on the LM head
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if type(m).__name__ == "Linear" and m is not head})
+        raise UserError(f"method.target_modules matches no module of the model: {str(e).splitlines()[0]}",
+                        f"use names this model has: {', '.join(linear)} (or all-linear)") from None
+
+
+# -- disk ---------------------------------------------------------------------------------------
+
+def checkpoint_bytes(model, is_peft: bool, save_only_model: bool = False) -> tuple[int, int]:
+    """(weights, optimizer state) bytes of one checkpoint: saved weights + AdamW's two fp32 moments."""
+    seen, weights, trainable = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        if p.requires_grad:
+            trainable += n
+            weights += n * p.element_size() if is_peft else 0
+        if not is_peft:
+            weights += n * p.element_size()
+    return weights, 0 if save_only_model else 2 * 4 * trainable
+
+
+def check_disk_space(model, recipe, out: Path, free: int | None = None) -> int:
+    """Fail before training when OUTPUT_DIR cannot hold one checkpoint and the final artifact."""
+    t = recipe.training
+    weights, optim = checkpoint_bytes(model, recipe.is_peft, bool(getattr(t, "save_only_model", False)))
+    saves = str(getattr(t, "save_strategy", "steps")) != "no"
+    need = int(1.1 * (weights + (weights + optim if saves else 0))) + 16 * 2**20  # + tokenizer, logs
+    probe = Path(out)
+    while not probe.exists() and probe != probe.parent:  # other ranks may get here before rank 0 made it
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free if free is None else free
+    if free < need:
+        gib = 2**30
+        raise UserError(
+            f"not enough disk space in {out}: {free / gib:.2f} GiB free, this run needs about {need / gib:.2f} GiB "
+            f"(a checkpoint: {weights / gib:.2f} GiB weights + {optim / gib:.2f} GiB optimizer state, and the final artifact)",
+            "free disk space, choose an output_dir on a larger disk, or set training.save_only_model=true / "
+            "training.save_total_limit to keep fewer checkpoints",
+        )
+    return need
+

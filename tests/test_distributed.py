@@ -1,0 +1,309 @@
+"""Distributed training on CPU with 2 processes (gloo) through the real entry point.
+
+`accelerate launch --config_file accelerate_configs/cpu_{ddp,fsdp}_2proc.yaml run_recipe.py ...`
+against one process with the same global batch: per-step losses equal (fp32); under FSDP2 each
+rank holds about half of the parameter and optimizer-state bytes, and the final artifact loads
+in one process with the trained model's logits. Every multi-process test asserts that two
+ranks really ran and (FSDP) that the parameters really were DTensor shards: accelerate has CPU
+launch modes that silently run one process, and FSDP silently falls back to DDP on CPU.
+
+The per-rank numbers come from LLAMA_RECIPES_SHARDING_REPORT (llama_recipes/distributed.py).
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import DEMO_RECIPE, ROOT, TINY, free_port, run_cli
+from llama_recipes.distributed import REPORT_ENV
+
+# The tiny pretrained Llama shipped in the package (4 layers).
+MODEL = TINY
+TOL = 1e-4
+# Four optimizer steps, a learning rate that moves the weights from step 1, one log per step.
+BASE = [
+    f"model.name_or_path={MODEL}",
+    "training.max_steps=4",
+    "training.logging_steps=1",
+    "training.warmup_steps=0",
+    "training.learning_rate=5e-3",
+    "training.report_to=none",
+    "data.max_samples=64",
+    "eval.before_after=false",
+]
+FULL = ["method={name: full}", "training.learning_rate=1e-3"]
+THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+class Run:
+    def __init__(self, root: Path, proc):
+        self.root, self.proc = root, proc
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        self.out = root / "out"
+        self.metrics = json.loads((self.out / "metrics.json").read_text())
+        self.reports = [json.loads(p.read_text()) for p in sorted(root.glob("rep.rank*.json"))]
+
+    @property
+    def losses(self) -> list[float]:
+        return [h["loss"] for h in self.metrics["log_history"] if "loss" in h]
+
+
+def one_process(root: Path, *overrides: str) -> Run:
+    proc = run_cli(str(DEMO_RECIPE), f"output_dir={root / 'out'}", *BASE, *overrides,
+                   env={**THREADS, REPORT_ENV: str(root / "rep")})
+    return Run(root, proc)
+
+
+def two_processes(config: str, root: Path, *overrides: str) -> Run:
+    """`accelerate launch` with a CPU config on a free port (two runs never collide)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / config),
+           "--main_process_port", str(free_port()), str(ROOT / "run_recipe.py"), str(DEMO_RECIPE),
+           f"output_dir={root / 'out'}", *BASE, *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **THREADS, REPORT_ENV: str(root / "rep")},
+                          capture_output=True, text=True, timeout=600)
+    return Run(root, proc)
+
+
+def assert_two_ranks(run: Run, kind: str) -> None:
+    assert [r["memory"]["rank"] for r in run.reports] == [0, 1], "two ranks must have run"
+    for r in run.reports:
+        m = r["memory"]
+        assert m["world_size"] == 2 and m["processes_seen"] == 2 and m["distributed_type"] == kind
+    # logging and artifact writes happen once: one summary line, one log dict per step
+    assert run.proc.stderr.count("done in") == 1
+    assert run.proc.stderr.count("trainable params") == 1
+
+
+def assert_sharded_in_half(run: Run) -> None:
+    mems = [r["memory"] for r in run.reports]
+    for m in mems:
+        assert m["sharded"] and m["dtensor_params"] == m["params"] > 0, "FSDP fell back to DDP"
+        held = m["param_bytes_local"] + m["optim_bytes_local"]
+        full = m["param_bytes_full"] + m["optim_bytes_full"]
+        assert m["optim_bytes_full"] > 0 and held <= 0.55 * full, (held, full)
+    # the two shards partition the model: nothing held twice, nothing lost
+    assert sum(m["param_bytes_local"] for m in mems) == mems[0]["param_bytes_full"]
+
+
+def assert_same_losses(a: Run, b: Run) -> None:
+    assert len(a.losses) == len(b.losses) == 4
+    assert a.losses == pytest.approx(b.losses, abs=TOL), (a.losses, b.losses)
+
+
+def artifact_logits(out: Path, peft: bool):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if peft:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(MODEL), out)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(out)
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=torch.arange(1, 17).unsqueeze(0)).logits[0, :, :32]
+
+
+def assert_artifact_is_the_trained_model(run: Run, peft: bool) -> None:
+    import torch
+
+    assert (run.out / ("adapter_model.safetensors" if peft else "model.safetensors")).is_file()
+    assert not list(run.out.glob("*.bin")) and not list(run.out.glob("pytorch_model*"))
+    trained = torch.tensor(run.reports[0]["probe_logits"])
+    torch.testing.assert_close(artifact_logits(run.out, peft), trained, rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# 2 processes vs 1 (default run: LoRA, the case most recipes use)
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lora_reference(tmp_path_factory) -> Run:
+    """One process, batch 4 x accumulation 1: the global batch every LoRA run below matches."""
+    return one_process(tmp_path_factory.mktemp("ref"), "training.per_device_train_batch_size=4")
+
+
+def test_ddp_two_ranks_match_one_rank(lora_reference, tmp_path):
+    run = two_processes("cpu_ddp_2proc.yaml", tmp_path, "training.per_device_train_batch_size=2")
+    assert_two_ranks(run, "MULTI_CPU")
+    assert all(not r["memory"]["sharded"] for r in run.reports)
+    assert_same_losses(run, lora_reference)
+    assert run.proc.stdout.count("'loss'") + run.proc.stderr.count("'loss'") == 4  # logged once per step
+
+
+def test_fsdp2_lora_shards_and_matches_one_rank(lora_reference, tmp_path):
+    # micro-batch 1 x accumulation 2 x 2 ranks = the reference's 4 x 1 x 1
+    run = two_processes("cpu_fsdp_2proc.yaml", tmp_path, "training.per_device_train_batch_size=1",
+                        "training.gradient_accumulation_steps=2")
+    assert_two_ranks(run, "FSDP")
+    assert_sharded_in_half(run)
+    assert_same_losses(run, lora_reference)
+    assert_artifact_is_the_trained_model(run, peft=True)
+    # and the artifact is the same model one process trained
+    import torch
+
+    torch.testing.assert_close(torch.tensor(run.reports[0]["probe_logits"]),
+                               torch.tensor(lora_reference.reports[0]["probe_logits"]), rtol=0, atol=TOL)
+
+
+def test_gradient_accumulation_2x2_equals_4x1(lora_reference, tmp_path):
+    run = one_process(tmp_path, "training.per_device_train_batch_size=2", "training.gradient_accumulation_steps=2")
+    assert_same_losses(run, lora_reference)
+    assert run.metrics["train"]["global_step"] == 4
+
+
+# --------------------------------------------------------------------------------------------
+# FSDP2 full fine-tuning and a partial freeze (slow: two more runs each)
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_fsdp2_full_finetune_shards_and_matches_one_rank(tmp_path):
+    ref = one_process(tmp_path / "ref", *FULL, "training.per_device_train_batch_size=4")
+    run = two_processes("cpu_fsdp_2proc.yaml", tmp_path / "fsdp", *FULL, "training.per_device_train_batch_size=2")
+    assert_two_ranks(run, "FSDP")
+    assert_sharded_in_half(run)
+    assert_same_losses(run, ref)
+    assert_artifact_is_the_trained_model(run, peft=False)
+
+
+@pytest.mark.slow
+def test_fsdp2_partial_freeze(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    freeze = ["freeze.train=['layers\\.1\\.']"]
+    ref = one_process(tmp_path / "ref", *FULL, *freeze, "training.per_device_train_batch_size=4")
+    run = two_processes("cpu_fsdp_2proc.yaml", tmp_path / "fsdp", *FULL, *freeze, "training.per_device_train_batch_size=2")
+    assert_two_ranks(run, "FSDP")
+    assert_sharded_in_half(run)
+    assert_same_losses(run, ref)
+    assert_artifact_is_the_trained_model(run, peft=False)
+    base = load_file(MODEL / "model.safetensors")
+    saved = load_file(run.out / "model.safetensors")
+    for name, before in base.items():
+        changed = not torch.equal(before, saved[name])
+        assert changed == ("layers.1." in name), name
+
+
+# --------------------------------------------------------------------------------------------
+# The rules, in process (no launch): one source for precision and activation checkpointing,
+# FSDP1 + frozen parameters, the wrap class from the model
+# --------------------------------------------------------------------------------------------
+
+FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "ACCELERATE_MIXED_PRECISION": "no"}
+
+
+def _recipe(*overrides: str):
+    from llama_recipes.schema import load_recipe
+
+    return load_recipe(DEMO_RECIPE, [f"model.name_or_path={MODEL}", *overrides])
+
+
+def _setup(monkeypatch, env: dict, *overrides: str):
+    from llama_recipes import distributed
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # one process: no shim is installed
+    return distributed.setup(_recipe(*overrides))
+
+
+def test_activation_checkpointing_from_one_place(monkeypatch):
+    from llama_recipes.errors import UserError
+
+    env = {**FSDP2_ENV, "FSDP_ACTIVATION_CHECKPOINTING": "true"}
+    with pytest.raises(UserError) as e:
+        _setup(monkeypatch, env, "training.activation_checkpointing=true")
+    assert "training.activation_checkpointing" in str(e.value) and "fsdp_activation_checkpointing" in str(e.value)
+    # a recipe that does not mention it yields to the config (the default is on)
+    silent = _setup(monkeypatch, env, "training={bf16: false}")
+    assert silent.training.sft_kwargs()["activation_checkpointing"] is False
+    from llama_recipes.training import sft_config
+
+    assert sft_config(silent).activation_checkpointing is False  # the default (on) is overridden
+    # without FSDP checkpointing the recipe is untouched
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "false")
+    assert _setup(monkeypatch, {}, "training={bf16: false}").training.sft_kwargs()["activation_checkpointing"] is True
+
+
+def test_mixed_precision_from_one_source(monkeypatch):
+    from llama_recipes.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        _setup(monkeypatch, {"ACCELERATE_MIXED_PRECISION": "bf16"}, "training.bf16=false")
+    msg = str(e.value)
+    assert "training.bf16" in msg and "mixed_precision: bf16" in msg
+    with pytest.raises(UserError):
+        _setup(monkeypatch, {"ACCELERATE_MIXED_PRECISION": "fp16"}, "training.bf16=true")
+    # config silent ("no"): the recipe decides; recipe silent: the config decides
+    assert _setup(monkeypatch, {"ACCELERATE_MIXED_PRECISION": "no"}, "training.bf16=true").training.bf16 is True
+    fp16 = _setup(monkeypatch, {"ACCELERATE_MIXED_PRECISION": "fp16"}, "training={max_steps: 1}").training.sft_kwargs()
+    assert fp16["fp16"] is True and fp16["bf16"] is False
+
+
+def test_fsdp1_needs_use_orig_params_with_frozen_parameters():
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from transformers import AutoModelForCausalLM
+
+    from llama_recipes import distributed
+    from llama_recipes.errors import UserError
+
+    model = AutoModelForCausalLM.from_pretrained(MODEL)
+    flat = FullyShardedDataParallelPlugin(fsdp_version=1, use_orig_params=False, sync_module_states=False)
+    distributed.finish_fsdp_plugin(flat, model)  # everything trains: fine
+    model.lm_head.weight.requires_grad_(False)  # a freeze rule, an adapter's frozen base, a head-only method
+    with pytest.raises(UserError) as e:
+        distributed.finish_fsdp_plugin(flat, model)
+    assert "use_orig_params" in str(e.value) and "lm_head.weight" in str(e.value)
+    orig = FullyShardedDataParallelPlugin(fsdp_version=1, use_orig_params=True, sync_module_states=False)
+    distributed.finish_fsdp_plugin(orig, model)
+    distributed.finish_fsdp_plugin(FullyShardedDataParallelPlugin(fsdp_version=2), model)  # FSDP2 handles it
+
+
+def test_recipe_cannot_configure_fsdp_itself():
+    from llama_recipes.errors import RecipeError
+
+    with pytest.raises(RecipeError) as e:
+        _recipe("training.fsdp=full_shard")
+    assert "accelerate config" in str(e.value)
+
+
+@pytest.mark.parametrize("arch", ["Qwen2", "Mistral", "Llama"])
+def test_wrap_class_comes_from_the_model(arch, monkeypatch):
+    import transformers
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from llama_recipes import distributed
+    from llama_recipes.errors import UserError
+
+    cfg = getattr(transformers, f"{arch}Config")(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=2, num_key_value_heads=1, vocab_size=64)
+    model = getattr(transformers, f"{arch}ForCausalLM")(cfg)
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="TRANSFORMER_BASED_WRAP")
+    distributed._set_wrap_classes(plugin, model)
+    assert plugin.transformer_cls_names_to_wrap == [f"{arch}DecoderLayer"]
+    plugin.set_auto_wrap_policy(model)  # accelerate accepts it
+    if arch != "Llama":
+        named = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="TRANSFORMER_BASED_WRAP",
+                                               transformer_cls_names_to_wrap=["LlamaDecoderLayer"])
+        with pytest.raises(UserError) as e:
+            distributed._set_wrap_classes(named, model)
+        assert "LlamaDecoderLayer" in str(e.value) and f"{arch}DecoderLayer" in str(e.value)
+
+
+def test_bf16_fsdp2_reduces_in_fp32():
+    import torch
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from llama_recipes import distributed
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    plugin.set_mixed_precision("bf16")
+    assert plugin.mixed_precision_policy.reduce_dtype == torch.bfloat16  # accelerate's default
+    distributed._reduce_in_fp32(plugin)
+    policy = plugin.mixed_precision_policy
+    assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32

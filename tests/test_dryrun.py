@@ -1,0 +1,77 @@
+"""--dry-run: a few real steps in a scratch directory, save, reload, same logits, short eval, timing."""
+import argparse
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import DEMO_RECIPE, ROOT, free_port
+from llama_recipes import dryrun
+from llama_recipes.schema import load_recipe
+
+ARGS = argparse.Namespace()
+
+
+def _snapshot(d):
+    return {p.relative_to(d): p.read_bytes() for p in d.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("method", [["method.r=4"], ["method=" + "{name: full}"]], ids=["lora", "full"])
+def test_dry_run_passes_every_stage_and_leaves_output_dir_alone(tmp_path, capsys, method):
+    real = tmp_path / "real_out"
+    real.mkdir()
+    (real / "keep.txt").write_text("a previous run's file")
+    before = _snapshot(real)
+    recipe = load_recipe(DEMO_RECIPE, [f"output_dir={real}", "data.max_samples=64", *method])
+    assert dryrun.main(recipe, ARGS) == 0
+    out = capsys.readouterr().out
+    for stage in ("train", "save", "reload", "eval", "timing"):
+        assert f"PASS  {stage}" in out, out
+    assert "3 steps on 1 process(es)" in out and "max |logits difference| 0.00e+00" in out
+    assert "full run max_steps=200" in out and "dry run: PASS" in out
+    assert _snapshot(real) == before  # nothing written, nothing removed
+
+
+def test_dry_run_catches_ranks_that_train_alone(tmp_path, capsys, monkeypatch):
+    """A launcher said 2 processes (WORLD_SIZE=2) but the trainer formed no process group: the
+    trap of torchrun on a GPU-less machine without ACCELERATE_USE_CPU=1."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    recipe = load_recipe(DEMO_RECIPE, [f"output_dir={tmp_path / 'o'}", "data.max_samples=32", "eval.before_after=false"])
+    assert dryrun.main(recipe, ARGS) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  launch" in out and "trainer sees 1" in out and "ACCELERATE_USE_CPU=1" in out
+
+
+def test_dry_run_reports_a_failing_stage(tmp_path, capsys):
+    recipe = load_recipe(DEMO_RECIPE, [f"output_dir={tmp_path / 'o'}", f"data.path={tmp_path / 'missing.jsonl'}"])
+    assert dryrun.main(recipe, ARGS) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  train" in out and "dry run: FAIL" in out
+    assert not (tmp_path / "o").exists()
+
+
+def test_projection_from_epochs(tmp_path):
+    recipe = load_recipe(DEMO_RECIPE, [f"output_dir={tmp_path}", "training.max_steps=-1",
+                                       "training.num_train_epochs=2", "training.per_device_train_batch_size=16"])
+    steps, how = dryrun.planned_steps(recipe)
+    from llama_recipes.data import build_datasets
+
+    rows = len(build_datasets(recipe.data)[0])
+    assert steps == 2 * -(-rows // 16) and "2 epochs" in how
+
+
+@pytest.mark.slow
+def test_dry_run_two_ranks(tmp_path):
+    """torchrun, 2 CPU processes (DDP over gloo): every stage passes on both ranks, one report."""
+    real = tmp_path / "real_out"
+    # On a machine without GPUs, accelerate only forms a process group when told to use the CPU
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(free_port()), str(ROOT / "run_recipe.py"), str(DEMO_RECIPE),
+                        f"output_dir={real}", "data.max_samples=64", "--dry-run"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("dry run: PASS") == 1, r.stdout
+    assert "PASS  reload" in r.stdout and "3 steps on 2 process(es)" in r.stdout and not real.exists()
