@@ -214,7 +214,7 @@ def test_impossible_combinations_are_validation_errors(method, training, expect)
 
 def test_possible_combinations_validate():
     validate_recipe(_recipe({"name": "prompt_tuning"}, activation_checkpointing=True))
-    validate_recipe(_recipe({"name": "llama_adapter"}, packing=True, activation_checkpointing=True))
+    validate_recipe(_recipe({"name": "llama_adapter"}, activation_checkpointing=True))
     validate_recipe(_recipe({"name": "qlora", "compute_dtype": "float32"}, activation_checkpointing=True))
 
 
