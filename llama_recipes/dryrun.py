@@ -89,7 +89,9 @@ def reload_artifact(out: Path, recipe):
     if (out / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(modeling.load_model(recipe.model), str(out))
+        from llama_recipes import methods
+
+        return PeftModel.from_pretrained(modeling.load_model(recipe.model, **methods.load_kwargs(recipe.method)), str(out))
     import transformers
 
     return transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=modeling.torch_dtype(recipe.model.dtype))

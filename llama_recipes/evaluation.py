@@ -300,8 +300,10 @@ def load_for_eval(recipe, target: Target):
     tokenizer = modeling.load_tokenizer(tok_cfg)
     if target.kind == "model":
         model = modeling.load_model(model_cfg.model_copy(update={"name_or_path": str(target.path), "revision": None}))
-    else:
-        model = modeling.load_model(model_cfg)
+    else:  # the base as training loaded it (4-bit for QLoRA), so adapter numbers match training's
+        from llama_recipes import methods
+
+        model = modeling.load_model(model_cfg, **methods.load_kwargs(recipe.method))
     if target.kind == "adapter":
         from peft import PeftModel
 

@@ -153,7 +153,7 @@ def _measured_state_bytes(model, steps=1):
     ("tiny", {"name": "full"}, {}),
     ("tiny", {"name": "lora", "r": 8, "target_modules": "all-linear", "dropout": 0.0}, {}),
     ("small", {"name": "full"}, {}),
-    ("small", {"name": "full"}, {"train": [r"layers\.[45]\.", r"lm_head"]}),
+    ("small", {"name": "partial"}, {"train": [r"layers\.[45]\.", r"lm_head"]}),
     ("small", {"name": "lora", "r": 8, "target_modules": "all-linear", "dropout": 0.0}, {}),
     ("small", {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"], "use_dora": True}, {}),
 ])
