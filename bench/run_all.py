@@ -2,7 +2,7 @@
 
     python bench/run_all.py            # defaults: a few minutes on an idle 2-core machine
     python bench/run_all.py --quick    # fewer steps and rounds (a loaded machine); noisier
-    python bench/run_all.py --only overhead,packing
+    python bench/run_all.py --only overhead,packing   # re-runs those, keeps the others in latest.json
 """
 import argparse
 import datetime
@@ -19,11 +19,11 @@ RESULTS = HERE / "results"
 
 # name -> (script, default args, --quick args)
 BENCHES = {
-    "overhead": ("bench_overhead.py", [], ["--steps", "4", "--warmup", "1", "--rounds", "2"]),
-    "packing": ("bench_packing.py", [], ["--steps", "4", "--warmup", "1", "--rounds", "1"]),
+    "overhead": ("bench_overhead.py", [], ["--steps", "4", "--warmup", "1", "--rounds", "3"]),
+    "packing": ("bench_packing.py", [], ["--steps", "4", "--warmup", "1", "--rounds", "3"]),
     "memory": ("bench_memory.py", [], ["--steps", "2"]),
     "fsdp": ("bench_fsdp.py", [], []),
-    "peer": ("bench_peer.py", [], ["--steps", "4", "--warmup", "1", "--rounds", "1"]),
+    "peer": ("bench_peer.py", [], ["--steps", "4", "--warmup", "1", "--rounds", "3"]),
     "startup": ("bench_startup.py", [], ["--repeat", "1"]),
 }
 
@@ -106,13 +106,20 @@ def main():
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
             "torch": torch.__version__, "threads": env["OMP_NUM_THREADS"],
             "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "seconds": seconds}
+    latest = RESULTS / "latest.json"
+    if set(a.only.split(",")) != set(BENCHES) and latest.exists():  # keep the benchmarks not re-run
+        old = json.loads(latest.read_text())
+        for name, res in old.get("results", {}).items():
+            if name not in results and name not in errors:
+                results[name] = res
+                seconds.setdefault(name, f"kept from the run of {old['meta']['date']}")
     rows = table(results)
     text = render(rows) if rows else "(no results)"
     print("\n" + text)
     print(f"\nload average before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f} "
           f"(on a loaded machine the ratios are noisy; rerun on a quiet one)")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "latest.json").write_text(json.dumps({"meta": meta, "table": rows, "results": results,
+    latest.write_text(json.dumps({"meta": meta, "table": rows, "results": results,
                                                      "errors": errors}, indent=1))
     return 1 if errors else 0
 
