@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 OUT_JSON="${OUT:-bench/results}/gpu.json"
-PY=${PY:-python}
+PY=${PY:-python}   # e.g. PY=.venv/bin/python bash bench/gpu.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PY" -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'cuda', torch.cuda.is_available())"
 timeout 470 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 \

@@ -1,14 +1,22 @@
 """Smoke tests of the benchmark helpers (bench/): token accounting and the synthetic data. No timing."""
+import importlib.util
 import statistics
-import sys
 
 import pytest
 
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "bench"))
-import common  # noqa: E402
-import run_all  # noqa: E402
+
+def _load(name):
+    """bench/NAME.py under a unique module name (bench/ is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+common = _load("common")
+run_all = _load("run_all")
 
 
 def test_alpaca_like_lengths_follow_the_stated_medians():
