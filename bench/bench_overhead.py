@@ -1,0 +1,78 @@
+"""1. Framework overhead: our pipeline's tokens/s ÷ a plain PyTorch loop's, full and LoRA.
+
+Both sides train the same ~10M-parameter Llama (fp32, CPU) on the same batches: the plain
+loop replays the exact batches our trainer collated (so it pays no data loading at all: a
+strict baseline), with AdamW (same lr, weight decay 0, eps 1e-8), grad-norm clipping at 1.0
+like the Trainer, no scheduler, no Trainer. Start-up is excluded on both sides: the first
+WARMUP steps are not timed. Rounds alternate ours, plain, ours, plain; the ratio is the median.
+"""
+import argparse
+import time
+
+import common
+
+
+def plain_loop(model_dir, method, batches, lr, warmup):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(42)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.0,
+                                                 target_modules="all-linear"))
+    model.config.use_cache = False
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, eps=1e-8)
+    ends, tokens = [], 0
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            start = time.perf_counter()
+        if i >= warmup:
+            tokens += common.real_tokens(batch)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "real_tokens": tokens, "tokens_per_s": tokens / seconds, "final_loss": float(loss)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--methods", default="full,lora")
+    a = ap.parse_args(argv)
+    common.quiet()
+    common.set_threads()
+    work = common.make_workdir()
+    out = {"model_params": common.n_params(work / "model"), "steps": a.steps, "warmup": a.warmup,
+           "rounds": a.rounds, "batch": a.batch}
+    for method in a.methods.split(","):
+        ours, plain = [], []
+        for r in range(a.rounds):
+            m = common.Meter(warmup=a.warmup, keep_batches=a.steps)
+            rec = common.recipe_dict(work, work / f"out-{method}", method, steps=a.steps, batch=a.batch)
+            common.run_pipeline(rec, m)
+            ours.append(m.result())
+            plain.append(plain_loop(work / "model", method, m.batches, rec["training"]["learning_rate"], a.warmup))
+            print(f"[overhead {method} round {r}] ours {ours[-1]['tokens_per_s']:.0f} tok/s, "
+                  f"plain {plain[-1]['tokens_per_s']:.0f} tok/s", flush=True)
+        out[method] = {
+            "ratio_median": common.median_ratio([o["tokens_per_s"] for o in ours], [p["tokens_per_s"] for p in plain]),
+            "ours_tokens_per_s": [round(o["tokens_per_s"], 1) for o in ours],
+            "plain_tokens_per_s": [round(p["tokens_per_s"], 1) for p in plain],
+            "real_tokens_per_round": ours[0]["real_tokens"],
+        }
+    return common.save("overhead", out)
+
+
+if __name__ == "__main__":
+    main()
