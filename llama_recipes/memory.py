@@ -613,6 +613,21 @@ def compare_table(shape: ModelShape, s: Setup) -> str:
     return "\n".join(lines)
 
 
+def estimate_for_config(cfg, method: str = "full", activation_checkpointing: bool = False, batch: int = 1,
+                        seq: int = 1024, gpus: int = 1, sharding: str = "full_shard") -> dict:
+    """Estimate for a model config object (no recipe): what bench/gpu_bench.py compares with
+    torch.cuda.max_memory_allocated. bf16 weights (pure bf16 base, as that benchmark loads it for
+    LoRA) or fp32 weights with bf16 autocast (full), AdamW, FSDP over `gpus`."""
+    shape = model_shape(cfg)
+    s = Setup(method={"name": method, **({"r": 16, "dropout": 0.0} if method == "lora" else {})},
+              weight_dtype="bfloat16" if method == "lora" else "float32", mixed="bf16",
+              micro_batch=batch, seq_len=seq, checkpointing=activation_checkpointing, gpus=gpus,
+              sharding=sharding)
+    e = estimate(shape, s)
+    return {"total_bytes": e.total, "weights": e.weights, "gradients": e.gradients, "optimizer": e.optimizer,
+            "activations": e.activations, "buffers": e.buffers}
+
+
 def estimate_recipe(recipe, gpus=None, config=None, gpu_memory=None):
     """(shape, setup, estimate) for a validated recipe."""
     cfg = load_config(recipe.model.name_or_path, recipe.model.revision, recipe.model.trust_remote_code)
