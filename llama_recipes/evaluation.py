@@ -330,7 +330,9 @@ def _load_retain(ref: str, limit: int | None):
         ds = data.load_split(cfg, "train")
     if limit:
         ds = ds.select(range(min(limit, len(ds))))
-    return data.render(ds, cfg)[0]
+    from llama_recipes.schema.data import SourceConfig
+
+    return data.render(ds, SourceConfig(path=ref), data.detect_format(ds.column_names))
 
 
 # -- --eval-only -------------------------------------------------------------------------------

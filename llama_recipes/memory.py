@@ -271,8 +271,17 @@ class Estimate:
         return self.weights + self.gradients + self.optimizer + self.activations + self.buffers
 
 
-def _match(rules, name):
-    return any(re.search(r, name) for r in rules)
+def _selected(rules, names: list[str], n_layers: int, where: str) -> set[str]:
+    """Base parameter names the recipe's freeze rules select (the same matcher training uses)."""
+    from llama_recipes.freeze import rule_matches
+    from llama_recipes.schema.freeze import ParamRule
+
+    out: set[str] = set()
+    for i, rule in enumerate(rules):
+        rule = rule if isinstance(rule, ParamRule) else ParamRule(patterns=[rule]) if isinstance(rule, str) \
+            else ParamRule.model_validate(rule)
+        out |= rule_matches(rule, names, n_layers, f"{where}[{i}]")
+    return out
 
 
 def _lora_targets(shape: ModelShape, targets) -> list[str]:
@@ -339,10 +348,13 @@ def trainable_params(shape: ModelShape, s: Setup) -> tuple[dict[str, int], list[
                         f"estimate one of: {', '.join(sorted(set(known)))}; or open an issue with the method's "
                         "parameter formula")
     # The recipe's freeze: rules act on the base model's parameter names.
+    names = list(shape.params)
     if s.freeze_train:
-        base_trained = [n for n in shape.params if _match(s.freeze_train, n)]
+        chosen = _selected(s.freeze_train, names, shape.num_layers, "freeze.train")
+        base_trained = [n for n in names if n in chosen]
     if s.freeze_freeze:
-        base_trained = [n for n in base_trained if not _match(s.freeze_freeze, n)]
+        frozen = _selected(s.freeze_freeze, names, shape.num_layers, "freeze.freeze")
+        base_trained = [n for n in base_trained if n not in frozen]
     return extra, base_trained
 
 

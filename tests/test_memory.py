@@ -33,11 +33,12 @@ def llama_dir(tmp_path, name, cfg):
     return d
 
 
-def recipe_for(model_dir, method=None, **training):
+def recipe_for(model_dir, method=None, freeze=None, **training):
     t = {"per_device_train_batch_size": 1, "max_length": 512, "bf16": True, "activation_checkpointing": False,
          "optim": "adamw_torch", **training}
     return validate_recipe({"output_dir": "/tmp/unused", "model": {"name_or_path": str(model_dir), "dtype": "float32"},
-                            "data": {"path": "builtin:demo"}, "method": method or {"name": "full"}, "training": t})
+                            "data": {"path": "builtin:demo"}, "method": method or {"name": "full"}, "training": t,
+                            "freeze": freeze or {}})
 
 
 def shape_of(cfg):
@@ -165,9 +166,7 @@ def test_estimate_equals_bytes_after_optimizer_step(tmp_path, model, method, fre
     from llama_recipes.methods import apply_method
 
     d = TINY if model == "tiny" else llama_dir(tmp_path, "small", SMALL)
-    data = recipe_for(d, method).to_dict()
-    data["freeze"] = freeze
-    recipe = validate_recipe(data)
+    recipe = recipe_for(d, method, freeze)
     shape, s, e = memory.estimate_recipe(recipe)
     torch.manual_seed(0)
     net = apply_method(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(d)), recipe)
