@@ -76,8 +76,13 @@ def _files_for(path: Path, split: str) -> list[Path]:
 
 
 def _load_files(files: list[Path]) -> Rows:
+    import logging
+
     import datasets
 
+    # The JSON builder logs a parse failure with its traceback before raising; the UserError
+    # below says the same thing with the file name and the fix.
+    logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
     parts, origins, start = [], [], 0
     for f in files:
         try:
