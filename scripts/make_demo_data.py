@@ -242,6 +242,13 @@ def make_classify(rng: random.Random, n_train: int, n_eval: int) -> tuple[list[d
     return rows[:n_train], rows[n_train:]
 
 
+TOPIC_INSTRUCTION = "Which topic is this sentence about: animals, colours, food or weather?"
+
+
+def topic_example(row: dict) -> dict:
+    return {"instruction": TOPIC_INSTRUCTION, "input": row["text"], "output": row["label"]}
+
+
 # ---------------------------------------------------------------------------
 # Chat and summarisation
 # ---------------------------------------------------------------------------
@@ -322,6 +329,10 @@ def main() -> None:
     ctrain, ceval = make_classify(random.Random(77), 1000, 200)
     write_jsonl(out / "classify" / "train.jsonl", ctrain)
     write_jsonl(out / "classify" / "eval.jsonl", ceval)
+    # topic/: the same sentences as an instruction task (alpaca format) for generation: the
+    # answer is one word the tiny base never produces after this prompt before fine-tuning.
+    for name, rows in (("train", ctrain), ("eval", ceval)):
+        write_jsonl(out / "topic" / f"{name}.jsonl", [topic_example(r) for r in rows])
 
     write_jsonl(out / "chat" / "train.jsonl", make_chat(random.Random(99), 300))
     srng = random.Random(55)

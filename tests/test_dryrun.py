@@ -29,7 +29,7 @@ def test_dry_run_passes_every_stage_and_leaves_output_dir_alone(tmp_path, capsys
     for stage in ("train", "save", "reload", "eval", "timing"):
         assert f"PASS  {stage}" in out, out
     assert "3 steps on 1 process(es)" in out and "max |logits difference| 0.00e+00" in out
-    assert "full run max_steps=200" in out and "dry run: PASS" in out
+    assert "full run max_steps=150" in out and "dry run: PASS" in out
     assert _snapshot(real) == before  # nothing written, nothing removed
 
 
