@@ -26,8 +26,8 @@ Files written (one JSON object per line):
 - ``summarize/train.jsonl`` (300): ``{"dialogue", "summary"}``, tiny samsum-like
   dialogues with a deterministic one-sentence summary.
 
-``scripts/make_tiny_llama.py`` imports the word lists and the generic-text
-generator from here to build the pretraining corpus.
+``scripts/make_tiny_llama.py`` imports the word lists and the generic-text and
+copy-text generators from here to build the pretraining corpus.
 """
 
 from __future__ import annotations
@@ -148,6 +148,65 @@ def generic_text(rng: random.Random) -> str:
     if r < 0.85:
         return generic_story(rng)
     return generic_list_text(rng)
+
+
+COPY_POOLS = [COLOURS, ANIMALS, FOOD, OBJECTS, TASK_WORDS, TASK_WORDS]
+COPY_ALL = COLOURS + ANIMALS + FOOD + OBJECTS + ADJECTIVES + PLACES + WEATHER + DAYS
+COPY_LABELS = ["List", "Words", "Note", "Notes", "Items", "Things", "Today", "Names",
+               "Shopping", "Seen", "Again", "Same", "Copy", "Order", "Line", "Memo"]
+
+
+def _phrase(items: list[str]) -> str:
+    return ", ".join(items[:-1]) + " and " + items[-1] if len(items) > 1 else items[0]
+
+
+def copy_text(rng: random.Random) -> str:
+    """Generic text that rewards copying and position recall from earlier in the text.
+
+    Lists restated (in prose or on lines), first/last items recalled, lists said
+    backwards, text under short headings separated by blank lines. No demo
+    instruction wording. Opt-in pretraining text for make_tiny_llama.py
+    (``--copy-frac``); not used for retain/ or the shipped asset. In 250-400
+    pretraining steps it did not yet produce in-context copying.
+    """
+    n = rng.choice(NAMES)
+    if rng.random() < 0.5:  # a long list of unrelated words, said again: only copying predicts it
+        ws = rng.sample(COPY_ALL, rng.randint(6, 12))
+        a, b = rng.sample(COPY_LABELS, 2)
+        sep = rng.choice(["\n", "\n\n", " "])
+        return f"{a}:{sep}{' '.join(ws)}{sep}{b}:{sep}{' '.join(ws)}"
+    ws = rng.sample(rng.choice(COPY_POOLS), rng.randint(2, 6))
+    bare = " ".join(ws)
+    kind = rng.randrange(10)
+    if kind >= 8:
+        a, b, c = rng.sample(COPY_LABELS, 3)
+        return f"{a}: {bare}\n{b}: {bare}\n{c}: {bare}"
+    if kind == 0:
+        thing = _phrase([_a(w) for w in ws])
+        return f"{n} has {thing}. Yes, {n} has {thing}."
+    if kind == 1:
+        a, b = rng.sample(COPY_LABELS, 2)
+        return f"{a}:\n{bare}\n\n{b}:\n{bare}"
+    if kind == 2:
+        return (f"{n} saw {_phrase(ws)}. The first was {ws[0]} and the last was {ws[-1]}.")
+    if kind == 3:
+        a, b = rng.sample(COPY_LABELS, 2)
+        return f"{a}: {bare}\n{b}: {' '.join(reversed(ws))} is the same list backwards."
+    if kind == 4:
+        a, b = rng.sample(COPY_LABELS, 2)
+        pos = rng.randrange(2)
+        which = ["first", "last"][pos]
+        return f"## {a}\n{bare}\n\n## The {which} one\n{ws[0] if pos == 0 else ws[-1]}"
+    if kind == 5:
+        a, b = rng.sample(COPY_LABELS, 2)
+        return f"{a}:\n{bare}\n\nBackwards:\n{' '.join(reversed(ws))}"
+    if kind == 6:
+        s = generic_sentence(rng)
+        a, b = rng.sample(COPY_LABELS, 2)
+        return f"{a}:\n{s}\n\n{b}:\n{s}"
+    w = rng.choice(ws)
+    a = rng.choice(COPY_LABELS)
+    return f"{a}:\n{n} likes the word {w}.\n\n{n} said {w}. Then {n} said {w} {w}."
 
 
 # ---------------------------------------------------------------------------

@@ -11,6 +11,12 @@ What it does (fp32, CPU, fixed seeds, no network):
    and generators of ``scripts/make_demo_data.py``. Rows of
    ``assets/data/retain/generic.jsonl`` are excluded, and the demo instruction
    tasks are NOT part of it: the base model must fail them before fine-tuning.
+   Optional (``--copy-frac``, off by default): copy/recall texts
+   (``make_demo_data.copy_text``: lists restated in prose or under headings with
+   blank lines, first/last items, lists backwards, long unrelated word lists said
+   twice). Experimental: with 250-400 steps they taught the format (newlines,
+   headings, eos) but NOT in-context copying (no induction), so the demo's exact
+   match stayed ~0; not used for the shipped asset.
 2. Trains a byte-level BPE tokenizer (``tokenizers``) on that corpus plus the
    texts of the demo datasets and prompt templates, and wraps it as a
    ``PreTrainedTokenizerFast``: bos ``<s>`` added at the start of every encoding
@@ -153,6 +159,9 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=60000)
     ap.add_argument("--vocab-size", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--copy-frac", type=float, default=0.0,
+                    help="copy/recall documents (make_demo_data.copy_text) added to the corpus, "
+                         "as a fraction of --docs; 0 (default) builds the shipped asset")
     args = ap.parse_args()
 
     import torch
@@ -168,9 +177,16 @@ def main() -> None:
     print(f"tokenizer: vocab {vocab}, bos {tok.bos_token_id}, eos {tok.eos_token_id}, "
           f"pad {tok.pad_token_id}, unk {tok.unk_token_id} ({time.time() - t0:.1f}s)")
 
-    stream = token_stream(tok, docs)
+    # Optional copy/recall texts, added after the tokenizer is trained so the
+    # vocabulary depends on the generic corpus only (same tokenizer either way).
+    train_docs = docs
+    if args.copy_frac > 0:
+        crng = random.Random(args.seed + 2)
+        train_docs = docs + [dd.copy_text(crng) for _ in range(int(args.docs * args.copy_frac))]
+        crng.shuffle(train_docs)
+    stream = token_stream(tok, train_docs)
     n_chunks = (len(stream) - 1) // args.seq_len
-    print(f"corpus: {len(docs)} docs, {len(stream)} tokens, {n_chunks} chunks of {args.seq_len}")
+    print(f"corpus: {len(train_docs)} docs, {len(stream)} tokens, {n_chunks} chunks of {args.seq_len}")
 
     config = LlamaConfig(
         vocab_size=vocab, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
