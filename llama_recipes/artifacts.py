@@ -54,6 +54,19 @@ def prepare_output_dir(recipe, overwrite: bool = False) -> Path:
     return out
 
 
+def run_metrics(recipe, trainer, result, started: float, **fields) -> dict:
+    """metrics.json of a finished run: identity, the caller's fields, the training log, wall time."""
+    import time
+
+    return {
+        "recipe_fingerprint": recipe.fingerprint(),
+        **fields,
+        "train": {**result.metrics, "global_step": result.global_step},
+        "log_history": trainer.state.log_history,
+        "wall_seconds": round(time.time() - started, 1),
+    }
+
+
 def write_metrics(out: Path, metrics: dict) -> None:
     if is_main_process():
         tmp = out / "metrics.json.tmp"

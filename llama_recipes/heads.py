@@ -400,18 +400,9 @@ def train(recipe, overwrite: bool = False):
     save(trainer.model, tokenizer, cfg, out)
     freeze.save_report(out, param_report)
     after = measure("after")
-    metrics = {
-        "recipe_fingerprint": recipe.fingerprint(),
-        "data_format": fmt,
-        "labels": labels,
-        "trainable_params": trainable,
-        "total_params": total,
-        "train": {**result.metrics, "global_step": result.global_step},
-        "eval_before": before,
-        "eval_after": after,
-        "log_history": trainer.state.log_history,
-        "wall_seconds": round(time.time() - started, 1),
-    }
+    metrics = artifacts.run_metrics(recipe, trainer, result, started, data_format=fmt, labels=labels,
+                                    trainable_params=trainable, total_params=total,
+                                    eval_before=before, eval_after=after)
     artifacts.write_metrics(out, metrics)
     artifacts.plot_loss(out, trainer.state.log_history)
     log.info("head artifact: %.3f MB of weights (the base is referenced, not copied)", artifacts.dir_size_mb(out))

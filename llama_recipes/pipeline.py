@@ -88,18 +88,9 @@ def train(recipe, overwrite: bool = False, callbacks: list | None = None) -> Run
     # -- save ---------------------------------------------------------------------------------
     artifacts.save_artifact(trainer, tokenizer, out)
     freeze.save_report(out, param_report)
-    metrics = {
-        "recipe_fingerprint": recipe.fingerprint(),
-        "data_format": fmt,
-        "data": data_stats,
-        "trainable_params": trainable,
-        "total_params": total,
-        "train": {**result.metrics, "global_step": result.global_step},
-        "eval_before": before,
-        "eval_after": after,
-        "log_history": trainer.state.log_history,
-        "wall_seconds": round(time.time() - started, 1),
-    }
+    metrics = artifacts.run_metrics(recipe, trainer, result, started, data_format=fmt, data=data_stats,
+                                    trainable_params=trainable, total_params=total,
+                                    eval_before=before, eval_after=after)
     if recipe.is_peft:  # adapter MB on disk and % of the base model's size
         line, sizes = methods.adapter_size_line(out, trainer.model)
         log.info(line)
