@@ -147,3 +147,17 @@ def test_lora_base_with_mlp_head_saves_adapter_and_head(tmp_path):
     check_base_frozen(run.model.base, base_weights())
     texts = ["A brown horse.", "Sunny and warm."]
     assert torch.equal(heads.load(tmp_path).logits(texts), heads.batch_logits(run.model, run.tokenizer, texts))
+
+
+def test_eval_only_cli_on_a_head_artifact_reports_what_training_measured(classifier):
+    """`run_recipe.py RECIPE --eval-only` dispatches a head artifact to heads.evaluate_artifact."""
+    from llama_recipes.cli import main
+
+    out = classifier.output_dir
+    args = [str(ROOT / "recipes/demo/tiny_classifier_head.yaml"), f"output_dir={out}", "training.report_to=none",
+            "training.max_steps=60"]
+    assert main([*args, "--eval-only"]) == 0
+    got = json.loads((out / "eval" / "eval_results.json").read_text())
+    want = classifier.metrics["eval_after"]
+    assert got["metrics"]["accuracy"] == pytest.approx(want["accuracy"])
+    assert got["metrics"]["macro_f1"] == pytest.approx(want["macro_f1"])
