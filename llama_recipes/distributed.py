@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 from llama_recipes.errors import UserError
+from llama_recipes.hardware import auto_bf16, has_accelerator
 from llama_recipes.log import get_logger, is_main_process, world_size
 
 log = get_logger(__name__)
@@ -58,7 +59,8 @@ def setup(recipe):
     """
     recipe = _resolve_activation_checkpointing(recipe)
     recipe = _resolve_mixed_precision(recipe)
-    if world_size() > 1 and not _has_accelerator():
+    recipe = _resolve_auto_bf16(recipe)
+    if world_size() > 1 and not has_accelerator():
         # Several processes and no GPU: without this, accelerate gives each rank its own
         # single-process run (distributed_type NO) and they silently train side by side.
         os.environ["ACCELERATE_USE_CPU"] = "true"
@@ -98,6 +100,20 @@ def _resolve_activation_checkpointing(recipe):
     return _set_training(recipe, activation_checkpointing=False)
 
 
+def _resolve_auto_bf16(recipe):
+    """`training.bf16: auto` (the default) becomes true or false for this machine, in one log line.
+
+    A launch config that names a precision has already decided (above); auto only decides
+    what nobody else did.
+    """
+    t = recipe.training
+    if t.bf16 != "auto":
+        return recipe
+    use, why = (False, "training.fp16 is on") if t.fp16 else auto_bf16()
+    log.info("precision: %s (training.bf16: auto; %s)", "bf16 autocast" if use else "fp32", why)
+    return _set_training(recipe, bf16=use)
+
+
 def _resolve_mixed_precision(recipe):
     """Mixed precision comes from one source: the recipe's training.bf16/fp16 or the config.
 
@@ -112,7 +128,7 @@ def _resolve_mixed_precision(recipe):
     recipe_says = None
     if "fp16" in set_ and t.fp16:
         recipe_says = "fp16"
-    elif "bf16" in set_ and t.bf16:
+    elif "bf16" in set_ and t.bf16 is True:
         recipe_says = "bf16"
     elif ("bf16" in set_ and t.bf16 is False) and ("fp16" not in set_ or not t.fp16):
         recipe_says = "no (fp32)"
@@ -130,15 +146,6 @@ def _resolve_mixed_precision(recipe):
             f"remove training.bf16/fp16 from the recipe (the config decides), or launch with a config "
             f"whose mixed_precision is 'no' (the recipe decides)")
     return recipe
-
-
-def _has_accelerator() -> bool:
-    import torch
-
-    if torch.cuda.is_available():
-        return True
-    acc = getattr(torch, "accelerator", None)
-    return bool(acc and acc.is_available())
 
 
 # ---------------------------------------------------------------------------------------------

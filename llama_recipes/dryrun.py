@@ -19,6 +19,7 @@ import time
 import traceback
 from pathlib import Path
 
+from llama_recipes.evaluation import autocast
 from llama_recipes.log import get_logger, is_main_process, world_size
 
 log = get_logger(__name__)
@@ -91,7 +92,9 @@ def reload_artifact(out: Path, recipe):
 
         from llama_recipes import methods
 
-        return PeftModel.from_pretrained(modeling.load_model(recipe.model, **methods.load_kwargs(recipe.method)), str(out))
+        # autocast_adapter_dtype=False: the adapter in the dtype it trained in (QLoRA: bf16), not upcast to fp32
+        return PeftModel.from_pretrained(modeling.load_model(recipe.model, **methods.load_kwargs(recipe.method)), str(out),
+                                         autocast_adapter_dtype=False)
     import transformers
 
     return transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=modeling.torch_dtype(recipe.model.dtype))
@@ -219,15 +222,20 @@ def run(recipe) -> Report:
         except Exception as e:
             report.add("reload", False, f"{type(e).__name__}: {str(e).splitlines()[0]}")
             return report
-        reloaded = _logits(fresh, batch)
-        tol = 1e-5 if trained.abs().max() < 1e4 and dry.model.dtype in ("float32", "auto") else 1e-2
+        # The trained model's forward runs under the trainer's autocast (accelerate wraps it):
+        # the reloaded one is compared under the same precision, as a user would run it.
+        mixed = result.trainer.args.bf16 or result.trainer.args.fp16
+        with autocast(result.trainer.args):
+            reloaded = _logits(fresh, batch)
+        tol = 1e-5 if trained.abs().max() < 1e4 and dry.model.dtype in ("float32", "auto") and not mixed else 1e-2
         diff = (trained - reloaded).abs().max().item() if trained.shape == reloaded.shape else float("inf")
         report.add("reload", diff <= tol * max(1.0, trained.abs().max().item()),
                    f"max |logits difference| {diff:.2e} over {tuple(trained.shape)}")
 
         ds = result.trainer.eval_dataset if result.trainer.eval_dataset is not None else result.trainer.train_dataset
         n = min(len(ds), EVAL_ROWS)
-        ev = evaluation.eval_loss(fresh, ds.select(range(n)), result.trainer.data_collator, dry.eval.batch_size)
+        with autocast(result.trainer.args):
+            ev = evaluation.eval_loss(fresh, ds.select(range(n)), result.trainer.data_collator, dry.eval.batch_size)
         after = (result.metrics.get("eval_after") or {}).get("loss")
         same = after is None or abs(ev["loss"] - after) <= 1e-4 * max(1.0, abs(after))
         report.add("eval", math.isfinite(ev["loss"]) and same,

@@ -77,6 +77,23 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, disable=not enabled or not is_main_process(), leave=False)
 
 
+def autocast(args):
+    """The mixed-precision context a trainer with these arguments computes in (a no-op for fp32).
+
+    accelerate wraps the trained model's forward in it; a model loaded from disk for eval
+    computes under the same one, so eval numbers are the numbers training measured.
+    """
+    import contextlib
+
+    import torch
+
+    dtype = torch.bfloat16 if getattr(args, "bf16", False) is True else (
+        torch.float16 if getattr(args, "fp16", False) else None)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda" if torch.cuda.is_available() else "cpu", dtype=dtype)
+
+
 # -- loss and perplexity -----------------------------------------------------------------------
 def pad_collate(rows: list[dict], pad_token_id: int) -> dict:
     """Right-pad input_ids/labels rows into a batch (what TRL's collator does without packing)."""
@@ -383,6 +400,23 @@ def evaluate_target(recipe, target: Target) -> tuple[dict, list[dict]]:
     seconds["load"] = time.time() - t
 
     collate = lambda rows: pad_collate(rows, tokenizer.pad_token_id)  # noqa: E731
+    with autocast(recipe_precision(recipe)):  # the precision the recipe trains in
+        return _evaluate_loaded(recipe, target, cfg, eval_raw, fmt, tokenizer, model, collate, started, seconds)
+
+
+def recipe_precision(recipe):
+    """The recipe's training precision on this machine (bf16: auto resolved as training does)."""
+    from types import SimpleNamespace
+
+    from llama_recipes.hardware import auto_bf16
+
+    t = recipe.training
+    bf16 = t.bf16 if t.bf16 != "auto" else (not t.fp16 and auto_bf16()[0])
+    return SimpleNamespace(bf16=bool(bf16), fp16=bool(t.fp16))
+
+
+def _evaluate_loaded(recipe, target, cfg, eval_raw, fmt, tokenizer, model, collate, started, seconds):
+    rank, world = _dist()
     t = time.time()
     metrics = eval_loss(model, tokenize_like_trl(eval_raw, tokenizer, recipe), collate, cfg.batch_size,
                         shard=True, progress=True)

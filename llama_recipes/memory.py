@@ -178,7 +178,7 @@ def setup_from_recipe(recipe, gpus=None, config=None, gpu_memory=None) -> Setup:
     shape_dtype = recipe.model.dtype
     bf16 = getattr(t, "bf16", None)
     fp16 = bool(getattr(t, "fp16", False))
-    mixed = "fp16" if fp16 else ("bf16" if bf16 in (None, True) else None)  # TRL: bf16 unless told
+    mixed = "fp16" if fp16 else ("bf16" if bf16 in (None, True, "auto") else None)  # GPUs: bf16 unless told
     ac = getattr(t, "activation_checkpointing", None)
     ac = getattr(t, "gradient_checkpointing", True) if ac is None else ac  # TRL's default is on
     s = Setup(

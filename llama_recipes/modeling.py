@@ -70,6 +70,11 @@ def load_model(cfg: ModelConfig, auto_class: str = "AutoModelForCausalLM", **kwa
             raise UserError(f"cannot load model: {str(e).splitlines()[0]}", _hub_hint(ref)) from None
         raise UserError(f"cannot load model from {ref}: {str(e).splitlines()[0]}",
                         "the directory needs config.json and *.safetensors weights") from None
+    qc = kwargs.get("quantization_config")
+    if qc is not None and getattr(qc, "load_in_4bit", False):
+        from llama_recipes.hardware import limit_bnb_cpu_packing
+
+        limit_bnb_cpu_packing(model, qc.bnb_4bit_compute_dtype)
     return model
 
 

@@ -1,4 +1,5 @@
 """Build TRL's SFTTrainer from the recipe: SFTConfig from `training:`, the model, the datasets."""
+from llama_recipes.hardware import auto_bf16, has_accelerator
 from llama_recipes.log import get_logger
 
 log = get_logger(__name__)
@@ -8,7 +9,26 @@ def sft_config(recipe, data_overrides: dict | None = None):
     from trl import SFTConfig
 
     kwargs = {**recipe.training.sft_kwargs(), **(data_overrides or {})}  # data keys: see data.sft_overrides
+    kwargs.update(device_kwargs(kwargs))
     return SFTConfig(output_dir=recipe.output_dir, seed=recipe.seed, **kwargs)
+
+
+def device_kwargs(kwargs: dict) -> dict:
+    """Trainer arguments that follow the device rather than the recipe (unless the recipe set them).
+
+    bf16 "auto" is normally resolved by distributed.setup (with a log line); this covers callers
+    that build a config directly. Pinned memory only helps copies to a GPU: on CPU torch warns.
+    transformers refuses bf16 without a GPU unless use_cpu is set.
+    """
+    out = {}
+    gpu = has_accelerator()
+    if kwargs.get("bf16") == "auto":
+        out["bf16"] = False if kwargs.get("fp16") else auto_bf16()[0]
+    if not gpu and "dataloader_pin_memory" not in kwargs:
+        out["dataloader_pin_memory"] = False
+    if not gpu and out.get("bf16", kwargs.get("bf16")) and "use_cpu" not in kwargs:
+        out["use_cpu"] = True
+    return out
 
 
 def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, callbacks=None):

@@ -15,8 +15,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The demo recipe says `training.bf16: auto` (bf16 on CPUs with native bf16, fp32 elsewhere).
+# Tests that compare numbers pin fp32 so that they hold on every CPU; tests/test_hardware.py
+# covers the auto choice itself.
+FP32 = "training.bf16=false"
 # Overrides that shrink the demo recipe to a few seconds of training.
 FAST = [
+    FP32,
     "training.max_steps=8",
     "training.logging_steps=2",
     "training.save_strategy=no",

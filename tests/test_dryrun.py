@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import DEMO_RECIPE, ROOT, free_port
+from conftest import DEMO_RECIPE, FP32, ROOT, free_port
 from llama_recipes import dryrun
 from llama_recipes.schema import load_recipe
 
@@ -23,7 +23,7 @@ def test_dry_run_passes_every_stage_and_leaves_output_dir_alone(tmp_path, capsys
     real.mkdir()
     (real / "keep.txt").write_text("a previous run's file")
     before = _snapshot(real)
-    recipe = load_recipe(DEMO_RECIPE, [f"output_dir={real}", "data.max_samples=64", *method])
+    recipe = load_recipe(DEMO_RECIPE, [FP32, f"output_dir={real}", "data.max_samples=64", *method])
     assert dryrun.main(recipe, ARGS) == 0
     out = capsys.readouterr().out
     for stage in ("train", "save", "reload", "eval", "timing"):
@@ -34,7 +34,7 @@ def test_dry_run_passes_every_stage_and_leaves_output_dir_alone(tmp_path, capsys
 
 
 def test_dry_run_reports_a_failing_stage(tmp_path, capsys):
-    recipe = load_recipe(DEMO_RECIPE, [f"output_dir={tmp_path / 'o'}", f"data.path={tmp_path / 'missing.jsonl'}"])
+    recipe = load_recipe(DEMO_RECIPE, [FP32, f"output_dir={tmp_path / 'o'}", f"data.path={tmp_path / 'missing.jsonl'}"])
     assert dryrun.main(recipe, ARGS) == 1
     out = capsys.readouterr().out
     assert "FAIL  train" in out and "dry run: FAIL" in out
@@ -42,7 +42,7 @@ def test_dry_run_reports_a_failing_stage(tmp_path, capsys):
 
 
 def test_projection_from_epochs(tmp_path):
-    recipe = load_recipe(DEMO_RECIPE, [f"output_dir={tmp_path}", "training.max_steps=-1",
+    recipe = load_recipe(DEMO_RECIPE, [FP32, f"output_dir={tmp_path}", "training.max_steps=-1",
                                        "training.num_train_epochs=2", "training.per_device_train_batch_size=16"])
     steps, how = dryrun.planned_steps(recipe)
     from llama_recipes.data import build_datasets

@@ -6,7 +6,7 @@ and checked against the installed TRL by a test) so validating a recipe never im
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 from pydantic import ConfigDict, Field, create_model, model_validator
 
@@ -33,7 +33,13 @@ OUR_DEFAULTS: dict[str, Any] = {
     # TRL turns checkpointing on through the deprecated alias (and warns on every run); we set
     # the same default under its current name.
     "activation_checkpointing": True,
+    # TRL turns bf16 on unless fp16 is: 20-30x slower on CPUs without bf16 hardware. auto picks
+    # bf16 where the device has it natively (Ampere+ GPUs, CPUs with avx512_bf16/amx_bf16) and
+    # fp32 elsewhere; distributed.setup resolves it before anything is loaded (llama_recipes/hardware.py).
+    "bf16": "auto",
 }
+# Fields that take "auto" besides their TRL types (resolved before TRL sees them).
+AUTO_FIELDS = {"bf16": "true on hardware with native bf16 (Ampere+ GPU, CPU with avx512_bf16/amx_bf16), else false"}
 
 
 @lru_cache(maxsize=1)
@@ -78,7 +84,11 @@ def _build() -> type[Section]:
         if name in RESERVED:
             continue
         default = OUR_DEFAULTS.get(name, spec["default"])
-        fields[name] = (_annotation(spec["kinds"]), Field(default, description=spec["help"] or None))
+        annotation, help_ = _annotation(spec["kinds"]), spec["help"] or None
+        if name in AUTO_FIELDS:
+            annotation = Union[Literal["auto"], annotation]  # type: ignore[valid-type]
+            help_ = f"auto (our default): {AUTO_FIELDS[name]}. {help_ or ''}".strip()
+        fields[name] = (annotation, Field(default, description=help_))
     return create_model("TrainingConfig", __base__=_TrainingBase, **fields)
 
 
