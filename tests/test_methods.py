@@ -10,11 +10,12 @@ import math
 import pytest
 import torch
 
-from conftest import ROOT, TINY
+from conftest import FP32, ROOT, TINY
 from llama_recipes.errors import RecipeError, UserError
 from llama_recipes.schema import load_recipe, validate_recipe
 
 SHORT = [
+    FP32,  # tiny_lora.yaml says bf16: auto; these tests compare logits in fp32 on every CPU
     "training.max_steps=10", "training.logging_steps=5", "training.per_device_train_batch_size=8",
     "training.warmup_steps=0", "training.save_strategy=no", "training.report_to=none",
     "data.max_samples=80", "data.max_eval_samples=16", "eval.generate=false",
@@ -146,7 +147,11 @@ def test_saved_adapter_reloads_with_plain_peft(trained, key):
         want, got = model(**ids).logits, reloaded(**ids).logits
     # prompt tuning: both include the virtual tokens' logits (length prompt + N)
     assert want.shape == got.shape
-    assert torch.equal(got, want), (key, (got - want).abs().max())
+    # Same weights, same kernels: equal up to fp32 summation order (a trained parameter's memory
+    # layout can make oneDNN pick another blocking: prefix_projection differed by 1e-5 on logits
+    # of ~12, i.e. ~2**-20 relative, a few units of fp32 rounding). Bound: 2 * L * sqrt(K) * u.
+    rel = 2 * 4 * 352 ** 0.5 * 2.0 ** -24
+    assert (got - want).abs().max() <= rel * want.abs().max(), (key, (got - want).abs().max())
     assert generate(reloaded, run.tokenizer, PROMPTS, 6) == generate(model, run.tokenizer, PROMPTS, 6)
 
 

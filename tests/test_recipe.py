@@ -109,7 +109,8 @@ def test_overrides_dotted_keys_and_yaml_values():
 def test_resolved_recipe_only_keeps_training_keys_that_were_set():
     r = validate_recipe(_with(training={"max_steps": 3}))
     d = r.to_dict()
-    assert d["training"] == {"max_steps": 3, "report_to": ["tensorboard"], "activation_checkpointing": True}
+    assert d["training"] == {"max_steps": 3, "report_to": ["tensorboard"], "activation_checkpointing": True,
+                             "bf16": "auto"}
     assert Recipe.model_validate(yaml.safe_load(yaml.safe_dump(d))).fingerprint() == r.fingerprint()
 
 
