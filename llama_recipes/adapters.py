@@ -11,8 +11,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from llama_recipes import artifacts, measure, modeling
 from llama_recipes.errors import UserError
 from llama_recipes.log import get_logger
+from llama_recipes.schema.model import ModelConfig
 
 log = get_logger(__name__)
 
@@ -44,6 +46,13 @@ def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _read_run(path: Path) -> tuple[dict, dict | None]:
+    cfg, recipe = artifacts.read_run(path)
+    if cfg is None:
+        raise UserError(f"{path} has no adapter_config.json", "pass NAME=OUTPUT_DIR of a PEFT run")
+    return cfg, recipe
+
+
 class MultiAdapter:
     """One base model in memory and named adapters on top of it (PEFT's multi-adapter PeftModel)."""
 
@@ -51,10 +60,6 @@ class MultiAdapter:
         if not runs:
             raise UserError("no adapters given", "pass NAME=OUTPUT_DIR for at least one PEFT run")
         from peft import PeftModel
-
-        from llama_recipes import modeling
-        from llama_recipes.export import _read_run
-        from llama_recipes.schema.model import ModelConfig
 
         self.runs = {k: Path(v) for k, v in runs.items()}
         bases = {}
@@ -101,9 +106,7 @@ class MultiAdapter:
         return MemoryReport(self.base_bytes, sizes)
 
     def generate(self, name: str, prompts: list[str], max_new_tokens: int = 32) -> list[str]:
-        from llama_recipes.evaluation import generate
-
-        return generate(self.use(name), self.tokenizer, prompts, max_new_tokens)
+        return measure.generate(self.use(name), self.tokenizer, prompts, max_new_tokens)
 
 
 def main(argv: list[str] | None = None) -> int:

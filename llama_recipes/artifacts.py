@@ -1,12 +1,20 @@
-"""What a run leaves on disk: the resolved recipe, the artifact, metrics and a loss curve.
+"""The output directory: the one module that writes it, tells what it holds and loads it.
 
 OUTPUT_DIR/
   recipe.yaml          the recipe after overrides (identifies the run that owns the directory)
-  adapter_model.safetensors + adapter_config.json   (PEFT methods)  or  model.safetensors + config.json
+  the artifact, one of three kinds (`detect`):
+    adapter   adapter_model.safetensors + adapter_config.json (PEFT methods; the base is referenced)
+    model     model.safetensors + config.json (full / partial fine-tuning)
+    head      head_config.json + head.safetensors (or an adapter holding the head; heads.py)
   tokenizer files
   metrics.json         training log history, before/after eval, parameter counts, wall time
-  loss_curve.png
+  trainable_parameters.json, loss_curve.png
   runs/                TensorBoard event files
+  checkpoint-N/        intermediate checkpoints (resilience.py), eval/ (--eval-only results)
+
+Every reader (evaluation, dry run, export, the adapters tool) goes through `detect`, `read_run`
+and `load`, so an artifact loads the same way everywhere: adapters on the base as training loaded
+it (4-bit for QLoRA), in the dtype they were trained in.
 """
 import json
 import os
@@ -14,8 +22,12 @@ from pathlib import Path
 
 import yaml
 
+from llama_recipes import distributed, heads, methods, modeling
 from llama_recipes.errors import UserError
 from llama_recipes.log import get_logger, is_main_process
+from llama_recipes.schema.guards import RUN_CONTROL_KEYS
+from llama_recipes.schema.method import METHOD_MODELS
+from llama_recipes.schema.model import ModelConfig
 
 log = get_logger(__name__)
 RECIPE_FILE = "recipe.yaml"
@@ -37,8 +49,7 @@ def prepare_output_dir(recipe, overwrite: bool = False) -> Path:
         if not saved.is_file():
             raise UserError(f"output_dir {out} is not empty and was not written by llama-recipes",
                             "choose another output_dir, or pass --overwrite to write into it anyway")
-        from llama_recipes.schema.guards import RUN_CONTROL_KEYS  # resume/guards may change between tries
-
+        # resume/guards (RUN_CONTROL_KEYS) may change between tries of the same run
         before = {k: v for k, v in (yaml.safe_load(saved.read_text()) or {}).items() if k not in RUN_CONTROL_KEYS}
         if before != recipe.identity():
             raise UserError(f"output_dir {out} holds a run of a different recipe ({saved})",
@@ -106,14 +117,20 @@ def dir_size_mb(path: Path, pattern: str = "*.safetensors") -> float:
     return sum(f.stat().st_size for f in Path(path).glob(pattern)) / 2**20
 
 
+def save(trainer, tokenizer, out: Path, method) -> None:
+    """Write the final artifact of `method` (safetensors + JSON) and the tokenizer into OUTPUT_DIR."""
+    if method.kind == "head":
+        heads.save(trainer.model, tokenizer, trainer.model.head_config, out)  # collective under FSDP
+    else:
+        save_artifact(trainer, tokenizer, out)
+
+
 def save_artifact(trainer, tokenizer, out: Path) -> None:
     """Write the final adapter or model (safetensors) and the tokenizer into OUTPUT_DIR.
 
     Under FSDP the model is gathered to the main process and written there (distributed.py);
     otherwise trainer.save_model writes on the main process only.
     """
-    from llama_recipes import distributed
-
     if distributed.is_sharded(trainer.model):
         distributed.save_sharded_model(trainer, out)
     else:
@@ -123,3 +140,120 @@ def save_artifact(trainer, tokenizer, out: Path) -> None:
         # The Trainer also pickles its arguments; the artifact is safetensors + JSON only
         # (recipe.yaml already records every setting).
         (out / "training_args.bin").unlink(missing_ok=True)
+
+
+# -- reading --------------------------------------------------------------------------------------
+
+MARKERS = (("head", heads.HEAD_CONFIG), ("adapter", "adapter_config.json"), ("model", "config.json"))
+
+
+def detect(path) -> str | None:
+    """The artifact kind a directory holds: "head", "adapter", "model", or None."""
+    path = Path(path)
+    return next((kind for kind, marker in MARKERS if (path / marker).is_file()), None)
+
+
+def read_run(path) -> tuple[dict | None, dict | None]:
+    """(adapter_config.json, recipe.yaml) of a run directory; None for what it lacks."""
+    path = Path(path)
+    cfg = path / "adapter_config.json"
+    rec = path / RECIPE_FILE
+    return (json.loads(cfg.read_text()) if cfg.is_file() else None,
+            yaml.safe_load(rec.read_text()) if rec.is_file() else None)
+
+
+def base_model_config(path, recipe=None) -> tuple[ModelConfig, dict]:
+    """(model section, method section) to load an adapter's base with: the recipe given (eval and
+    dry run evaluate with the user's recipe), else the run's recipe.yaml, else the base named in
+    adapter_config.json."""
+    if recipe is not None:
+        return recipe.model, recipe.method.model_dump()
+    cfg, saved = read_run(path)
+    if saved:
+        return ModelConfig(**saved["model"]), saved.get("method", {})
+    if cfg is None:
+        raise UserError(f"{path} has no adapter_config.json", "pass the output_dir of a PEFT run")
+    return ModelConfig(name_or_path=cfg["base_model_name_or_path"]), {}
+
+
+def load_base(model_cfg: ModelConfig, method_section: dict):
+    """The base as training loaded it (QLoRA: quantized the same way)."""
+    name = method_section.get("name")
+    if name in METHOD_MODELS:
+        cfg = METHOD_MODELS[name].model_validate(method_section)
+        return modeling.load_model(model_cfg, **methods.load_kwargs(cfg))
+    return modeling.load_model(model_cfg)
+
+
+def load(recipe, path=None):
+    """(tokenizer, model) for any artifact directory, or the recipe's base model when path is None.
+
+    adapter: the base as trained + PeftModel.from_pretrained, the adapter in its saved dtype (PEFT
+    would upcast a bf16 QLoRA adapter to fp32: then it is not the model that was trained);
+    model: the directory with the recipe's dtype and attention kernel; head: heads.load.
+    The artifact's own tokenizer when it saved one, else the recipe's.
+    """
+    kind = "base" if path is None else detect(path)
+    if kind == "head":
+        head = heads.load(path)
+        return head.tokenizer, head.model
+    model_cfg = recipe.model
+    tok_cfg = model_cfg
+    if path is not None and (Path(path) / "tokenizer_config.json").is_file():
+        tok_cfg = model_cfg.model_copy(update={"tokenizer": str(path)})
+    tokenizer = modeling.load_tokenizer(tok_cfg)
+    if kind == "model":
+        return tokenizer, modeling.load_model(model_cfg.model_copy(update={"name_or_path": str(path), "revision": None}))
+    if kind == "base":
+        return tokenizer, load_base(recipe.model, recipe.method.model_dump())
+    if kind != "adapter":
+        raise UserError(f"no model artifact in {path} (no adapter_config.json, config.json or head_config.json)",
+                        "train the recipe first, or point at a run's output_dir")
+    from peft import PeftModel
+
+    base_cfg, method_section = base_model_config(path, recipe)
+    model = PeftModel.from_pretrained(load_base(base_cfg, method_section), str(path), autocast_adapter_dtype=False)
+    return tokenizer, model
+
+
+# -- sizes ----------------------------------------------------------------------------------------
+
+def base_size_bytes(model) -> int:
+    """Bytes of the base model's weights as they are stored in a checkpoint (unquantized).
+
+    Quantized weights count at the compute dtype's width (what the dense checkpoint holds);
+    adapter parameters are excluded.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    seen, total = set(), 0
+    adapter_markers = ("lora_", "adaption_", "prompt_encoder", "ia3_", "modules_to_save", "prefix_encoder")
+    for name, p in base.named_parameters():
+        if id(p) in seen or any(m in name for m in adapter_markers):
+            continue
+        seen.add(id(p))
+        n, _ = modeling.count_parameters_of(p)
+        width = p.element_size() if p.is_floating_point() else _dense_width(model)
+        total += n * width
+    return total
+
+
+def _dense_width(model) -> int:
+    import torch
+
+    dtype = getattr(model.config, "dtype", None) or torch.bfloat16
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return torch.tensor([], dtype=dtype).element_size()
+
+
+def size_report(out: Path, model, method) -> tuple[str, dict]:
+    """One log line (and metrics) for the saved artifact: what it weighs next to its base."""
+    if method.kind == "head":
+        return f"head artifact: {dir_size_mb(out):.3f} MB of weights (the base is referenced, not copied)", {}
+    if not method.peft:
+        return f"model: {dir_size_mb(out):,.1f} MB on disk", {}
+    adapter_mb = dir_size_mb(out, "adapter_model.safetensors")
+    base_mb = base_size_bytes(model) / 2**20
+    pct = 100 * adapter_mb / base_mb if base_mb else float("nan")
+    line = f"adapter: {adapter_mb:.3f} MB on disk = {pct:.3f}% of the base model ({base_mb:,.1f} MB)"
+    return line, {"adapter_mb": round(adapter_mb, 4), "base_mb": round(base_mb, 2), "adapter_pct_of_base": round(pct, 4)}

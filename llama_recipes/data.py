@@ -442,7 +442,10 @@ def _apply_chat_template_choice(recipe, tokenizer):
                         "set data.chat_template (inline Jinja or a .jinja file)")
     if recipe.data.train_on_prompt:
         return
-    from trl.chat_template_utils import has_generation_markers, is_chat_template_stop_token_trained
+    from trl.chat_template_utils import (
+        has_generation_markers,
+        is_chat_template_stop_token_trained,
+    )
 
     if not has_generation_markers(tokenizer.chat_template):
         # TRL knows patched templates for a few model families; anything else we refuse rather than guess.

@@ -143,8 +143,8 @@ def _resolve_mixed_precision(recipe):
         raise UserError(
             f"mixed precision is set twice and disagrees: training.{key} in the recipe means "
             f"{recipe_says}, the accelerate config says mixed_precision: {launch}",
-            f"remove training.bf16/fp16 from the recipe (the config decides), or launch with a config "
-            f"whose mixed_precision is 'no' (the recipe decides)")
+            "remove training.bf16/fp16 from the recipe (the config decides), or launch with a config "
+            "whose mixed_precision is 'no' (the recipe decides)")
     return recipe
 
 
@@ -369,7 +369,10 @@ def save_sharded_model(trainer, out: Path) -> None:
     holds a full copy. (trainer.save_model fails here under FSDP2 on CPU and writes a sharded
     checkpoint, not a loadable model, with SHARDED_STATE_DICT on GPU.)
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     model = trainer.model
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

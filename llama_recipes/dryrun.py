@@ -19,8 +19,11 @@ import time
 import traceback
 from pathlib import Path
 
-from llama_recipes.evaluation import autocast
+from llama_recipes import artifacts, measure, methods, pipeline
+from llama_recipes.data import build_datasets
 from llama_recipes.log import get_logger, is_main_process, world_size
+from llama_recipes.measure import autocast
+from llama_recipes.schema import apply_overrides, validate_recipe
 
 log = get_logger(__name__)
 DRY_STEPS = 3
@@ -29,8 +32,6 @@ EVAL_ROWS = 8
 
 def dry_recipe(recipe, scratch: Path):
     """The recipe with a scratch output_dir, a few steps, no checkpoints or trackers, a tiny eval."""
-    from llama_recipes.schema import apply_overrides, validate_recipe
-
     t = recipe.training
     steps = DRY_STEPS if t.max_steps <= 0 else min(DRY_STEPS, t.max_steps)
     rows_needed = steps * t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size()
@@ -41,7 +42,7 @@ def dry_recipe(recipe, scratch: Path):
         "training.eval_strategy=no",
         "training.report_to=none",
         "training.logging_steps=1",
-        f"training.warmup_steps=0",
+        "training.warmup_steps=0",
         f"eval.limit={min(recipe.eval.limit or EVAL_ROWS, EVAL_ROWS)}",
         f"eval.max_new_tokens={min(recipe.eval.max_new_tokens, 8)}",
         # only tokenize what the few steps read (plus headroom), not the whole dataset
@@ -56,8 +57,6 @@ def planned_steps(recipe) -> tuple[int | None, str]:
     t = recipe.training
     if t.max_steps > 0:
         return t.max_steps, f"max_steps={t.max_steps}"
-    from llama_recipes.data import build_datasets
-
     train, _, _ = build_datasets(recipe.data)
     per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size()
     per_epoch = math.ceil(len(train) / per_step)
@@ -84,20 +83,8 @@ def _step_timer():
 
 
 def reload_artifact(out: Path, recipe):
-    """A fresh model from what was saved: base + adapter for PEFT, the full model otherwise."""
-    from llama_recipes import modeling
-
-    if (out / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        from llama_recipes import methods
-
-        # autocast_adapter_dtype=False: the adapter in the dtype it trained in (QLoRA: bf16), not upcast to fp32
-        return PeftModel.from_pretrained(modeling.load_model(recipe.model, **methods.load_kwargs(recipe.method)), str(out),
-                                         autocast_adapter_dtype=False)
-    import transformers
-
-    return transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=modeling.torch_dtype(recipe.model.dtype))
+    """A fresh model from what was saved, loaded the way every reader loads it (artifacts.load)."""
+    return artifacts.load(recipe, out)[1]
 
 
 def _probe_batch(run):
@@ -182,8 +169,6 @@ def _scratch_dir(recipe) -> Path:
 
 def run(recipe) -> Report:
     """Run every stage; a failing stage stops the ones that depend on it."""
-    from llama_recipes import evaluation, pipeline
-
     report = Report()
     scratch = _scratch_dir(recipe)
     try:
@@ -232,15 +217,25 @@ def run(recipe) -> Report:
         report.add("reload", diff <= tol * max(1.0, trained.abs().max().item()),
                    f"max |logits difference| {diff:.2e} over {tuple(trained.shape)}")
 
-        ds = result.trainer.eval_dataset if result.trainer.eval_dataset is not None else result.trainer.train_dataset
-        n = min(len(ds), EVAL_ROWS)
+        # The method's own measurement (loss for LMs, accuracy for heads) of the reloaded model,
+        # against what training measured on the same rows.
+        method = methods.get(dry.method.name)
+        key = method.primary_metric
         with autocast(result.trainer.args):
-            ev = evaluation.eval_loss(fresh, ds.select(range(n)), result.trainer.data_collator, dry.eval.batch_size)
-        after = (result.metrics.get("eval_after") or {}).get("loss")
-        same = after is None or abs(ev["loss"] - after) <= 1e-4 * max(1.0, abs(after))
-        report.add("eval", math.isfinite(ev["loss"]) and same,
-                   f"reloaded model: loss {ev['loss']:.4f} on {n} rows"
-                   + (f" (trained model: {after:.4f})" if after is not None else " (train rows: no eval split)"))
+            ev = method.evaluate(fresh, result.tokenizer, result.trainer, result.eval_raw, dry.eval)
+            rows = "eval rows"
+            if ev is None and method.kind == "lm":  # no eval split: finite loss on a few train rows
+                ds = result.trainer.train_dataset
+                ev = measure.eval_loss(fresh, ds.select(range(min(len(ds), EVAL_ROWS))),
+                                       result.trainer.data_collator, dry.eval.batch_size)
+                rows = "train rows: no eval split"
+        if ev is None:
+            report.add("eval", None, "no eval split to measure the reloaded model on")
+        else:
+            after = (result.metrics.get("eval_after") or {}).get(key)
+            same = after is None or abs(ev[key] - after) <= 1e-4 * max(1.0, abs(after))
+            report.add("eval", math.isfinite(ev[key]) and same, f"reloaded model: {key} {ev[key]:.4f} ({rows})"
+                       + (f"; trained model: {after:.4f}" if after is not None else ""))
 
         timed = timer.times[1:] or timer.times  # the first step pays for warm-up
         step_s = statistics.median(timed)

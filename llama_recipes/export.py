@@ -12,67 +12,59 @@ instead would add the quantization error the adapter never saw. Prefix tuning, p
 and LLaMA-Adapter add tokens or attention paths, not weight deltas: they cannot be merged.
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from llama_recipes import artifacts, methods, modeling
 from llama_recipes.errors import UserError
 from llama_recipes.log import get_logger
 
 log = get_logger(__name__)
 
-MERGEABLE = {"LORA", "IA3"}
-WHY_NOT = {
-    "PREFIX_TUNING": "prefix tuning adds learned key/value vectors to every attention layer, not a weight delta",
-    "PROMPT_TUNING": "prompt tuning prepends learned input embeddings (virtual tokens), not a weight delta",
-    "P_TUNING": "p-tuning prepends learned input embeddings (virtual tokens), not a weight delta",
-    "ADAPTION_PROMPT": "LLaMA-Adapter adds a gated attention path over learned prompts, not a weight delta",
-}
+def check_mergeable(method_name: str) -> None:
+    """Refuse a method whose update is not a weight delta (the registry says which merge)."""
+    method = methods.REGISTRY.get(method_name)
+    if method is None or not method.peft:
+        raise UserError(f"{method_name!r} is not a PEFT adapter run",
+                        "pass the output_dir of a PEFT run (full fine-tuning already saves a standalone model)")
+    if not method.mergeable:
+        raise UserError(f"cannot merge a {method_name} adapter into the base: {method.why_not_mergeable}",
+                        "serve it as an adapter on the base (PeftModel.from_pretrained, or llama-recipes adapters); "
+                        "only " + ", ".join(n for n, m in methods.REGISTRY.items() if m.mergeable) + " adapters merge")
 
 
-def _read_run(adapter_dir: Path) -> tuple[dict, dict | None]:
-    cfg_path = adapter_dir / "adapter_config.json"
-    if not cfg_path.is_file():
+def run_method(adapter_dir: Path) -> str:
+    """The method a run directory was trained with (its recipe.yaml, else the adapter's PEFT type)."""
+    cfg, recipe = artifacts.read_run(adapter_dir)
+    if cfg is None:
         raise UserError(f"{adapter_dir} has no adapter_config.json",
                         "pass the output_dir of a PEFT run (full fine-tuning already saves a standalone model)")
-    recipe = None
-    if (adapter_dir / "recipe.yaml").is_file():
-        import yaml
-
-        recipe = yaml.safe_load((adapter_dir / "recipe.yaml").read_text())
-    return json.loads(cfg_path.read_text()), recipe
+    if recipe and recipe.get("method", {}).get("name"):
+        return recipe["method"]["name"]
+    return PEFT_TYPES.get(cfg.get("peft_type", ""), cfg.get("peft_type", "?").lower())
 
 
-def check_mergeable(peft_type: str) -> None:
-    if peft_type not in MERGEABLE:
-        why = WHY_NOT.get(peft_type, f"PEFT type {peft_type} has no merge")
-        raise UserError(f"cannot merge a {peft_type} adapter into the base: {why}",
-                        "serve it as an adapter on the base (PeftModel.from_pretrained, or llama_recipes.adapters); "
-                        "only LoRA, DoRA, QLoRA and IA3 adapters merge")
+# PEFT's adapter types -> our method names, for adapter directories without a recipe.yaml
+PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt_tuning",
+              "ADAPTION_PROMPT": "llama_adapter"}
 
 
 def load_base_for_merge(adapter_dir: Path, dtype: str | None = None, dequantize: bool = True):
     """(base model, method name) for a run directory: as trained, and dequantized if asked (QLoRA)."""
-    from llama_recipes import methods, modeling
-    from llama_recipes.schema.method import QLoraMethod
-    from llama_recipes.schema.model import ModelConfig
-
-    cfg, recipe = _read_run(adapter_dir)
-    check_mergeable(cfg.get("peft_type", "?"))
-    model_cfg = ModelConfig(**recipe["model"]) if recipe else ModelConfig(name_or_path=cfg["base_model_name_or_path"])
-    method = (recipe or {}).get("method", {})
-    if method.get("name") == "qlora":
-        q = QLoraMethod(**method)
-        model = modeling.load_model(model_cfg, **methods.load_kwargs(q))
+    name = run_method(adapter_dir)
+    check_mergeable(name)
+    model_cfg, method = artifacts.base_model_config(adapter_dir)
+    if name == "qlora":
+        model = artifacts.load_base(model_cfg, method)
         if not dequantize:
-            return model, "qlora"
+            return model, name
         # Dequantize the weights the adapter was trained against, in the compute dtype.
-        model = model.dequantize(dtype=modeling.torch_dtype(dtype or q.compute_dtype))
+        model = model.dequantize(dtype=modeling.torch_dtype(dtype or method["compute_dtype"]))
     else:
         if dtype:
             model_cfg = model_cfg.model_copy(update={"dtype": dtype})
         model = modeling.load_model(model_cfg)
-    return model, method.get("name", cfg.get("peft_type", "").lower())
+    return model, name
 
 
 def merge_and_export(adapter_dir: str | Path, merged_dir: str | Path, dtype: str | None = None) -> Path:

@@ -15,11 +15,11 @@ The artifact never copies the base. OUTPUT_DIR holds:
                              head.safetensors next to it)
   tokenizer files, recipe.yaml, metrics.json, trainable_parameters.json
 
-Heads train with the plain `transformers.Trainer` (TRL's SFTTrainer is for causal LM).
+Heads train with the plain `transformers.Trainer` (TRL's SFTTrainer is for causal LM), through
+the same lifecycle as every method (pipeline.train; methods/heads.py says how).
 This module imports torch at the top: it is only imported after the recipe is validated.
 """
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from llama_recipes import data, modeling
 from llama_recipes.errors import UserError
 from llama_recipes.log import get_logger, is_main_process
+from llama_recipes.paths import PREFIX
+from llama_recipes.schema.model import ModelConfig
 
 log = get_logger(__name__)
 
@@ -90,8 +93,6 @@ class MLPHeadClassifier(nn.Module):
 
 def _base_ref(name_or_path: str) -> str:
     """What head_config.json records: builtin: and hub ids as written, local directories absolute."""
-    from llama_recipes.paths import PREFIX
-
     p = Path(name_or_path).expanduser()
     return name_or_path if name_or_path.startswith(PREFIX) or not p.exists() else str(p.resolve())
 
@@ -119,9 +120,6 @@ def head_config(recipe, labels: list[str], pad_token_id: int, hidden_size: int) 
 
 def _load_base(cfg: dict):
     """The base model a head sits on, with every parameter frozen."""
-    from llama_recipes import modeling
-    from llama_recipes.schema.model import ModelConfig
-
     mcfg = ModelConfig(name_or_path=cfg["base_model"], revision=cfg["base_revision"], dtype=cfg["dtype"],
                        attn_implementation=cfg["attn_implementation"])
     from transformers.utils import logging as hf_logging
@@ -231,6 +229,10 @@ def load(path) -> HeadModel:
     if not is_head_artifact(path):
         raise UserError(f"{path} is not a head artifact (no {HEAD_CONFIG})", "point at the output_dir of a head recipe")
     cfg = json.loads((path / HEAD_CONFIG).read_text())
+    missing = [k for k in ("method", "base_model", "labels", "dtype", "lora") if k not in cfg]
+    if missing:
+        raise UserError(f"{path / HEAD_CONFIG} lacks {', '.join(missing)}: not a head artifact this version wrote",
+                        "retrain the head recipe, or point at an intact output_dir")
     model = build(cfg)
     if cfg["lora"] and cfg["method"] == "classifier_head":
         from peft import PeftModel
@@ -247,7 +249,14 @@ def load(path) -> HeadModel:
         target.load_state_dict({k.removeprefix(prefix): v for k, v in state.items()}, strict=True)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model.eval()
+    model.head_config = cfg
     return HeadModel(model, tokenizer, cfg)
+
+
+def tokenize(ds, tokenizer, max_length: int | None):
+    """text -> input_ids/attention_mask (label kept); padding is the collator's job."""
+    return ds.map(lambda b: tokenizer(b["text"], truncation=True, max_length=max_length),
+                  batched=True, remove_columns=["text"])
 
 
 def batch_logits(model, tokenizer, texts: list[str], batch_size: int = 32, max_length: int | None = None):
@@ -305,7 +314,8 @@ def evaluate_model(model, tokenizer, ds, batch_size: int = 32, max_length: int |
     return result
 
 
-def _check_labels(train_ds, eval_ds, fmt: str) -> list[str]:
+def check_labels(train_ds, eval_ds, fmt: str) -> list[str]:
+    """The label names of a classification dataset (train and eval must agree)."""
     import datasets
 
     if fmt != "classification" or not isinstance(train_ds.features.get("label"), datasets.ClassLabel):
@@ -320,11 +330,9 @@ def _check_labels(train_ds, eval_ds, fmt: str) -> list[str]:
 
 def evaluate_artifact(recipe, path, limit: int | None = None) -> dict:
     """accuracy, macro_f1, confusion_matrix (+ majority_baseline) of a head artifact on the recipe's eval split."""
-    from llama_recipes import data
-
     head = load(path)
     train_ds, eval_ds, fmt = data.build_datasets(recipe.data)
-    labels = _check_labels(train_ds, eval_ds, fmt)
+    labels = check_labels(train_ds, eval_ds, fmt)
     if eval_ds is None:
         raise UserError("no eval split to evaluate on", "set data.eval_split (a split name or a fraction)")
     if labels != head.labels:
@@ -332,79 +340,3 @@ def evaluate_artifact(recipe, path, limit: int | None = None) -> dict:
                         "evaluate on data with the labels the head was trained on")
     return evaluate_model(head.model, head.tokenizer, eval_ds, recipe.eval.batch_size, head.config.get("max_length"),
                           limit if limit is not None else recipe.eval.limit)
-
-
-# -- training ----------------------------------------------------------------------------------
-
-def train(recipe, overwrite: bool = False):
-    """Train a head recipe end to end (called by pipeline.train); returns a pipeline.Run."""
-    from transformers import DataCollatorWithPadding, Trainer, set_seed
-
-    from llama_recipes import artifacts, data, freeze, modeling, training
-    from llama_recipes.pipeline import Run
-
-    started = time.time()
-    set_seed(recipe.seed)
-
-    # -- output directory, tokenizer, data (the labels size the head) -------------------------
-    out = artifacts.prepare_output_dir(recipe, overwrite)
-    tokenizer = modeling.load_tokenizer(recipe.model)
-    tokenizer.padding_side = "right"
-    train_ds, eval_ds, fmt = data.build_datasets(recipe.data)
-    labels = _check_labels(train_ds, eval_ds, fmt)
-    log.info("labels (%d): %s", len(labels), ", ".join(labels))
-
-    # -- frozen base (+ LoRA) + head ----------------------------------------------------------
-    from transformers import AutoConfig
-
-    from llama_recipes.paths import resolve
-
-    base_config = AutoConfig.from_pretrained(resolve(recipe.model.name_or_path, "model"), revision=recipe.model.revision,
-                                             trust_remote_code=recipe.model.trust_remote_code)
-    cfg = head_config(recipe, labels, tokenizer.pad_token_id, base_config.get_text_config().hidden_size)
-    model = build(cfg, recipe.method.lora)
-    trainable, total = modeling.count_parameters(model)
-    log.info("trainable params: %s || all params: %s || trainable%%: %.4f",
-             f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-    param_report = freeze.report(model)
-
-    # -- tokenize; the plain Trainer (labels are class ids, padding by the collator) ---------
-    max_length = cfg["max_length"]
-
-    def tokenize(ds):
-        return ds.map(lambda b: tokenizer(b["text"], truncation=True, max_length=max_length),
-                      batched=True, remove_columns=["text"])
-
-    args = training.sft_config(recipe)  # an SFTConfig is a TrainingArguments: one `training:` section
-    args.remove_unused_columns = False
-    if recipe.method.lora is None and args.activation_checkpointing:
-        # Nothing is back-propagated through a frozen base; checkpointing would only make the
-        # embeddings' output require grad and build a graph through every layer.
-        log.info("training.activation_checkpointing: off (the base is frozen, only the head trains)")
-        args.activation_checkpointing = False
-    trainer = Trainer(model=model, args=args, train_dataset=tokenize(train_ds),
-                      eval_dataset=tokenize(eval_ds) if eval_ds is not None else None,
-                      data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer)
-
-    def measure(tag):
-        if eval_ds is None or not recipe.eval.before_after:
-            return None
-        result = evaluate_model(trainer.model, tokenizer, eval_ds, recipe.eval.batch_size, max_length, recipe.eval.limit)
-        log.info("eval %s training: accuracy=%.4f macro_f1=%.4f (majority class %.4f, %d examples)", tag,
-                 result["accuracy"], result["macro_f1"], result["majority_baseline"], result["examples"])
-        return result
-
-    # -- train, save, eval --------------------------------------------------------------------
-    before = measure("before")
-    result = trainer.train()
-    save(trainer.model, tokenizer, cfg, out)
-    freeze.save_report(out, param_report)
-    after = measure("after")
-    metrics = artifacts.run_metrics(recipe, trainer, result, started, data_format=fmt, labels=labels,
-                                    trainable_params=trainable, total_params=total,
-                                    eval_before=before, eval_after=after)
-    artifacts.write_metrics(out, metrics)
-    artifacts.plot_loss(out, trainer.state.log_history)
-    log.info("head artifact: %.3f MB of weights (the base is referenced, not copied)", artifacts.dir_size_mb(out))
-    log.info("done in %.0f s; artifacts in %s", metrics["wall_seconds"], out)
-    return Run(metrics, trainer, tokenizer, out)

@@ -24,7 +24,13 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from llama_recipes import methods
 from llama_recipes.errors import UserError
+from llama_recipes.freeze import rule_matches
+from llama_recipes.methods.peft import Lora, linear_targets
+from llama_recipes.paths import resolve
+from llama_recipes.schema.freeze import ParamRule
+from llama_recipes.schema.method import METHOD_MODELS, method_defaults
 
 GiB = 2**30
 USABLE = 0.95  # of the card: the rest is the CUDA context and allocator fragmentation
@@ -33,16 +39,6 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # weights, one fp32 scale per 256 absmax blocks.
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 
-PEFT_DEFAULTS = {
-    "lora": {"r": 8, "target_modules": "all-linear", "use_dora": False, "dropout": 0.05, "modules_to_save": []},
-    "ia3": {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
-    "prefix": {"num_virtual_tokens": 20},
-    "prompt_tuning": {"num_virtual_tokens": 20},
-    "llama_adapter": {"adapter_len": 10, "adapter_layers": 30},
-}
-ALIASES = {"qlora": "lora", "dora": "lora", "prefix_tuning": "prefix", "prompt": "prompt_tuning",
-           "adaption_prompt": "llama_adapter"}
-HEAD_METHODS = {"classifier_head", "mlp_head"}  # schema/finetune.py
 # The methods --compare puts side by side (name, settings).
 COMPARE = [
     ("full", {"name": "full"}),
@@ -102,8 +98,6 @@ class ModelShape:
 def load_config(ref: str, revision: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
-    from llama_recipes.paths import resolve
-
     path = resolve(ref, "model")
     try:
         return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
@@ -162,8 +156,17 @@ class Setup:
 
     @property
     def base_name(self) -> str:
+        """The method, with QLoRA and DoRA counted as the LoRA they are (one parameter formula)."""
         n = self.method["name"]
-        return ALIASES.get(n, n)
+        return "lora" if isinstance(methods.REGISTRY.get(n), Lora) else n
+
+    def section(self) -> dict:
+        """The method section with the schema's defaults filled in (what a recipe would train)."""
+        name = self.method["name"]
+        if name not in METHOD_MODELS:
+            raise UserError(f"the memory estimate does not know method {name!r}",
+                            f"estimate one of: {', '.join(sorted(METHOD_MODELS))}")
+        return method_defaults(name, self.method)
 
     @property
     def quantized(self) -> bool:
@@ -273,9 +276,6 @@ class Estimate:
 
 def _selected(rules, names: list[str], n_layers: int, where: str) -> set[str]:
     """Base parameter names the recipe's freeze rules select (the same matcher training uses)."""
-    from llama_recipes.freeze import rule_matches
-    from llama_recipes.schema.freeze import ParamRule
-
     out: set[str] = set()
     for i, rule in enumerate(rules):
         rule = rule if isinstance(rule, ParamRule) else ParamRule(patterns=[rule]) if isinstance(rule, str) \
@@ -284,69 +284,10 @@ def _selected(rules, names: list[str], n_layers: int, where: str) -> set[str]:
     return out
 
 
-def _lora_targets(shape: ModelShape, targets) -> list[str]:
-    if targets in ("all-linear", None):
-        # PEFT's all-linear: every Linear except the output layer.
-        return [n for n in shape.linears if not n.endswith("lm_head")]
-    if isinstance(targets, str):
-        return [n for n in shape.linears if re.fullmatch(targets, n)]
-    return [n for n in shape.linears if n.split(".")[-1] in targets]
-
-
 def trainable_params(shape: ModelShape, s: Setup) -> tuple[dict[str, int], list[str]]:
     """New (adapter) parameters by name, and the base parameters that train."""
-    name, m = s.base_name, {**PEFT_DEFAULTS.get(ALIASES.get(s.method["name"], s.method["name"]), {}), **s.method}
-    base_trained: list[str] = []
-    extra: dict[str, int] = {}
-    if name == "full":
-        base_trained = list(shape.params)
-    elif name == "partial":  # --compare: the top quarter of the decoder layers (+ final norm)
-        keep = max(1, shape.num_layers // 4)
-        def top(n):
-            i = shape.layer_of(n)
-            return (i is not None and i >= shape.num_layers - keep) or (i is None and n.endswith("norm.weight"))
-
-        base_trained = [n for n in shape.params if top(n)]
-    elif name in HEAD_METHODS:
-        # A new head on a frozen base; the label count comes from the data, so assume a handful.
-        labels = int(m.get("num_labels") or 4)
-        if name == "mlp_head":
-            widths = [shape.hidden, *(m.get("hidden_sizes") if m.get("hidden_sizes") is not None else [256])]
-            for i, (a, b) in enumerate(zip(widths, widths[1:] + [labels])):
-                extra[f"head.{i}"] = a * b + b
-        else:
-            extra["score"] = shape.hidden * labels
-    elif name == "lora":
-        r = int(m["r"])
-        for t in _lora_targets(shape, m.get("target_modules")):
-            fin, fout = shape.linears[t]
-            extra[f"{t}.lora_A"] = r * fin
-            extra[f"{t}.lora_B"] = r * fout
-            if m.get("use_dora") or s.method["name"] == "dora":
-                extra[f"{t}.lora_magnitude_vector"] = fout
-        for mod in m.get("modules_to_save") or []:
-            # a trainable copy next to the frozen original
-            for n, sh in shape.params.items():
-                if n.split(".")[-2] == mod or n.startswith(mod + "."):
-                    extra[f"{n}.modules_to_save"] = math.prod(sh)
-    elif name == "ia3":
-        ff = set(m.get("feedforward_modules") or [])
-        for t in _lora_targets(shape, m.get("target_modules")):
-            fin, fout = shape.linears[t]
-            extra[f"{t}.ia3_l"] = fin if t.split(".")[-1] in ff else fout
-    elif name == "prefix":
-        n_tok = int(m["num_virtual_tokens"])
-        extra["prefix_encoder"] = n_tok * shape.num_layers * 2 * shape.kv_heads * shape.head_dim
-    elif name == "prompt_tuning":
-        extra["prompt_encoder"] = int(m["num_virtual_tokens"]) * shape.hidden
-    elif name == "llama_adapter":
-        layers = min(int(m["adapter_layers"]), shape.num_layers)
-        extra["adaption_prompt"] = layers * (int(m["adapter_len"]) * shape.hidden + 1)
-    else:
-        known = ["full", *HEAD_METHODS, "lora", "qlora", "dora", "ia3", "prefix", "prompt_tuning", "llama_adapter"]
-        raise UserError(f"the memory estimate does not know method {s.method['name']!r}",
-                        f"estimate one of: {', '.join(sorted(set(known)))}; or open an issue with the method's "
-                        "parameter formula")
+    m = s.section()
+    extra, base_trained = methods.get(m["name"]).estimate_params(shape, m)
     # The recipe's freeze: rules act on the base model's parameter names.
     names = list(shape.params)
     if s.freeze_train:
@@ -440,12 +381,12 @@ def estimate(shape: ModelShape, s: Setup, label: str | None = None) -> Estimate:
     optim = sum(math.prod(shape.params[n]) * optimizer_bytes_per_param(s.optim, w) for n in base_trained) + \
         sum(k * optimizer_bytes_per_param(s.optim, adapter_bytes[n]) for n, k in extra.items())
 
-    m = {**PEFT_DEFAULTS.get("lora", {}), **s.method} if s.base_name == "lora" else {}
-    targets = _lora_targets(shape, m.get("target_modules")) if m else []
+    m = s.section() if s.base_name == "lora" else {}
+    targets = linear_targets(shape, m.get("target_modules")) if m else []
     plain, ckpt = activation_bytes(shape, s, targets, int(m.get("r", 0) or 0), float(m.get("dropout", 0) or 0),
                                    backprop_layers(shape, extra, base_trained))
     if s.base_name in ("prefix", "prompt_tuning"):
-        n_tok = int({**PEFT_DEFAULTS[s.base_name], **s.method}["num_virtual_tokens"])
+        n_tok = int(s.section()["num_virtual_tokens"])
         scale = (s.seq_len + n_tok) / s.seq_len
         plain, ckpt = plain * scale, ckpt * scale
     # Sharding: the per-device share of persistent state, and the transient buffers.

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 from llama_recipes.errors import UserError
+from llama_recipes.hardware import limit_bnb_cpu_packing
 from llama_recipes.log import get_logger
 from llama_recipes.paths import is_local, resolve
 from llama_recipes.schema.model import ModelConfig
@@ -72,8 +73,6 @@ def load_model(cfg: ModelConfig, auto_class: str = "AutoModelForCausalLM", **kwa
                         "the directory needs config.json and *.safetensors weights") from None
     qc = kwargs.get("quantization_config")
     if qc is not None and getattr(qc, "load_in_4bit", False):
-        from llama_recipes.hardware import limit_bnb_cpu_packing
-
         limit_bnb_cpu_packing(model, qc.bnb_4bit_compute_dtype)
     return model
 
@@ -83,8 +82,6 @@ def count_parameters(model) -> tuple[int, int]:
 
     bitsandbytes 4-bit weights are packed (two values per byte): they count at their logical shape.
     """
-    from llama_recipes.methods import count_parameters_of
-
     seen, trainable, total = set(), 0, 0
     for p in model.parameters():
         if id(p) in seen:
@@ -94,3 +91,13 @@ def count_parameters(model) -> tuple[int, int]:
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
+
+
+def count_parameters_of(p) -> tuple[int, bool]:
+    """(logical element count, is_quantized) of one parameter; bnb 4-bit params are packed."""
+    qs = getattr(p, "quant_state", None)
+    if qs is not None and getattr(qs, "shape", None) is not None:
+        import math
+
+        return math.prod(qs.shape), True
+    return p.ds_numel if hasattr(p, "ds_numel") else p.numel(), False

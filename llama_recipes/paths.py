@@ -5,6 +5,8 @@ Anything else is returned unchanged (a hub id or a path relative to the current 
 """
 from pathlib import Path
 
+from llama_recipes.errors import UserError
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 PREFIX = "builtin:"
 
@@ -17,8 +19,6 @@ def resolve(ref: str, kind: str) -> str:
     root = ASSETS if kind == "model" else ASSETS / "data"
     path = root / name
     if not path.exists():
-        from llama_recipes.errors import UserError
-
         have = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "data") if root.is_dir() else []
         raise UserError(f"no builtin {kind} named {name!r}", f"use one of: {', '.join(PREFIX + h for h in have)}")
     return str(path)

@@ -7,6 +7,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llama_recipes import (
+    artifacts,
+    data,
+    distributed,
+    freeze,
+    methods,
+    modeling,
+    resilience,
+)
 from llama_recipes.log import get_logger
 
 log = get_logger(__name__)
@@ -20,6 +29,7 @@ class Run:
     trainer: Any
     tokenizer: Any
     output_dir: Path
+    eval_raw: Any = None  # the held-out rows before tokenization (what methods measure on)
 
     @property
     def model(self):
@@ -27,80 +37,75 @@ class Run:
 
 
 def train(recipe, overwrite: bool = False, callbacks: list | None = None) -> Run:
-    """Run a validated recipe end to end; metrics are also written to OUTPUT_DIR/metrics.json.
+    """Run a validated recipe end to end, whatever its method; metrics also go to OUTPUT_DIR/metrics.json.
 
-    `callbacks` are extra TrainerCallbacks (the dry run times steps with one).
+    Setup, train, save, cleanup (torchtune's lifecycle). What differs by method is asked of the
+    method's registry object, never branched on here. `callbacks` are extra TrainerCallbacks
+    (the dry run times steps with one).
     """
     from transformers import set_seed
 
-    from llama_recipes import artifacts, data, distributed, evaluation, freeze, methods, modeling, resilience, training
-    from llama_recipes.schema.finetune import HEAD_METHODS
-
+    # -- setup ----------------------------------------------------------------------------------
     # Recipe vs accelerate launch config (precision, activation checkpointing, FSDP1 rules),
     # checked before anything is loaded.
     recipe = distributed.setup(recipe)
-    if recipe.method.name in HEAD_METHODS:  # task heads train with the plain Trainer (heads.py)
-        from llama_recipes import heads
-
-        return heads.train(recipe, overwrite)
-
+    method = methods.get(recipe.method.name)
     started = time.time()
     set_seed(recipe.seed)
 
-    # -- output directory: claimed first, so a clash fails before minutes of loading ----------
+    # output directory first, so a clash fails before minutes of loading
     out = artifacts.prepare_output_dir(recipe, overwrite)
     resume = resilience.resume_checkpoint(recipe, out, overwrite)  # newest complete checkpoint, or None
 
-    # -- tokenizer and model (+ freeze / PEFT) ------------------------------------------------
+    # Raw data before the model: a head sizes itself by the labels, and a data error should not
+    # wait for a model load. Loading rows draws nothing from torch's RNG, so the model's
+    # initialisation (LoRA, heads) is the same as if it came first.
     tokenizer = modeling.load_tokenizer(recipe.model)
-    model = modeling.load_model(recipe.model, **methods.load_kwargs(recipe.method))
-    model = methods.apply_method(model, recipe)
+    built = data.build_datasets(recipe.data)
+    model = method.build_model(recipe, tokenizer, built)
     trainable, total = modeling.count_parameters(model)
     log.info("trainable params: %s || all params: %s || trainable%%: %.4f",
              f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     if recipe.guards.check_disk:
         resilience.check_disk_space(model, recipe, out)
     param_report = freeze.report(model)
+    train_ds, eval_raw, data_stats = method.prepare_data(recipe, tokenizer, built)
 
-    # -- datasets -----------------------------------------------------------------------------
-    train_ds, eval_raw, fmt = built = data.build_datasets(recipe.data)
-    train_ds, eval_raw, data_stats = data.prepare(recipe, tokenizer, built)  # lengths, truncation, chat template
-
-    # -- trainer (tokenizes the data, so it comes after the model and datasets) ---------------
-    trainer = training.build_trainer(recipe, model, tokenizer, train_ds, eval_raw, callbacks=callbacks)
+    # the trainer tokenizes (TRL), so it comes after the model and the data
+    trainer = method.build_trainer(recipe, model, tokenizer, train_ds, eval_raw, callbacks=callbacks)
     distributed.prepare_trainer(trainer)  # before train(): the FSDP wrap happens inside it
     resilience.install(trainer, recipe)  # atomic checkpoints, SIGTERM/SIGINT stop, NaN guard
     data_stats = data.finish_report(recipe, trainer, data_stats)  # packing / padding efficiency
 
     def measure(tag):
-        if trainer.eval_dataset is None or not recipe.eval.before_after:
+        if not recipe.eval.before_after:
             return None
-        result = evaluation.evaluate_lm(trainer.model, tokenizer, trainer.eval_dataset, eval_raw,
-                                        trainer.data_collator, recipe.eval)
-        log.info("eval %s training: %s", tag, ", ".join(f"{k}={v:.4g}" for k, v in result.items()))
+        result = method.evaluate(trainer.model, tokenizer, trainer, eval_raw, recipe.eval)
+        if result is not None:
+            log.info("eval %s training: %s", tag, method.describe(result))
         return result
 
-    # -- train --------------------------------------------------------------------------------
+    # -- train ----------------------------------------------------------------------------------
     before = measure("before")
     result = trainer.train(resume_from_checkpoint=resume)
     after = measure("after")
 
-    # -- save ---------------------------------------------------------------------------------
-    artifacts.save_artifact(trainer, tokenizer, out)
+    # -- save -----------------------------------------------------------------------------------
+    artifacts.save(trainer, tokenizer, out, method)
     freeze.save_report(out, param_report)
-    metrics = artifacts.run_metrics(recipe, trainer, result, started, data_format=fmt, data=data_stats,
-                                    trainable_params=trainable, total_params=total,
+    extra = {"labels": trainer.model.head_config["labels"]} if method.kind == "head" else {}
+    metrics = artifacts.run_metrics(recipe, trainer, result, started, data_format=built[2], data=data_stats,
+                                    **extra, trainable_params=trainable, total_params=total,
                                     eval_before=before, eval_after=after)
-    if recipe.is_peft:  # adapter MB on disk and % of the base model's size
-        line, sizes = methods.adapter_size_line(out, trainer.model)
-        log.info(line)
-        metrics.update(sizes)
+    line, sizes = artifacts.size_report(out, trainer.model, method)
+    log.info(line)
+    metrics.update(sizes)
     artifacts.write_metrics(out, metrics)
     artifacts.plot_loss(out, trainer.state.log_history)
-    if before and after:
+    if before and after and method.kind == "lm":
         log.info("\n%s", report_table(before, after))
     log.info("done in %.0f s; artifacts in %s", metrics["wall_seconds"], out)
-    return Run(metrics, trainer, tokenizer, out)
+    return Run(metrics, trainer, tokenizer, out, eval_raw)
 
 
 def report_table(before: dict, after: dict) -> str:

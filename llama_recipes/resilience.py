@@ -16,7 +16,6 @@ import re
 import shutil
 import signal
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from llama_recipes.errors import UserError
@@ -377,21 +376,6 @@ def check_not_empty(trainer, recipe) -> None:
             f"training.max_length={max_length} tokens (or the data is empty after data.max_samples/filters)",
             "raise training.max_length, shorten the prompts, or set training.truncation_mode=keep_end",
         )
-
-
-@contextmanager
-def peft_errors(model):
-    """PEFT's 'target modules not found' as a UserError naming modules that do exist."""
-    try:
-        yield
-    except ValueError as e:
-        if "not found in the base model" not in str(e):
-            raise
-        head = model.get_output_embeddings()  # TRL refuses LoRA on the LM head
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                         if type(m).__name__ == "Linear" and m is not head})
-        raise UserError(f"method.target_modules matches no module of the model: {str(e).splitlines()[0]}",
-                        f"use names this model has: {', '.join(linear)} (or all-linear)") from None
 
 
 # -- disk ---------------------------------------------------------------------------------------

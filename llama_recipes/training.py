@@ -1,4 +1,5 @@
 """Build TRL's SFTTrainer from the recipe: SFTConfig from `training:`, the model, the datasets."""
+from llama_recipes import data
 from llama_recipes.hardware import auto_bf16, has_accelerator
 from llama_recipes.log import get_logger
 
@@ -35,9 +36,7 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, callbacks=None):
     """SFTTrainer over an already-built model (PEFT wrapping and freezing are done by then)."""
     from trl import SFTTrainer
 
-    from llama_recipes import data, methods
-
-    trainer = SFTTrainer(
+    return SFTTrainer(
         model=model,
         args=sft_config(recipe, data.sft_overrides(recipe, train_ds)),
         train_dataset=train_ds,
@@ -45,7 +44,3 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, callbacks=None):
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    if methods.uses_plain_trainer(recipe):
-        trainer = methods.plain_trainer(trainer, callbacks)
-    methods.after_trainer(trainer, recipe)
-    return trainer

@@ -7,10 +7,9 @@ layer on bitsandbytes' generic CPU kernel, the one an AVX2 CPU runs.
 """
 import os
 
-import pytest
 import torch
-
 from conftest import FAST, ROOT, run_cli
+
 from llama_recipes import hardware
 from llama_recipes.schema import load_recipe
 

@@ -157,7 +157,7 @@ def test_saved_adapter_reloads_with_plain_peft(trained, key):
 
 @pytest.mark.parametrize("key", ["lora", "qlora4", "prompt_text"])
 def test_adapter_size_reported(trained, key):
-    from llama_recipes.methods import base_size_bytes
+    from llama_recipes.artifacts import base_size_bytes
 
     recipe, run = trained(key)
     m = json.loads((run.output_dir / "metrics.json").read_text())

@@ -16,11 +16,16 @@ from pydantic import Field, ValidationError, model_validator
 from llama_recipes.errors import RecipeError
 from llama_recipes.schema.base import Section
 from llama_recipes.schema.checks import redact
-from llama_recipes.schema.data import DataConfig, check_recipe as check_data
+from llama_recipes.schema.data import DataConfig
+from llama_recipes.schema.data import check_recipe as check_data
 from llama_recipes.schema.evaluation import EvalConfig
 from llama_recipes.schema.finetune import check_method_freeze
 from llama_recipes.schema.freeze import FreezeConfig
-from llama_recipes.schema.guards import RESUME_DESCRIPTION, RUN_CONTROL_KEYS, GuardsConfig
+from llama_recipes.schema.guards import (
+    RESUME_DESCRIPTION,
+    RUN_CONTROL_KEYS,
+    GuardsConfig,
+)
 from llama_recipes.schema.method import PEFT_METHODS, MethodConfig, check_combinations
 from llama_recipes.schema.model import ModelConfig
 from llama_recipes.schema.training import TrainingConfig

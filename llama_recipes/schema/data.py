@@ -4,6 +4,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from llama_recipes.schema.base import Section
+from llama_recipes.schema.method import PACKING_UNSAFE_METHODS
 
 Format = Literal["auto", "alpaca", "prompt_completion", "chat", "text", "summarization", "classification"]
 
@@ -15,8 +16,6 @@ DATA_OWNED_SFT_KEYS = {
 }
 # Attention kernels that cannot keep packed samples apart (flex_attention on CPU returned NaN here).
 PACKING_SAFE_ATTENTION = {"sdpa", "eager", "flash_attention_2"}
-# Methods that prepend virtual tokens once per packed row instead of once per sample.
-PACKING_UNSAFE_METHODS = {"prefix_tuning", "prompt_tuning", "p_tuning", "llama_adapter", "adaption_prompt"}
 
 
 class SourceFields(Section):

@@ -7,7 +7,9 @@ import typing
 
 from pydantic.fields import FieldInfo
 
+from llama_recipes.schema import Recipe
 from llama_recipes.schema.base import Section
+from llama_recipes.schema.method import MethodConfig
 
 
 def _type_name(ann) -> str:
@@ -47,9 +49,6 @@ def section_table(cls: type[Section], prefix: str) -> list[str]:
 
 
 def render_markdown() -> str:
-    from llama_recipes.schema import Recipe
-    from llama_recipes.schema.method import MethodConfig
-
     out = ["# Recipe reference", "",
            "Generated from the schema by `python -m llama_recipes.schema.docs > docs/recipes.md`; "
            "a test keeps it current. Unknown keys are errors.", "", "## Top level", ""]

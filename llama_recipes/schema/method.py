@@ -131,11 +131,20 @@ class IA3Method(Section):
 PEFT_METHOD_MODELS: list[type[Section]] = [
     LoraMethod, DoraMethod, QLoraMethod, LlamaAdapterMethod, PrefixMethod, PromptTuningMethod, IA3Method,
 ]
+METHOD_MODELS: dict[str, type[Section]] = {
+    m.model_fields["name"].annotation.__args__[0]: m for m in PEFT_METHOD_MODELS + FINETUNE_METHODS}
+# The schema is the only source of method names; llama_recipes/methods/ has one object per name.
+METHOD_NAMES = tuple(METHOD_MODELS)
 PEFT_METHODS = {m.model_fields["name"].annotation.__args__[0] for m in PEFT_METHOD_MODELS}
-# Methods whose update is a weight delta that can be folded into the base (llama_recipes.export).
-MERGEABLE_METHODS = {"lora", "dora", "qlora", "ia3"}
 # Methods that add virtual tokens to the sequence (prompt/prefix) rather than changing weights.
 VIRTUAL_TOKEN_METHODS = {"prefix", "prompt_tuning"}
+# Packing puts several samples in one row: these methods would add their prompt once per row.
+PACKING_UNSAFE_METHODS = VIRTUAL_TOKEN_METHODS | {"llama_adapter"}
+
+
+def method_defaults(name: str, given: dict | None = None) -> dict:
+    """The method section `given` with the schema's defaults filled in (what a recipe would get)."""
+    return METHOD_MODELS[name].model_validate({**(given or {}), "name": name}).model_dump()
 
 MethodConfig = Annotated[Union[tuple(PEFT_METHOD_MODELS + FINETUNE_METHODS)], Field(discriminator="name")]
 

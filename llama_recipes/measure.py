@@ -1,0 +1,265 @@
+"""Measure a model: token-weighted loss/perplexity, greedy generation, the tokens TRL trains on.
+
+What training (before/after numbers, methods/lm.py), the dry run and `--eval-only`
+(evaluation.py) all measure with, so the three report the same numbers for the same model.
+Under torchrun/accelerate launch `eval_loss(shard=True)` splits rows across ranks and sums once.
+"""
+import hashlib
+import json
+import math
+
+from llama_recipes.log import is_main_process
+from llama_recipes.metrics import generation_scores
+from llama_recipes.schema.training import sft_fields
+
+
+# -- distributed helpers: a no-op in one process -------------------------------------------------
+def _dist():
+    """(rank, world_size) of an initialised process group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _init_distributed():
+    """Join the process group torchrun / accelerate launch set up the environment for; return the device."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def _all_sum(values: list[float]) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    if _dist()[1] == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def _all_gather(obj) -> list:
+    import torch.distributed as dist
+
+    if _dist()[1] == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, disable=not enabled or not is_main_process(), leave=False)
+
+
+def autocast(args):
+    """The mixed-precision context a trainer with these arguments computes in (a no-op for fp32).
+
+    accelerate wraps the trained model's forward in it; a model loaded from disk for eval
+    computes under the same one, so eval numbers are the numbers training measured.
+    """
+    import contextlib
+
+    import torch
+
+    dtype = torch.bfloat16 if getattr(args, "bf16", False) is True else (
+        torch.float16 if getattr(args, "fp16", False) else None)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda" if torch.cuda.is_available() else "cpu", dtype=dtype)
+
+
+# -- loss and perplexity -----------------------------------------------------------------------
+def pad_collate(rows: list[dict], pad_token_id: int) -> dict:
+    """Right-pad input_ids/labels rows into a batch (what TRL's collator does without packing)."""
+    import torch
+
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r.get("labels", r["input_ids"]))
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def eval_loss(model, dataset, collator, batch_size: int = 16, shard: bool = False, progress: bool = False) -> dict:
+    """Token-weighted mean loss over every supervised token (labels != -100) of a tokenized dataset.
+
+    Unlike Trainer.evaluate (a mean of per-batch means), every supervised token weighs the same,
+    so the number does not depend on the batch size. With shard=True each rank takes every
+    world_size-th row and the sums are added across ranks once at the end.
+    """
+    import torch
+
+    model.eval()
+    rank, world = _dist() if shard else (0, 1)
+    order = list(range(rank, len(dataset), world))
+    if "input_ids" in dataset.column_names:  # longest first: less padding, and an early OOM if any
+        lengths = [len(x) for x in dataset.select(order)["input_ids"]] if order else []
+        order = [i for _, i in sorted(zip(lengths, order), key=lambda t: -t[0])]
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    starts = range(0, len(order), batch_size)
+    with torch.inference_mode():
+        for start in _progress(starts, len(starts), "eval loss", progress):
+            rows = [dataset[i] for i in order[start:start + batch_size]]
+            batch = {k: v.to(device) for k, v in collator(rows).items() if hasattr(v, "to")}
+            labels = batch.pop("labels")
+            # use_cache=False: with padding-free position_ids the cache path lets samples attend to each other
+            logits = model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")},
+                           use_cache=False).logits
+            logits = logits[:, -labels.shape[1]:]  # prompt tuning prepends virtual-token logits
+            shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                ignore_index=-100, reduction="sum",
+            )
+            total += loss.item()
+            count += int((shift_labels != -100).sum())
+    if shard:
+        total, count = _all_sum([total, float(count)])
+        count = int(count)
+    mean = total / max(count, 1)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50)), "tokens": count}
+
+
+# -- generation --------------------------------------------------------------------------------
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16,
+             add_special_tokens: bool = True, progress: bool = False) -> list[str]:
+    """Greedy, batched, left-padded generation that stops at EOS; returns only the new text.
+
+    Prompts are batched by length (less padding) and returned in the input order.
+    """
+    import torch
+
+    model.eval()
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the right end of every row
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    outputs: dict[int, str] = {}
+    starts = range(0, len(order), batch_size)
+    try:
+        with torch.inference_mode():
+            for start in _progress(starts, len(starts), "generate", progress):
+                idx = order[start:start + batch_size]
+                enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
+                                add_special_tokens=add_special_tokens).to(device)
+                out = model.generate(
+                    **enc, max_new_tokens=max_new_tokens, do_sample=False,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                )
+                new = out[:, enc["input_ids"].shape[1]:]
+                outputs.update(zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)))
+    finally:
+        tokenizer.padding_side = side
+    return [outputs[i] for i in range(len(prompts))]
+
+
+def evaluate_lm(model, tokenizer, tokenized_eval, raw_eval, collator, cfg) -> dict:
+    """Before/after numbers of a training run: loss/perplexity on TRL's tokenized eval set and,
+    for prompt/completion data, the recipe's generation metrics."""
+    n = min(len(tokenized_eval), cfg.limit or len(tokenized_eval))
+    result = eval_loss(model, tokenized_eval.select(range(n)), collator, cfg.batch_size)
+    if cfg.generate and cfg.metrics and raw_eval is not None and "prompt" in raw_eval.column_names:
+        rows = raw_eval.select(range(min(n, len(raw_eval))))
+        preds = generate(model, tokenizer, rows["prompt"], cfg.max_new_tokens, cfg.batch_size)
+        result.update(generation_scores(preds, rows["completion"], cfg.metrics))
+        result["examples"] = len(preds)
+    return result
+
+
+# -- tokenization for --eval-only (the same tokens and loss mask TRL's SFTTrainer trains on) ---
+def _training_setting(recipe, key: str):
+    kwargs = recipe.training.sft_kwargs()
+    return kwargs[key] if key in kwargs else sft_fields().get(key, {}).get("default")
+
+
+def tokenize_like_trl(ds, tokenizer, recipe):
+    """input_ids + labels per row, as TRL 1.16's SFTTrainer prepares them (no packing).
+
+    prompt/completion: EOS appended to the completion, loss only on completion tokens unless
+    training.completion_only_loss is false; text: EOS appended, loss on every token; chat: the
+    chat template, loss on assistant tokens when training.assistant_only_loss. Truncated to
+    training.max_length (keep_start); rows left without a supervised token are dropped.
+    """
+    eos = tokenizer.eos_token
+    only_completion = _training_setting(recipe, "completion_only_loss")
+    only_assistant = bool(_training_setting(recipe, "assistant_only_loss"))
+    max_length = _training_setting(recipe, "max_length")
+    text_field = _training_setting(recipe, "dataset_text_field") or "text"
+
+    def one(ex):
+        if "prompt" in ex:
+            completion = ex["completion"] if ex["completion"].endswith(eos) else ex["completion"] + eos
+            prompt_ids = tokenizer(text=ex["prompt"])["input_ids"]
+            ids = tokenizer(text=ex["prompt"] + completion)["input_ids"]
+            k = 0
+            while k < min(len(prompt_ids), len(ids)) and prompt_ids[k] == ids[k]:
+                k += 1
+            mask = [i >= k for i in range(len(ids))] if only_completion is not False else [True] * len(ids)
+        elif "messages" in ex:
+            out = tokenizer.apply_chat_template(ex["messages"], tokenize=True, return_dict=True,
+                                                return_assistant_tokens_mask=only_assistant)
+            ids = list(out["input_ids"])
+            mask = [bool(b) for b in out["assistant_masks"]] if only_assistant else [True] * len(ids)
+        else:
+            text = ex[text_field] if ex[text_field].endswith(eos) else ex[text_field] + eos
+            ids = tokenizer(text=text)["input_ids"]
+            mask = [True] * len(ids)
+        labels = [t if m else -100 for t, m in zip(ids, mask)]
+        if max_length is not None:
+            ids, labels = ids[:max_length], labels[:max_length]
+        return {"input_ids": ids, "labels": labels}
+
+    ds = ds.map(one, remove_columns=ds.column_names)
+    return ds.filter(lambda ex: any(x != -100 for x in ex["labels"]))
+
+
+def generation_pairs(raw, tokenizer) -> tuple[list[str], list[str], bool] | None:
+    """(prompts, references, add_special_tokens) for generation, or None if the data has no answers.
+
+    prompt/completion rows: the prompt as trained on. Chat rows ending in an assistant turn: the
+    conversation before it rendered with the generation prompt (the template adds BOS itself).
+    """
+    cols = raw.column_names
+    if "prompt" in cols and "completion" in cols:
+        return list(raw["prompt"]), list(raw["completion"]), True
+    if "messages" in cols and getattr(tokenizer, "chat_template", None):
+        prompts, refs = [], []
+        for msgs in raw["messages"]:
+            if msgs and msgs[-1]["role"] == "assistant":
+                prompts.append(tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True))
+                refs.append(msgs[-1]["content"])
+        return (prompts, refs, False) if prompts else None
+    return None
+
+
+def fingerprint_rows(ds) -> str:
+    """Content hash of the rows evaluated (the same rows give the same hash on any machine)."""
+    h = hashlib.sha256()
+    for row in ds:
+        h.update(json.dumps(row, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
