@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from llama_recipes.errors import UserError
-from llama_recipes.hardware import auto_bf16, has_accelerator
+from llama_recipes.hardware import has_accelerator, recipe_bf16
 from llama_recipes.log import get_logger, is_main_process, world_size
 
 log = get_logger(__name__)
@@ -109,7 +109,7 @@ def _resolve_auto_bf16(recipe):
     t = recipe.training
     if t.bf16 != "auto":
         return recipe
-    use, why = (False, "training.fp16 is on") if t.fp16 else auto_bf16()
+    use, why = recipe_bf16(recipe)
     log.info("precision: %s (training.bf16: auto; %s)", "bf16 autocast" if use else "fp32", why)
     return _set_training(recipe, bf16=use)
 

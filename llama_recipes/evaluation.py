@@ -14,7 +14,7 @@ from pathlib import Path
 
 from llama_recipes import artifacts, data, modeling
 from llama_recipes.errors import UserError
-from llama_recipes.hardware import auto_bf16
+from llama_recipes.hardware import recipe_bf16
 
 # The measurements themselves live in measure.py (training uses them too); re-exported here
 # because `evaluation.eval_loss(...)` is how notebooks and tests call them.
@@ -154,7 +154,7 @@ def recipe_precision(recipe):
 
 
     t = recipe.training
-    bf16 = t.bf16 if t.bf16 != "auto" else (not t.fp16 and auto_bf16()[0])
+    bf16 = t.bf16 if t.bf16 != "auto" else recipe_bf16(recipe)[0]
     return SimpleNamespace(bf16=bool(bf16), fp16=bool(t.fp16))
 
 

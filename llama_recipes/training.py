@@ -1,6 +1,6 @@
 """Build TRL's SFTTrainer from the recipe: SFTConfig from `training:`, the model, the datasets."""
 from llama_recipes import data
-from llama_recipes.hardware import auto_bf16, has_accelerator
+from llama_recipes.hardware import has_accelerator, recipe_bf16
 from llama_recipes.log import get_logger
 
 log = get_logger(__name__)
@@ -10,11 +10,11 @@ def sft_config(recipe, data_overrides: dict | None = None):
     from trl import SFTConfig
 
     kwargs = {**recipe.training.sft_kwargs(), **(data_overrides or {})}  # data keys: see data.sft_overrides
-    kwargs.update(device_kwargs(kwargs))
+    kwargs.update(device_kwargs(recipe, kwargs))
     return SFTConfig(output_dir=recipe.output_dir, seed=recipe.seed, **kwargs)
 
 
-def device_kwargs(kwargs: dict) -> dict:
+def device_kwargs(recipe, kwargs: dict) -> dict:
     """Trainer arguments that follow the device rather than the recipe (unless the recipe set them).
 
     bf16 "auto" is normally resolved by distributed.setup (with a log line); this covers callers
@@ -24,7 +24,7 @@ def device_kwargs(kwargs: dict) -> dict:
     out = {}
     gpu = has_accelerator()
     if kwargs.get("bf16") == "auto":
-        out["bf16"] = False if kwargs.get("fp16") else auto_bf16()[0]
+        out["bf16"] = recipe_bf16(recipe)[0]
     if not gpu and "dataloader_pin_memory" not in kwargs:
         out["dataloader_pin_memory"] = False
     if not gpu and out.get("bf16", kwargs.get("bf16")) and "use_cpu" not in kwargs:

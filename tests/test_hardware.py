@@ -31,6 +31,9 @@ def test_auto_bf16_follows_the_cpu_flags():
     native = bool(set(hardware.NATIVE_BF16_FLAGS) & hardware.cpu_flags())
     assert use == (native and hardware.cpu_isa().startswith("AVX512")), why
     assert hardware.cpu_isa() in why
+    # a model too small for bf16 matmuls to pay stays fp32 on every CPU; a large one follows the CPU
+    assert hardware.auto_bf16(hidden_size=128)[0] is False
+    assert hardware.auto_bf16(hidden_size=hardware.CPU_BF16_MIN_HIDDEN)[0] == use
 
 
 def _qlora_bf16(packed: str):
@@ -76,7 +79,8 @@ def test_demo_precision_auto_is_logged_and_used(tmp_path):
     fast = [o for o in FAST if not o.startswith("training.bf16")]
     r = run_cli(str(DEMO), *fast, "training.max_steps=2", f"output_dir={tmp_path / 'o'}", "eval.before_after=false")
     assert r.returncode == 0, r.stderr[-3000:]
-    use, why = hardware.auto_bf16()
+    use, why = hardware.recipe_bf16(load_recipe(DEMO))
+    assert use is False, why  # the 1M-parameter demo (hidden 128): fp32 on every CPU
     line = [ln for ln in r.stderr.splitlines() if ln.startswith("precision:")]
     assert line == [f"precision: {'bf16 autocast' if use else 'fp32'} (training.bf16: auto; {why})"]
     saved = (tmp_path / "o" / "recipe.yaml").read_text()
@@ -92,3 +96,11 @@ def test_forced_avx2_path_picks_fp32_and_qlora_passes_dry_run(tmp_path):
     line = [ln for ln in r.stderr.splitlines() if ln.startswith("precision:")]
     assert len(line) == 1 and line[0].startswith("precision: fp32 (training.bf16: auto; ") and "AVX2" in line[0]
     assert "dry run: PASS" in r.stdout
+
+
+def test_bf16_on_cpu_round_trips(tmp_path):
+    """Explicit bf16 autocast on CPU (what auto picks for bigger models on AVX512-BF16 CPUs) on this
+    machine's kernels: trains, saves, reloads to the same logits under the same autocast."""
+    r = run_cli(str(DEMO), f"output_dir={tmp_path / 'o'}", "training.bf16=true", "--dry-run")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "PASS  reload" in r.stdout and "dry run: PASS" in r.stdout
