@@ -224,8 +224,8 @@ def _check_fsdp1_orig_params(plugin, model) -> None:
 def wrap_class_names(model) -> list[str]:
     """The decoder-layer classes to shard one by one: the model's `_no_split_modules`."""
     names = getattr(model, "_no_split_modules", None)
-    if not names and hasattr(model, "get_base_model"):
-        names = getattr(model.get_base_model(), "_no_split_modules", None)
+    if not names:  # a PEFT wrapper or a task head around the transformer: ask the transformer
+        names = next((m._no_split_modules for m in model.modules() if getattr(m, "_no_split_modules", None)), None)
     return list(names or [])
 
 

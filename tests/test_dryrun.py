@@ -64,3 +64,17 @@ def test_dry_run_two_ranks(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count("dry run: PASS") == 1, r.stdout
     assert "PASS  reload" in r.stdout and "3 steps on 2 process(es)" in r.stdout and not real.exists()
+
+
+@pytest.mark.parametrize("twin", ["tiny_classifier_head", "tiny_mlp_head"])
+def test_dry_run_of_a_head_recipe_reloads_the_head(tmp_path, capsys, twin):
+    """Heads go through the same lifecycle: train, save, reload through artifacts.load, same logits,
+    the reloaded head's accuracy equal to what training measured."""
+    recipe = load_recipe(ROOT / "recipes" / "demo" / f"{twin}.yaml", [f"output_dir={tmp_path / 'o'}"])
+    assert dryrun.main(recipe, ARGS) == 0
+    out = capsys.readouterr().out
+    for stage in ("train", "save", "reload", "eval", "timing"):
+        assert f"PASS  {stage}" in out, out
+    assert "head.safetensors" in out and "max |logits difference| 0.00e+00" in out
+    assert "reloaded model: accuracy" in out and "trained model:" in out
+    assert not (tmp_path / "o").exists()

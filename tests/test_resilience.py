@@ -301,3 +301,33 @@ def test_changing_resume_or_guards_is_the_same_run_but_another_recipe_is_refused
     with pytest.raises(UserError, match="holds a run of a different recipe"):
         prepare_output_dir(validate_recipe({**base, "seed": 1}))
     assert (tmp_path / "o" / "recipe.yaml").read_bytes() == saved
+
+
+def test_head_run_stopped_by_sigterm_resumes_on_the_same_command(tmp_path):
+    """A task head gets the same stop/resume as LM methods (one lifecycle): SIGTERM after a
+    checkpoint, rerun, and the losses equal an uninterrupted run's."""
+    head = {"method": {"name": "mlp_head", "hidden_sizes": [32], "dropout": 0.1},
+            "data": {"path": "builtin:classify", "format": "classification", "max_samples": 64}}
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, out, extra=head, save_steps=3, max_length=64)
+    proc = spawn(recipe, {resilience.SAVE_HOOK_ENV: "3:pause"})
+    try:
+        wait_for(out / resilience.STAGING / "checkpoint-3" / "trainer_state.json", proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    assert resilience.is_complete(out / "checkpoint-4") and not (out / "head.safetensors").exists()
+    assert cli_main([str(recipe)]) == 0  # the same command resumes from checkpoint-4
+    ref_out = tmp_path / "reference"
+    assert cli_main([str(write_recipe(tmp_path, ref_out, name="ref.yaml", extra=head, save_steps=3,
+                                      max_length=64))]) == 0
+    stopped, ref = step_losses(out), step_losses(ref_out)
+    assert sorted(stopped) == list(range(1, 9)) == sorted(ref)
+    for step in ref:
+        assert stopped[step] == pytest.approx(ref[step], abs=1e-5), step
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(out / "head.safetensors")), load_file(str(ref_out / "head.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max().item() < 1e-5 for k in a)
