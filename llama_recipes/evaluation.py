@@ -16,59 +16,11 @@ from pathlib import Path
 from llama_recipes.errors import UserError
 from llama_recipes.log import get_logger, is_main_process
 from llama_recipes.metrics import exact_match, generation_scores, normalize_answer  # noqa: F401  (re-exported)
+from llama_recipes.runtime import collectives
 
 log = get_logger(__name__)
 RESULTS_FILE = "eval_results.json"
 PREDICTIONS_FILE = "predictions.jsonl"
-
-
-# -- distributed helpers: a no-op in one process -------------------------------------------------
-def _dist():
-    """(rank, world_size) of an initialised process group, else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _init_distributed():
-    """Join the process group torchrun / accelerate launch set up the environment for; return the device."""
-    import os
-
-    import torch
-    import torch.distributed as dist
-
-    cuda = torch.cuda.is_available()
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(local)
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return torch.device(f"cuda:{local}" if cuda else "cpu")
-
-
-def _all_sum(values: list[float]) -> list[float]:
-    import torch
-    import torch.distributed as dist
-
-    if _dist()[1] == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return t.cpu().tolist()
-
-
-def _all_gather(obj) -> list:
-    import torch.distributed as dist
-
-    if _dist()[1] == 1:
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -121,7 +73,7 @@ def eval_loss(model, dataset, collator, batch_size: int = 16, shard: bool = Fals
     import torch
 
     model.eval()
-    rank, world = _dist() if shard else (0, 1)
+    rank, world = collectives.rank_world() if shard else (0, 1)
     order = list(range(rank, len(dataset), world))
     if "input_ids" in dataset.column_names:  # longest first: less padding, and an early OOM if any
         lengths = [len(x) for x in dataset.select(order)["input_ids"]] if order else []
@@ -146,7 +98,7 @@ def eval_loss(model, dataset, collator, batch_size: int = 16, shard: bool = Fals
             total += loss.item()
             count += int((shift_labels != -100).sum())
     if shard:
-        total, count = _all_sum([total, float(count)])
+        total, count = collectives.all_sum([total, float(count)])
         count = int(count)
     mean = total / max(count, 1)
     return {"loss": mean, "perplexity": math.exp(min(mean, 50)), "tokens": count}
@@ -381,9 +333,9 @@ def evaluate_target(recipe, target: Target) -> tuple[dict, list[dict]]:
     datasets.disable_progress_bars()  # a few thousand rows map in a blink; the eval bars are the ones that matter
     cfg = recipe.eval
     started = time.time()
-    device = _init_distributed()
+    device = collectives.init_for_eval()
     set_seed(cfg.seed)
-    rank, world = _dist()
+    rank, world = collectives.rank_world()
     seconds: dict[str, float] = {}
 
     _, eval_raw, fmt = data.build_datasets(recipe.data)
@@ -416,7 +368,7 @@ def recipe_precision(recipe):
 
 
 def _evaluate_loaded(recipe, target, cfg, eval_raw, fmt, tokenizer, model, collate, started, seconds):
-    rank, world = _dist()
+    rank, world = collectives.rank_world()
     t = time.time()
     metrics = eval_loss(model, tokenize_like_trl(eval_raw, tokenizer, recipe), collate, cfg.batch_size,
                         shard=True, progress=True)
@@ -430,7 +382,7 @@ def _evaluate_loaded(recipe, target, cfg, eval_raw, fmt, tokenizer, model, colla
         mine = list(range(rank, len(prompts), world))
         preds = generate(model, tokenizer, [prompts[i] for i in mine], cfg.max_new_tokens, cfg.batch_size,
                          add_special_tokens=special, progress=True)
-        gathered = dict(kv for part in _all_gather(list(zip(mine, preds))) for kv in part)
+        gathered = dict(kv for part in collectives.all_gather_object(list(zip(mine, preds))) for kv in part)
         preds = [gathered[i] for i in range(len(prompts))]
         seconds["generate"] = time.time() - t
         metrics.update(generation_scores(preds, refs, cfg.metrics))
