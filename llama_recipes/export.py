@@ -1,6 +1,7 @@
 """Merge a trained adapter into its base and write a standalone model (safetensors + tokenizer).
 
-    python -m llama_recipes.export OUTPUT_DIR MERGED_DIR [--dtype bfloat16] [--verify]
+    llama-recipes export OUTPUT_DIR MERGED_DIR [--dtype bfloat16] [--verify]
+    python -m llama_recipes.export OUTPUT_DIR MERGED_DIR ...          (the same)
 
 OUTPUT_DIR is a run's directory (adapter_model.safetensors, adapter_config.json, recipe.yaml,
 tokenizer). MERGED_DIR then loads with plain `AutoModelForCausalLM.from_pretrained(MERGED_DIR)`.
@@ -11,7 +12,6 @@ and dequantized to the compute dtype first; merging into the original full-preci
 instead would add the quantization error the adapter never saw. Prefix tuning, prompt tuning
 and LLaMA-Adapter add tokens or attention paths, not weight deltas: they cannot be merged.
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -112,22 +112,10 @@ def max_logit_difference(adapter_dir: str | Path, merged_dir: str | Path, text: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llama_recipes.export",
-                                description="Merge a LoRA/DoRA/QLoRA/IA3 adapter into its base model.")
-    p.add_argument("output_dir", help="the run's output_dir (holds adapter_config.json and recipe.yaml)")
-    p.add_argument("merged_dir", help="where the standalone model is written (must be new or empty)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the merged weights (default: the recipe's model.dtype; QLoRA: compute_dtype)")
-    p.add_argument("--verify", action="store_true", help="reload both and print the largest logit difference")
-    args = p.parse_args(argv)
-    try:
-        merge_and_export(args.output_dir, args.merged_dir, args.dtype)
-        if args.verify:
-            print(f"max |logit difference| base+adapter vs merged: {max_logit_difference(args.output_dir, args.merged_dir):.3g}")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """`python -m llama_recipes.export ...`: the `llama-recipes export` command (parser in llama_recipes/cli.py)."""
+    from llama_recipes import cli  # here, not at the top: the CLI imports this module to run the command
+
+    return cli.run_command("export", argv, prog="python -m llama_recipes.export")
 
 
 if __name__ == "__main__":
