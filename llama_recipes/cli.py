@@ -115,8 +115,8 @@ def build_command_parser(prog: str = "llama-recipes") -> tuple[argparse.Argument
 
 
 # -- commands ----------------------------------------------------------------------------------------
-# Each command imports its module when it runs: those modules import torch, TRL or PEFT (directly or
-# through their siblings), and `--help` or a typo must not pay for that.
+# Each command imports its module when it runs, so `--help` and a typo never pay for what a command's
+# module imports at its top (heads.py imports torch there; pipeline.py may reach it through siblings).
 
 def _command_from_flags(args) -> str:
     """The command run_recipe.py's flags name, in the order they always took precedence."""
