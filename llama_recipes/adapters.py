@@ -1,12 +1,11 @@
 """Several adapters on one loaded base: switch by name for eval and generation, no base reload.
 
-    python -m llama_recipes.adapters NAME=OUTPUT_DIR [NAME=OUTPUT_DIR ...] [--prompt TEXT ...]
+    llama-recipes adapters NAME=OUTPUT_DIR [NAME=OUTPUT_DIR ...] [--prompt TEXT ...]
+    python -m llama_recipes.adapters NAME=OUTPUT_DIR ...          (the same)
 
 Every OUTPUT_DIR is a PEFT run's directory on the same base model. Prints the memory arithmetic
 (one base + N adapters versus N full models) and, with --prompt, each adapter's greedy answer.
 """
-import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,30 +108,7 @@ class MultiAdapter:
         return measure.generate(self.use(name), self.tokenizer, prompts, max_new_tokens)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llama_recipes.adapters",
-                                description="Load one base and several adapters; print memory and answers.")
-    p.add_argument("adapters", nargs="+", help="NAME=OUTPUT_DIR of a PEFT run (all on the same base)")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt to answer with every adapter")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    args = p.parse_args(argv)
-    try:
-        runs = {}
-        for item in args.adapters:
-            name, sep, path = item.partition("=")
-            if not sep:
-                raise UserError(f"bad adapter argument {item!r}", "write NAME=OUTPUT_DIR")
-            runs[name] = path
-        multi = MultiAdapter(runs)
-        print(multi.memory().render())
-        for name in runs:
-            for prompt, answer in zip(args.prompt, multi.generate(name, args.prompt, args.max_new_tokens)):
-                print(json.dumps({"adapter": name, "prompt": prompt, "answer": answer}))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+if __name__ == "__main__":  # `python -m llama_recipes.adapters` is the `llama-recipes adapters` command
+    from llama_recipes.cli import run_command
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command("adapters", prog="python -m llama_recipes.adapters"))

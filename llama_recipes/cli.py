@@ -1,53 +1,154 @@
-"""Command line: `python run_recipe.py RECIPE [overrides]` and `llama-recipes run RECIPE [overrides]`.
+"""The command line: one parser, one subcommand per task.
 
-Only argparse, PyYAML and pydantic are imported before the recipe is validated, so `--help`
-and recipe errors answer in well under a second.
+    llama-recipes run RECIPE [overrides] [--overwrite] [--validate]     train
+    llama-recipes eval RECIPE [overrides] [--checkpoint DIR | --base]   = run_recipe.py --eval-only
+    llama-recipes estimate RECIPE [--gpus N --gpu-memory 80GB ...]      = run_recipe.py --estimate-memory
+    llama-recipes dry-run RECIPE [overrides]                            = run_recipe.py --dry-run
+    llama-recipes export OUTPUT_DIR MERGED_DIR [--dtype D] [--verify]   = python -m llama_recipes.export
+    llama-recipes adapters NAME=DIR ... [--prompt TEXT]                 = python -m llama_recipes.adapters
+
+`python run_recipe.py RECIPE [flags]` (`main`) is the same recipe commands chosen by flags, and
+shares their arguments. Only argparse is imported before a command runs (and PyYAML and pydantic
+before the recipe is validated), so `--help`, a typo and recipe errors answer in well under a
+second: each command imports its module, and with it torch, when it runs.
 """
 import argparse
+import json
 import sys
 
+from llama_recipes import __version__
 from llama_recipes.errors import UserError
 
+OVERRIDES_HELP = "Overrides use dotted keys: training.learning_rate=1e-4 method.r=16 data.max_samples=100"
 
-def build_parser(prog: str = "run_recipe.py") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description="Fine-tune (or evaluate) a model from a YAML recipe.",
-        epilog="Overrides use dotted keys: training.learning_rate=1e-4 method.r=16 data.max_samples=100",
-    )
+
+# -- arguments, shared by the subcommands and run_recipe.py's single parser ------------------------
+
+def _add_recipe(p) -> None:
     p.add_argument("recipe", help="path to a recipe YAML (see recipes/)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides applied on top of the recipe")
+
+
+def _add_train(p) -> None:
     p.add_argument("--overwrite", action="store_true", help="write into an output_dir that holds another run")
     p.add_argument("--validate", action="store_true", help="only validate the recipe and print it resolved")
+
+
+def _add_debug(p) -> None:
     p.add_argument("--debug", action="store_true", help="show full tracebacks for user errors")
+
+
+def _add_eval_target(p, when: str = "") -> None:
+    p.add_argument("--checkpoint", metavar="DIR", help=f"{when}evaluate this artifact directory instead of the recipe's output_dir")
+    p.add_argument("--base", action="store_true", help=f"{when}evaluate the untrained base model")
+
+
+def _add_estimate(p) -> None:
+    p.add_argument("--gpus", type=int, metavar="N", help="number of GPUs to estimate for (default: from --config or 1)")
+    p.add_argument("--gpu-memory", metavar="SIZE", help="memory per GPU, e.g. 80GB or 24GiB")
+    p.add_argument("--config", metavar="FILE", help="accelerate config the run will use (sharding, precision)")
+    p.add_argument("--compare", action="store_true", help="estimate every method side by side")
+
+
+def _add_export(p) -> None:
+    p.add_argument("output_dir", help="the run's output_dir (holds adapter_config.json and recipe.yaml)")
+    p.add_argument("merged_dir", help="where the standalone model is written (must be new or empty)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the merged weights (default: the recipe's model.dtype; QLoRA: compute_dtype)")
+    p.add_argument("--verify", action="store_true", help="reload both and print the largest logit difference")
+
+
+def _add_adapters(p) -> None:
+    p.add_argument("adapters", nargs="+", help="NAME=OUTPUT_DIR of a PEFT run (all on the same base)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt to answer with every adapter")
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
+
+
+# -- parsers -----------------------------------------------------------------------------------------
+
+def build_parser(prog: str = "run_recipe.py") -> argparse.ArgumentParser:
+    """run_recipe.py's parser: one recipe, the command chosen by flags (default: train)."""
+    p = argparse.ArgumentParser(prog=prog, description="Fine-tune (or evaluate) a model from a YAML recipe.",
+                                epilog=OVERRIDES_HELP)
+    _add_recipe(p)
+    _add_train(p)
+    _add_debug(p)
     ev = p.add_argument_group("evaluation (--eval-only)")
     ev.add_argument("--eval-only", action="store_true", help="evaluate the recipe's artifact instead of training")
-    ev.add_argument("--checkpoint", help="with --eval-only: evaluate this artifact directory instead")
-    ev.add_argument("--base", action="store_true", help="with --eval-only: evaluate the untrained base model")
+    _add_eval_target(ev, when="with --eval-only: ")
     mem = p.add_argument_group("memory estimate (--estimate-memory)")
     mem.add_argument("--estimate-memory", action="store_true", help="print a per-device memory estimate and a verdict")
-    mem.add_argument("--gpus", type=int, help="number of GPUs to estimate for (default: from --config or 1)")
-    mem.add_argument("--gpu-memory", help="memory per GPU, e.g. 80GB or 24GiB")
-    mem.add_argument("--config", help="accelerate config the run will use (sharding, precision)")
-    mem.add_argument("--compare", action="store_true", help="estimate every method side by side")
+    _add_estimate(mem)
     p.add_argument("--dry-run", action="store_true",
                    help="train a few steps, save, reload and eval in a scratch directory; print PASS/FAIL per stage")
     return p
 
 
-def dispatch(recipe, args) -> int:
-    """Run the mode the flags ask for. Each mode is one call into its module."""
+# name: (one-line help, the arguments it takes)
+COMMANDS = {
+    "run": ("train a model from a recipe", (_add_recipe, _add_train, _add_debug)),
+    "eval": ("evaluate the recipe's artifact, another artifact (--checkpoint) or the base model (--base)",
+             (_add_recipe, _add_eval_target, _add_debug)),
+    "estimate": ("per-device memory estimate and a fits/does-not-fit verdict (reads only the model config)",
+                 (_add_recipe, _add_estimate, _add_debug)),
+    "dry-run": ("train a few steps, save, reload and eval in a scratch directory; PASS/FAIL per stage",
+                (_add_recipe, _add_debug)),
+    "export": ("merge a LoRA/DoRA/QLoRA/IA3 adapter into its base model", (_add_export,)),
+    "adapters": ("load one base and several adapters; print memory and answers", (_add_adapters,)),
+}
+RECIPE_COMMANDS = ("run", "eval", "estimate", "dry-run")
+
+
+def build_command_parser(prog: str = "llama-recipes") -> tuple[argparse.ArgumentParser, dict]:
+    """The `llama-recipes COMMAND` parser and each command's own parser, by name."""
+    p = argparse.ArgumentParser(prog=prog, description="Fine-tune Llama-family models from one YAML recipe.",
+                                epilog=f"`{prog} COMMAND --help` shows a command's arguments.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parsers = {}
+    for name, (help_, adders) in COMMANDS.items():
+        parsers[name] = sub.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + ".",
+                                       epilog=OVERRIDES_HELP if name in RECIPE_COMMANDS else None)
+        for add in adders:
+            add(parsers[name])
+    return p, parsers
+
+
+# -- commands ----------------------------------------------------------------------------------------
+# Each command imports its module when it runs, so `--help` and a typo never pay for what a command's
+# module imports at its top (heads.py imports torch there; pipeline.py may reach it through siblings).
+
+def _command_from_flags(args) -> str:
+    """The command run_recipe.py's flags name, in the order they always took precedence."""
     if args.estimate_memory:
+        return "estimate"
+    if args.dry_run:
+        return "dry-run"
+    if (args.checkpoint or args.base) and not args.eval_only:
+        raise UserError("--checkpoint and --base choose what --eval-only evaluates", "add --eval-only")
+    return "eval" if args.eval_only else "run"
+
+
+def _recipe_command(args, command: str | None) -> int:
+    """Load and validate the recipe, then run `command` on it (None: the command run_recipe.py's flags name)."""
+    from llama_recipes.schema import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if getattr(args, "validate", False):
+        import yaml
+
+        print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+        return 0
+    command = command or _command_from_flags(args)
+    if command == "estimate":
         from llama_recipes import memory
 
         return memory.main(recipe, args)
-    if args.dry_run:
+    if command == "dry-run":
         from llama_recipes import dryrun
 
         return dryrun.main(recipe, args)
-    if (args.checkpoint or args.base) and not args.eval_only:
-        raise UserError("--checkpoint and --base choose what --eval-only evaluates", "add --eval-only")
-    if args.eval_only:
+    if command == "eval":
         from llama_recipes import evaluation
 
         return evaluation.eval_only(recipe, args)
@@ -57,33 +158,76 @@ def dispatch(recipe, args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None, prog: str = "run_recipe.py") -> int:
-    args = build_parser(prog).parse_intermixed_args(argv)
+def _export(args) -> int:
+    from llama_recipes import export
+
+    export.merge_and_export(args.output_dir, args.merged_dir, args.dtype)
+    if args.verify:
+        diff = export.max_logit_difference(args.output_dir, args.merged_dir)
+        print(f"max |logit difference| base+adapter vs merged: {diff:.3g}")
+    return 0
+
+
+def _adapters(args) -> int:
+    from llama_recipes import adapters
+
+    runs = {}
+    for item in args.adapters:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise UserError(f"bad adapter argument {item!r}", "write NAME=OUTPUT_DIR")
+        runs[name] = path
+    multi = adapters.MultiAdapter(runs)
+    print(multi.memory().render())
+    for name in runs:
+        for prompt, answer in zip(args.prompt, multi.generate(name, args.prompt, args.max_new_tokens)):
+            print(json.dumps({"adapter": name, "prompt": prompt, "answer": answer}))
+    return 0
+
+
+def _guarded(command, args) -> int:
+    """Run a command; a UserError becomes `error: ...` on stderr and its exit code (2), no traceback."""
     try:
-        from llama_recipes.schema import load_recipe
-
-        recipe = load_recipe(args.recipe, args.overrides)
-        if args.validate:
-            import yaml
-
-            print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
-            return 0
-        return dispatch(recipe, args)
+        return command(args)
     except UserError as e:
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
         print(f"error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
 
 
-def console_main() -> int:
-    """`llama-recipes run RECIPE ...` (the installed console script)."""
-    argv = sys.argv[1:]
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: llama-recipes run RECIPE [overrides] [options]\n\n"
-              "commands:\n  run   train or evaluate a recipe (see `llama-recipes run --help`)")
-        return 0 if argv else 2
-    if argv[0] != "run":
-        print(f"error: unknown command {argv[0]!r}; use `llama-recipes run RECIPE`", file=sys.stderr)
-        return 2
-    return main(argv[1:], prog="llama-recipes run")
+def run_command(name: str, argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Parse `argv` with command `name`'s parser and run the command; returns the exit code."""
+    parser = build_command_parser()[1][name]
+    if prog:
+        parser.prog = prog
+    # The command's own parser reads its arguments: argparse cannot intermix options and
+    # positionals (`RECIPE a=1 --validate b=2`) across a subparser boundary.
+    args = parser.parse_intermixed_args(argv)
+    if name in RECIPE_COMMANDS:
+        return _guarded(lambda a: _recipe_command(a, name), args)
+    return _guarded(_export if name == "export" else _adapters, args)
+
+
+# -- entry points ------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None, prog: str = "run_recipe.py") -> int:
+    """`python run_recipe.py RECIPE [overrides] [flags]`; returns the exit code."""
+    args = build_parser(prog).parse_intermixed_args(argv)
+    return _guarded(lambda a: _recipe_command(a, None), args)
+
+
+def console_main(argv: list[str] | None = None) -> int:
+    """`llama-recipes COMMAND ...` (the installed console script); returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, parsers = build_command_parser()
+    if argv and argv[0] in parsers:
+        return run_command(argv[0], argv[1:])
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        parser.error(f"{argv[0]} is not a command; to train it: {parser.prog} run {argv[0]}")
+    parser.parse_args(argv)  # --help, --version or a usage error: argparse prints it and exits
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(console_main())

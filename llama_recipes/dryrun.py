@@ -23,6 +23,7 @@ from llama_recipes import artifacts, measure, methods, pipeline
 from llama_recipes.data import build_datasets
 from llama_recipes.log import get_logger, is_main_process, world_size
 from llama_recipes.measure import autocast
+from llama_recipes.runtime import collectives
 from llama_recipes.schema import apply_overrides, validate_recipe
 
 log = get_logger(__name__)
@@ -115,12 +116,9 @@ class Report:
 
     def merge_ranks(self) -> None:
         """Under a launcher: a stage fails if it failed on any rank (rank 0's details otherwise)."""
-        if not _dist():
+        if not collectives.is_distributed():
             return
-        import torch.distributed as dist
-
-        every: list = [None] * dist.get_world_size()
-        dist.all_gather_object(every, self.rows)
+        every = collectives.all_gather_object(self.rows)
         merged: dict[str, tuple[str, str, str]] = {}
         for r, rows in enumerate(every):
             for stage, status, detail in rows:
@@ -136,19 +134,6 @@ class Report:
         lines = ["dry run:"] + [f"  {s:<5} {stage:<10} {d}" for stage, s, d in self.rows]
         lines.append(f"dry run: {'PASS' if self.passed else 'FAIL'}")
         return "\n".join(lines)
-
-
-def _dist() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
-def _barrier() -> None:
-    if _dist():
-        import torch.distributed as dist
-
-        dist.barrier()
 
 
 def _fmt_time(sec: float) -> str:
@@ -180,7 +165,7 @@ def run(recipe) -> Report:
             report.add("train", False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             log.debug("%s", traceback.format_exc())
             return report
-        _barrier()  # rank 0 writes the artifact; every rank reloads it
+        collectives.barrier()  # rank 0 writes the artifact; every rank reloads it
         losses = [h["loss"] for h in result.trainer.state.log_history if "loss" in h]
         ok = result.trainer.state.global_step == steps and losses and all(math.isfinite(x) for x in losses)
         procs = result.trainer.args.world_size
@@ -247,7 +232,7 @@ def run(recipe) -> Report:
     finally:
         try:
             report.merge_ranks()
-            _barrier()  # nobody is still reading the scratch directory
+            collectives.barrier()  # nobody is still reading the scratch directory
         except Exception as e:  # a rank that died mid-way: report what this rank saw
             log.warning("dry run: could not collect the other ranks' results: %s", e)
         if is_main_process():

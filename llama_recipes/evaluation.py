@@ -21,9 +21,6 @@ from llama_recipes.hardware import recipe_bf16
 from llama_recipes.heads import evaluate_artifact
 from llama_recipes.log import get_logger, is_main_process
 from llama_recipes.measure import (  # noqa: F401
-    _all_gather,
-    _dist,
-    _init_distributed,
     autocast,
     eval_loss,
     evaluate_lm,
@@ -35,6 +32,7 @@ from llama_recipes.measure import (  # noqa: F401
 )
 from llama_recipes.metrics import exact_match, generation_scores, normalize_answer  # noqa: F401  (re-exported)
 from llama_recipes.paths import resolve
+from llama_recipes.runtime import collectives
 from llama_recipes.schema.data import DataConfig, SourceConfig
 
 log = get_logger(__name__)
@@ -107,10 +105,7 @@ def eval_only(recipe, args) -> int:
         results, predictions = evaluate_target(recipe, target)
         write_results(target.results_dir, results, predictions)
     finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        collectives.destroy()
     log.info("\n%s", results_table(results))
     log.info("eval results in %s", target.results_dir / RESULTS_FILE)
     return 0
@@ -125,9 +120,9 @@ def evaluate_target(recipe, target: Target) -> tuple[dict, list[dict]]:
     datasets.disable_progress_bars()  # a few thousand rows map in a blink; the eval bars are the ones that matter
     cfg = recipe.eval
     started = time.time()
-    device = _init_distributed()
+    device = collectives.init_for_eval()
     set_seed(cfg.seed)
-    rank, world = _dist()
+    rank, world = collectives.rank_world()
     seconds: dict[str, float] = {}
 
     _, eval_raw, fmt = data.build_datasets(recipe.data)
@@ -159,7 +154,7 @@ def recipe_precision(recipe):
 
 
 def _evaluate_loaded(recipe, target, cfg, eval_raw, fmt, tokenizer, model, collate, started, seconds):
-    rank, world = _dist()
+    rank, world = collectives.rank_world()
     t = time.time()
     metrics = eval_loss(model, tokenize_like_trl(eval_raw, tokenizer, recipe), collate, cfg.batch_size,
                         shard=True, progress=True)
@@ -173,7 +168,7 @@ def _evaluate_loaded(recipe, target, cfg, eval_raw, fmt, tokenizer, model, colla
         mine = list(range(rank, len(prompts), world))
         preds = generate(model, tokenizer, [prompts[i] for i in mine], cfg.max_new_tokens, cfg.batch_size,
                          add_special_tokens=special, progress=True)
-        gathered = dict(kv for part in _all_gather(list(zip(mine, preds))) for kv in part)
+        gathered = dict(kv for part in collectives.all_gather_object(list(zip(mine, preds))) for kv in part)
         preds = [gathered[i] for i in range(len(prompts))]
         seconds["generate"] = time.time() - t
         metrics.update(generation_scores(preds, refs, cfg.metrics))

@@ -1,6 +1,7 @@
 """Merge a trained adapter into its base and write a standalone model (safetensors + tokenizer).
 
-    python -m llama_recipes.export OUTPUT_DIR MERGED_DIR [--dtype bfloat16] [--verify]
+    llama-recipes export OUTPUT_DIR MERGED_DIR [--dtype bfloat16] [--verify]
+    python -m llama_recipes.export OUTPUT_DIR MERGED_DIR ...          (the same)
 
 OUTPUT_DIR is a run's directory (adapter_model.safetensors, adapter_config.json, recipe.yaml,
 tokenizer). MERGED_DIR then loads with plain `AutoModelForCausalLM.from_pretrained(MERGED_DIR)`.
@@ -11,7 +12,6 @@ and dequantized to the compute dtype first; merging into the original full-preci
 instead would add the quantization error the adapter never saw. Prefix tuning, prompt tuning
 and LLaMA-Adapter add tokens or attention paths, not weight deltas: they cannot be merged.
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -103,24 +103,7 @@ def max_logit_difference(adapter_dir: str | Path, merged_dir: str | Path, text: 
     return float((a - b).abs().max())
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llama_recipes.export",
-                                description="Merge a LoRA/DoRA/QLoRA/IA3 adapter into its base model.")
-    p.add_argument("output_dir", help="the run's output_dir (holds adapter_config.json and recipe.yaml)")
-    p.add_argument("merged_dir", help="where the standalone model is written (must be new or empty)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the merged weights (default: the recipe's model.dtype; QLoRA: compute_dtype)")
-    p.add_argument("--verify", action="store_true", help="reload both and print the largest logit difference")
-    args = p.parse_args(argv)
-    try:
-        merge_and_export(args.output_dir, args.merged_dir, args.dtype)
-        if args.verify:
-            print(f"max |logit difference| base+adapter vs merged: {max_logit_difference(args.output_dir, args.merged_dir):.3g}")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+if __name__ == "__main__":  # `python -m llama_recipes.export` is the `llama-recipes export` command
+    from llama_recipes.cli import run_command
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command("export", prog="python -m llama_recipes.export"))

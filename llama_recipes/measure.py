@@ -10,56 +10,8 @@ import math
 
 from llama_recipes.log import is_main_process
 from llama_recipes.metrics import generation_scores
+from llama_recipes.runtime import collectives
 from llama_recipes.schema.training import sft_fields
-
-
-# -- distributed helpers: a no-op in one process -------------------------------------------------
-def _dist():
-    """(rank, world_size) of an initialised process group, else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _init_distributed():
-    """Join the process group torchrun / accelerate launch set up the environment for; return the device."""
-    import os
-
-    import torch
-    import torch.distributed as dist
-
-    cuda = torch.cuda.is_available()
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(local)
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return torch.device(f"cuda:{local}" if cuda else "cpu")
-
-
-def _all_sum(values: list[float]) -> list[float]:
-    import torch
-    import torch.distributed as dist
-
-    if _dist()[1] == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return t.cpu().tolist()
-
-
-def _all_gather(obj) -> list:
-    import torch.distributed as dist
-
-    if _dist()[1] == 1:
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -112,7 +64,7 @@ def eval_loss(model, dataset, collator, batch_size: int = 16, shard: bool = Fals
     import torch
 
     model.eval()
-    rank, world = _dist() if shard else (0, 1)
+    rank, world = collectives.rank_world() if shard else (0, 1)
     order = list(range(rank, len(dataset), world))
     if "input_ids" in dataset.column_names:  # longest first: less padding, and an early OOM if any
         lengths = [len(x) for x in dataset.select(order)["input_ids"]] if order else []
@@ -137,7 +89,7 @@ def eval_loss(model, dataset, collator, batch_size: int = 16, shard: bool = Fals
             total += loss.item()
             count += int((shift_labels != -100).sum())
     if shard:
-        total, count = _all_sum([total, float(count)])
+        total, count = collectives.all_sum([total, float(count)])
         count = int(count)
     mean = total / max(count, 1)
     return {"loss": mean, "perplexity": math.exp(min(mean, 50)), "tokens": count}

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from llama_recipes.errors import UserError
 from llama_recipes.log import get_logger, is_main_process
+from llama_recipes.runtime import collectives
 
 log = get_logger(__name__)
 
@@ -171,15 +172,6 @@ def _save_hook(step: int, signals) -> None:
         time.sleep(0.05)
 
 
-def _barrier() -> None:
-    # torch's own barrier: accelerate's wait_for_everyone is a no-op when it did not set up the
-    # process group itself (torchrun on CPU here), and then rank 0 could rename under rank 1's writes.
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def _atomic_checkpoints(trainer, signals=None) -> None:
     """Make the trainer's checkpoint saves atomic and take over save_total_limit."""
     limit = trainer.args.save_total_limit
@@ -193,14 +185,14 @@ def _atomic_checkpoints(trainer, signals=None) -> None:
         name = f"checkpoint-{trainer.state.global_step}"
         if trainer.args.should_save and is_main_process():  # RANK: should_save alone was true on every rank under torchrun on CPU
             shutil.rmtree(staging / name, ignore_errors=True)
-        _barrier()  # before any rank writes its RNG state there
+        collectives.barrier()  # before any rank writes its RNG state there
         trainer._get_output_dir = lambda trial=None: str(staging)
         try:
             original_save(model, trial)
         finally:
             del trainer._get_output_dir  # back to the class method
         _save_hook(trainer.state.global_step, signals)
-        _barrier()  # every rank wrote its shards and RNG state
+        collectives.barrier()  # every rank wrote its shards and RNG state
         if trainer.args.should_save and is_main_process():
             tmp, final = staging / name, run_dir / name
             best = trainer.state.best_model_checkpoint
@@ -222,26 +214,12 @@ def _atomic_checkpoints(trainer, signals=None) -> None:
             shutil.rmtree(staging, ignore_errors=True)
             for p in rotate(run_dir, limit, trainer.state.best_model_checkpoint):
                 log.info("save_total_limit=%s: deleted %s", limit, p.name)
-        _barrier()
+        collectives.barrier()
 
     trainer._save_checkpoint = save_checkpoint
 
 
 # -- SIGTERM / SIGINT ---------------------------------------------------------------------------
-
-def _any_rank(flag: bool) -> bool:
-    """True if any rank has the flag (ranks must agree on when to stop, or collectives hang)."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
 
 def _callbacks():
     from transformers import TrainerCallback
@@ -271,7 +249,7 @@ def _callbacks():
                 self.previous = {}
 
         def on_step_end(self, args, state, control, **kw):
-            if _any_rank(self.received is not None):
+            if collectives.any_rank(self.received is not None):
                 control.should_save = True
                 control.should_training_stop = True
                 self.stopped_at = state.global_step
@@ -308,7 +286,7 @@ def _callbacks():
             grad_bad = bool(grads) and not bool(torch.isfinite(
                 torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)).item())
             what = "loss" if self.loss_bad else "gradient norm"
-            bad = _any_rank(self.loss_bad or grad_bad)
+            bad = collectives.any_rank(self.loss_bad or grad_bad)
             self.loss_bad = False
             if not bad:
                 return

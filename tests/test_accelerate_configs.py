@@ -6,7 +6,6 @@ from unittest import mock
 
 import pytest
 import yaml
-
 from conftest import ROOT
 
 CONFIGS = sorted((ROOT / "accelerate_configs").glob("*.yaml"))
@@ -15,7 +14,10 @@ GPU_FSDP = ["fsdp_4gpu", "fsdp_8gpu", "fsdp_offload", "fsdp_qlora", "multinode_2
 
 def _launch(path):
     """(args, per-rank env) exactly as `accelerate launch --config_file PATH` computes them."""
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.commands.launch import (
+        _validate_launch_command,
+        launch_command_parser,
+    )
     from accelerate.utils.launch import prepare_multi_gpu_env
 
     args = launch_command_parser().parse_args(["--config_file", str(path), "run_recipe.py"])

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_resilience import MODEL
 
 from llama_recipes.cli import main as cli_main
 from llama_recipes.errors import UserError
-
-from test_resilience import MODEL
 
 BASE = {
     "model": {"name_or_path": str(MODEL), "dtype": "float32"},

@@ -3,7 +3,6 @@ import importlib.util
 import statistics
 
 import pytest
-
 from conftest import ROOT
 
 

@@ -5,8 +5,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY
+
 from llama_recipes import data, modeling, training
 from llama_recipes.errors import RecipeError, UserError
 from llama_recipes.schema import validate_recipe

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import DEMO_RECIPE, FP32, ROOT, TINY, free_port, run_cli
+
 from llama_recipes.distributed import REPORT_ENV
 
 # The tiny pretrained Llama shipped in the package (4 layers).

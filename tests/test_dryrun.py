@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import DEMO_RECIPE, FP32, ROOT, free_port
+
 from llama_recipes import dryrun
 from llama_recipes.schema import load_recipe
 

@@ -6,8 +6,8 @@ import sys
 from argparse import Namespace
 
 import pytest
-
 from conftest import DEMO_RECIPE, FAST, ROOT, TINY, free_port, run_cli
+
 from llama_recipes import evaluation
 from llama_recipes.errors import RecipeError, UserError
 from llama_recipes.schema import load_recipe

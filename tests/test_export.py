@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-
 from conftest import ROOT
+from test_methods import PROMPTS, SHORT, trained  # noqa: F401  (fixture)
+
 from llama_recipes.errors import UserError
 from llama_recipes.schema import load_recipe
-from test_methods import PROMPTS, SHORT, trained  # noqa: F401  (fixture)
 
 # fp32 summation order only (logits are ~10-20 in size).
 TOLERANCE = {"lora": 1e-4, "dora": 1e-4, "ia3": 1e-4, "qlora4": 1e-4, "qlora8": 1e-4}
@@ -60,21 +60,22 @@ def test_merged_model_loads_with_plain_transformers(trained, tmp_path, key):
     ("prefix", "key/value vectors"), ("prompt_text", "virtual tokens"), ("llama_adapter", "gated attention"),
 ])
 def test_unmergeable_methods_are_a_clear_error(trained, tmp_path, key, why):
-    from llama_recipes.export import main, merge_and_export
+    from llama_recipes.cli import run_command
+    from llama_recipes.export import merge_and_export
 
     _, run = trained(key)
     with pytest.raises(UserError, match="cannot merge") as e:
         merge_and_export(run.output_dir, tmp_path / "merged")
     assert why in str(e.value) and "not a weight delta" in str(e.value)
     assert not (tmp_path / "merged").exists()
-    assert main([str(run.output_dir), str(tmp_path / "m2")]) == 2  # the CLI: message, exit 2
+    assert run_command("export", [str(run.output_dir), str(tmp_path / "m2")]) == 2  # the CLI: message, exit 2
 
 
 def test_export_cli(trained, tmp_path, capsys):
-    from llama_recipes.export import main
+    from llama_recipes.cli import run_command
 
     _, run = trained("lora")
-    assert main([str(run.output_dir), str(tmp_path / "merged"), "--verify"]) == 0
+    assert run_command("export", [str(run.output_dir), str(tmp_path / "merged"), "--verify"]) == 0
     diff = float(capsys.readouterr().out.rsplit(":", 1)[1])
     assert diff < 1e-4
 

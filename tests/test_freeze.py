@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import ROOT, TINY
+
 from llama_recipes.errors import RecipeError, UserError
 from llama_recipes.freeze import apply_freeze, report, weight_snr
 from llama_recipes.schema import load_recipe, validate_recipe

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import ROOT, TINY
+
 from llama_recipes import heads
 from llama_recipes.errors import UserError
 from llama_recipes.schema import load_recipe

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 import yaml
+from conftest import DEMO_RECIPE, FAST, TINY, run_cli
 from safetensors.torch import load_file
 
-from conftest import DEMO_RECIPE, FAST, TINY, run_cli
 from llama_recipes.schema import load_recipe
 
 

@@ -4,8 +4,8 @@ import json
 from dataclasses import replace
 
 import pytest
-
 from conftest import ROOT, TINY
+
 from llama_recipes import memory
 from llama_recipes.errors import UserError
 from llama_recipes.schema import validate_recipe

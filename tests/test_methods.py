@@ -9,8 +9,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import FP32, ROOT, TINY
+
 from llama_recipes.errors import RecipeError, UserError
 from llama_recipes.schema import load_recipe, validate_recipe
 

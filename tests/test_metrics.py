@@ -2,8 +2,14 @@
 import pytest
 from rouge_score import rouge_scorer
 
-from llama_recipes.metrics import (classification_scores, exact_match, generation_scores, normalize_answer, rouge,
-                                   token_f1)
+from llama_recipes.metrics import (
+    classification_scores,
+    exact_match,
+    generation_scores,
+    normalize_answer,
+    rouge,
+    token_f1,
+)
 
 PAIRS = [  # (prediction, reference)
     ("the cat sat on the mat", "the cat sat on a mat"),

@@ -1,11 +1,10 @@
 """Recipe validation: strict, before any model is loaded, with the key path and the fix."""
 import json
-from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, run_cli
+
 from llama_recipes.errors import RecipeError
 from llama_recipes.schema import Recipe, apply_overrides, load_recipe, validate_recipe
 
@@ -115,7 +114,8 @@ def test_resolved_recipe_only_keeps_training_keys_that_were_set():
 
 
 def test_sft_snapshot_matches_installed_trl():
-    import subprocess, sys
+    import subprocess
+    import sys
 
     out = subprocess.run([sys.executable, "-c",
                           "import json,sys; sys.path.insert(0,'scripts'); import snapshot_sft_fields as s; "

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, TINY
+
 from llama_recipes import resilience
 from llama_recipes.cli import main as cli_main
 from llama_recipes.errors import UserError
@@ -163,7 +163,8 @@ def test_save_total_limit_keeps_the_newest(tmp_path):
 
 def _trainer(tmp_path, extra=None, **training):
     """The pipeline's stages up to a trainer with resilience installed (to inject faults into the model)."""
-    from llama_recipes import data, methods, modeling, training as tr
+    from llama_recipes import data, methods, modeling
+    from llama_recipes import training as tr
     from llama_recipes.schema import load_recipe
 
     recipe = load_recipe(write_recipe(tmp_path, tmp_path / "out", extra=extra, **training))

@@ -1,0 +1,1 @@
+"""The processes a run spans: rank, world size and the collectives between them."""
