@@ -111,7 +111,8 @@ def test_switch_adapters_on_one_base(two_adapters, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from llama_recipes.adapters import MultiAdapter, main
+    from llama_recipes.adapters import MultiAdapter
+    from llama_recipes.cli import run_command
     from llama_recipes.evaluation import generate
 
     multi = MultiAdapter({k: r.output_dir for k, r in two_adapters.items()})
@@ -137,7 +138,7 @@ def test_switch_adapters_on_one_base(two_adapters, capsys):
     assert report.separate == 2 * report.base_bytes
     text = report.render()
     assert "one base + 2 adapters" in text and "2 full models" in text
-    assert main([f"{k}={r.output_dir}" for k, r in two_adapters.items()] + ["--prompt", PROMPTS[1]]) == 0
+    assert run_command("adapters", [f"{k}={r.output_dir}" for k, r in two_adapters.items()] + ["--prompt", PROMPTS[1]]) == 0
     out = capsys.readouterr().out
     assert "one base + 2 adapters" in out and out.count('"adapter"') == 2
 
