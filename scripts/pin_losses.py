@@ -61,11 +61,16 @@ def losses(name: str, overrides: list[str], output_dir: Path) -> list[float]:
 def environment() -> dict:
     import torch
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
     return {
         **{p: version(p) for p in ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes")},
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "git_commit": commit or None,
+        # the last commit that changed the package (the code the numbers come from), and whether
+        # the working tree had uncommitted changes to it
+        "llama_recipes_commit": git("log", "-1", "--format=%H", "--", "llama_recipes") or None,
+        "llama_recipes_modified": bool(git("status", "--porcelain", "--", "llama_recipes")),
     }
 
 
