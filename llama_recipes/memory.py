@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from llama_recipes import methods
 from llama_recipes.errors import UserError
 from llama_recipes.freeze import rule_matches
 from llama_recipes.methods.peft import Lora, linear_targets
-from llama_recipes.paths import resolve
+from llama_recipes.paths import resolve, shipped_config
 from llama_recipes.schema.freeze import ParamRule
 from llama_recipes.schema.method import METHOD_MODELS, method_defaults
 
@@ -102,6 +103,11 @@ def load_config(ref: str, revision: str | None = None, trust_remote_code: bool =
     try:
         return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
+        shipped = shipped_config(ref)
+        if shipped is not None:  # offline: the published config.json shipped for the recipes' models
+            print(f"note: {ref} is not reachable; using the package's copy of its published config.json",
+                  file=sys.stderr)
+            return AutoConfig.from_pretrained(str(shipped))
         raise UserError(f"cannot read the model config of {ref!r}: {str(e).splitlines()[0]}",
                         "point model.name_or_path at a local directory with config.json, or go online once "
                         "for a hub id (only config.json is read)") from None

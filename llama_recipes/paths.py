@@ -19,9 +19,19 @@ def resolve(ref: str, kind: str) -> str:
     root = ASSETS if kind == "model" else ASSETS / "data"
     path = root / name
     if not path.exists():
-        have = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "data") if root.is_dir() else []
+        have = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in ("data", "configs")) if root.is_dir() else []
         raise UserError(f"no builtin {kind} named {name!r}", f"use one of: {', '.join(PREFIX + h for h in have)}")
     return str(path)
+
+
+def shipped_config(ref: str) -> Path | None:
+    """The package's copy of a hub model's config.json (the models shipped recipes name), or None.
+
+    Only `--estimate-memory` uses it, so that every shipped recipe estimates offline; loading a
+    model always goes to the hub or the local directory.
+    """
+    path = ASSETS / "configs" / ref
+    return path if (path / "config.json").is_file() else None
 
 
 def is_local(ref: str) -> bool:
