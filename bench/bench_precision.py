@@ -28,7 +28,7 @@ SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=3
 
 
 def machine() -> dict:
-    from llama_recipes import hardware
+    from llama_recipes.runtime import hardware
 
     use, why = hardware.auto_bf16()
     return {"isa": hardware.cpu_isa(), "bf16_flags": sorted(set(hardware.NATIVE_BF16_FLAGS) & hardware.cpu_flags()),

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import yaml
 
-from llama_recipes import distributed, heads, methods, modeling
+from llama_recipes import heads, methods, modeling
 from llama_recipes.errors import UserError
 from llama_recipes.log import get_logger, is_main_process
+from llama_recipes.runtime import distributed
 from llama_recipes.schema.guards import RUN_CONTROL_KEYS
 from llama_recipes.schema.method import METHOD_MODELS
 from llama_recipes.schema.model import ModelConfig

@@ -565,3 +565,15 @@ def finish_report(recipe, trainer, stats: dict) -> dict:
         log.info("data: padded batches of %d: %.1f%% of slots are real tokens (training.packing: true packs "
                  "them)", batch, 100 * stats["padded_efficiency"])
     return stats
+
+
+def check_not_empty(trainer, recipe) -> None:
+    """TRL drops rows whose completion was truncated away; none left is a recipe problem, not a crash."""
+    ds = trainer.train_dataset
+    if ds is not None and hasattr(ds, "__len__") and len(ds) == 0:
+        max_length = getattr(trainer.args, "max_length", None)
+        raise UserError(
+            f"no training examples left after tokenization: every row's completion lies beyond "
+            f"training.max_length={max_length} tokens (or the data is empty after data.max_samples/filters)",
+            "raise training.max_length, shorten the prompts, or set training.truncation_mode=keep_end",
+        )

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from llama_recipes import artifacts, data, modeling
 from llama_recipes.errors import UserError
-from llama_recipes.hardware import recipe_bf16
 
 # The measurements themselves live in measure.py (training uses them too); re-exported here
 # because `evaluation.eval_loss(...)` is how notebooks and tests call them.
@@ -33,6 +32,7 @@ from llama_recipes.measure import (  # noqa: F401
 from llama_recipes.metrics import exact_match, generation_scores, normalize_answer  # noqa: F401  (re-exported)
 from llama_recipes.paths import resolve
 from llama_recipes.runtime import collectives
+from llama_recipes.runtime.hardware import recipe_bf16
 from llama_recipes.schema.data import DataConfig, SourceConfig
 
 log = get_logger(__name__)

@@ -2,9 +2,9 @@
 from pathlib import Path
 
 from llama_recipes.errors import UserError
-from llama_recipes.hardware import limit_bnb_cpu_packing
 from llama_recipes.log import get_logger
 from llama_recipes.paths import is_local, resolve
+from llama_recipes.runtime.hardware import limit_bnb_cpu_packing
 from llama_recipes.schema.model import ModelConfig
 
 log = get_logger(__name__)

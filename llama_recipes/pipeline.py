@@ -7,16 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llama_recipes import (
-    artifacts,
-    data,
-    distributed,
-    freeze,
-    methods,
-    modeling,
-    resilience,
-)
+from llama_recipes import artifacts, data, freeze, methods, modeling
 from llama_recipes.log import get_logger
+from llama_recipes.runtime import distributed, resilience
 
 log = get_logger(__name__)
 
@@ -73,6 +66,7 @@ def train(recipe, overwrite: bool = False, callbacks: list | None = None) -> Run
 
     # the trainer tokenizes (TRL), so it comes after the model and the data
     trainer = method.build_trainer(recipe, model, tokenizer, train_ds, eval_raw, callbacks=callbacks)
+    data.check_not_empty(trainer, recipe)  # TRL may have dropped every row (all truncated away)
     distributed.prepare_trainer(trainer)  # before train(): the FSDP wrap happens inside it
     resilience.install(trainer, recipe)  # atomic checkpoints, SIGTERM/SIGINT stop, NaN guard
     data_stats = data.finish_report(recipe, trainer, data_stats)  # packing / padding efficiency

@@ -1,7 +1,7 @@
 """Build TRL's SFTTrainer from the recipe: SFTConfig from `training:`, the model, the datasets."""
 from llama_recipes import data
-from llama_recipes.hardware import has_accelerator, recipe_bf16
 from llama_recipes.log import get_logger
+from llama_recipes.runtime.hardware import has_accelerator, recipe_bf16
 
 log = get_logger(__name__)
 

@@ -7,7 +7,7 @@ in one process with the trained model's logits. Every multi-process test asserts
 ranks really ran and (FSDP) that the parameters really were DTensor shards: accelerate has CPU
 launch modes that silently run one process, and FSDP silently falls back to DDP on CPU.
 
-The per-rank numbers come from LLAMA_RECIPES_SHARDING_REPORT (llama_recipes/distributed.py).
+The per-rank numbers come from LLAMA_RECIPES_SHARDING_REPORT (llama_recipes/runtime/distributed.py).
 """
 import json
 import os
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import DEMO_RECIPE, FP32, ROOT, TINY, free_port, run_cli
 
-from llama_recipes.distributed import REPORT_ENV
+from llama_recipes.runtime.distributed import REPORT_ENV
 
 # The tiny pretrained Llama shipped in the package (4 layers).
 MODEL = TINY
@@ -218,7 +218,7 @@ def _recipe(*overrides: str):
 
 
 def _setup(monkeypatch, env: dict, *overrides: str):
-    from llama_recipes import distributed
+    from llama_recipes.runtime import distributed
 
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -263,8 +263,8 @@ def test_fsdp1_needs_use_orig_params_with_frozen_parameters():
     from accelerate.utils import FullyShardedDataParallelPlugin
     from transformers import AutoModelForCausalLM
 
-    from llama_recipes import distributed
     from llama_recipes.errors import UserError
+    from llama_recipes.runtime import distributed
 
     model = AutoModelForCausalLM.from_pretrained(MODEL)
     flat = FullyShardedDataParallelPlugin(fsdp_version=1, use_orig_params=False, sync_module_states=False)
@@ -291,8 +291,8 @@ def test_wrap_class_comes_from_the_model(arch, monkeypatch):
     import transformers
     from accelerate.utils import FullyShardedDataParallelPlugin
 
-    from llama_recipes import distributed
     from llama_recipes.errors import UserError
+    from llama_recipes.runtime import distributed
 
     cfg = getattr(transformers, f"{arch}Config")(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                                  num_attention_heads=2, num_key_value_heads=1, vocab_size=64)
@@ -313,7 +313,7 @@ def test_bf16_fsdp2_reduces_in_fp32():
     import torch
     from accelerate.utils import FullyShardedDataParallelPlugin
 
-    from llama_recipes import distributed
+    from llama_recipes.runtime import distributed
 
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
     plugin.set_mixed_precision("bf16")

@@ -10,7 +10,7 @@ import os
 import torch
 from conftest import FAST, ROOT, run_cli
 
-from llama_recipes import hardware
+from llama_recipes.runtime import hardware
 from llama_recipes.schema import load_recipe
 
 QLORA = ROOT / "recipes" / "demo" / "tiny_qlora.yaml"

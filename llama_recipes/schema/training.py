@@ -35,7 +35,7 @@ OUR_DEFAULTS: dict[str, Any] = {
     "activation_checkpointing": True,
     # TRL turns bf16 on unless fp16 is: 20-30x slower on CPUs without bf16 hardware. auto picks
     # bf16 where the device has it natively (Ampere+ GPUs, CPUs with avx512_bf16/amx_bf16) and
-    # fp32 elsewhere; distributed.setup resolves it before anything is loaded (llama_recipes/hardware.py).
+    # fp32 elsewhere; distributed.setup resolves it before anything is loaded (llama_recipes/runtime/hardware.py).
     "bf16": "auto",
 }
 # Fields that take "auto" besides their TRL types (resolved before TRL sees them).

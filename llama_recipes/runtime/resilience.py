@@ -312,7 +312,6 @@ def _callbacks():
 
 def install(trainer, recipe):
     """Atomic checkpoints, the signal handler and the non-finite guard, on an already-built trainer."""
-    check_not_empty(trainer, recipe)
     StopOnSignal, NonFiniteGuard = _callbacks()
     out = Path(trainer.args.output_dir)
     signals = StopOnSignal(out)
@@ -342,18 +341,6 @@ def install(trainer, recipe):
 
     trainer.train = train
     return signals, guard
-
-
-def check_not_empty(trainer, recipe) -> None:
-    """TRL drops rows whose completion was truncated away; none left is a recipe problem, not a crash."""
-    ds = trainer.train_dataset
-    if ds is not None and hasattr(ds, "__len__") and len(ds) == 0:
-        max_length = getattr(trainer.args, "max_length", None)
-        raise UserError(
-            f"no training examples left after tokenization: every row's completion lies beyond "
-            f"training.max_length={max_length} tokens (or the data is empty after data.max_samples/filters)",
-            "raise training.max_length, shorten the prompts, or set training.truncation_mode=keep_end",
-        )
 
 
 # -- disk ---------------------------------------------------------------------------------------

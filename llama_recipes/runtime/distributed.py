@@ -19,8 +19,8 @@ import os
 from pathlib import Path
 
 from llama_recipes.errors import UserError
-from llama_recipes.hardware import has_accelerator, recipe_bf16
 from llama_recipes.log import get_logger, is_main_process, world_size
+from llama_recipes.runtime.hardware import has_accelerator, recipe_bf16
 
 log = get_logger(__name__)
 
