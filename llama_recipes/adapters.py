@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from llama_recipes import artifacts, measure, modeling
+from llama_recipes import artifacts, measure, methods, modeling
 from llama_recipes.errors import UserError
 from llama_recipes.log import get_logger
 from llama_recipes.schema.model import ModelConfig
@@ -65,7 +65,8 @@ class MultiAdapter:
         for name, path in self.runs.items():
             cfg, recipe = _read_run(path)
             bases[name] = (recipe or {}).get("model") or {"name_or_path": cfg["base_model_name_or_path"]}
-            if (recipe or {}).get("method", {}).get("name") == "qlora":
+            method = methods.REGISTRY.get((recipe or {}).get("method", {}).get("name"))
+            if method is not None and method.quantized:
                 raise UserError(f"adapter {name} is a QLoRA adapter", "merge it (llama_recipes.export) or load it alone")
         first = next(iter(bases))
         types = {name: _read_run(path)[0].get("peft_type") for name, path in self.runs.items()}

@@ -54,7 +54,7 @@ def load_base_for_merge(adapter_dir: Path, dtype: str | None = None, dequantize:
     name = run_method(adapter_dir)
     check_mergeable(name)
     model_cfg, method = artifacts.base_model_config(adapter_dir)
-    if name == "qlora":
+    if methods.get(name).quantized:
         model = artifacts.load_base(model_cfg, method)
         if not dequantize:
             return model, name

@@ -177,7 +177,8 @@ class Setup:
     @property
     def quantized(self) -> bool:
         m = self.method
-        return m["name"] == "qlora" or bool(m.get("load_in_4bit") or m.get("quantize") in ("4bit", "nf4"))
+        method = methods.REGISTRY.get(m["name"])
+        return bool(method and method.quantized) or bool(m.get("load_in_4bit") or m.get("quantize") in ("4bit", "nf4"))
 
 
 def setup_from_recipe(recipe, gpus=None, config=None, gpu_memory=None) -> Setup:
@@ -391,7 +392,7 @@ def estimate(shape: ModelShape, s: Setup, label: str | None = None) -> Estimate:
     targets = linear_targets(shape, m.get("target_modules")) if m else []
     plain, ckpt = activation_bytes(shape, s, targets, int(m.get("r", 0) or 0), float(m.get("dropout", 0) or 0),
                                    backprop_layers(shape, extra, base_trained))
-    if s.base_name in ("prefix", "prompt_tuning"):
+    if methods.get(s.method["name"]).virtual_tokens:
         n_tok = int(s.section()["num_virtual_tokens"])
         scale = (s.seq_len + n_tok) / s.seq_len
         plain, ckpt = plain * scale, ckpt * scale

@@ -41,7 +41,11 @@ def main(model_dir, train_regex):
     every = [None] * n
     dist.all_gather_object(every, out)
     if dist.get_rank() == 0:
-        print("RESULT " + json.dumps(every))
+        print("RESULT " + json.dumps(every), flush=True)
+    # Both ranks leave the last collective before either tears gloo down: without the barrier a
+    # rank could close its connections while the other still read from them, and gloo aborted
+    # ("terminate called without an active exception") in about one run of six.
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -19,6 +19,7 @@ class Method:
     peft: bool = False  # the artifact is a PEFT adapter on a referenced base
     mergeable: bool = False  # export folds the update into the base weights (a weight delta)
     virtual_tokens: bool = False  # adds tokens to every sequence: no packing, no padding-free batches
+    quantized: bool = False  # the base loads quantized (the artifact needs that same base)
     why_not_mergeable: str = ""
 
     def __repr__(self) -> str:

@@ -95,6 +95,7 @@ class QLora(Lora):
     """LoRA on a base quantized by bitsandbytes at load time."""
 
     name = "qlora"
+    quantized = True
 
     def load_kwargs(self, cfg):
         import torch
