@@ -9,6 +9,14 @@ import os
 import sys
 
 
+# bitsandbytes 0.50 on CPUs with avx512_bf16 tries, at import, to fetch an optional kernel from the
+# HF hub ("Failed to load CPU gemm_4bit_forward from kernels-community ... pip install kernels")
+# and falls back to its own kernel: a warning on every import (peft imports bitsandbytes) that
+# sends users after a package they do not need. Only that message is dropped.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "kernels-community" not in record.getMessage())
+
+
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
