@@ -100,16 +100,22 @@ def test_sigkill_inside_save_then_resume_matches_uninterrupted_run(tmp_path):
     assert not [p.name for p in out.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
 
 
-def test_sigterm_finishes_the_step_saves_and_exits_nonzero(tmp_path):
-    out = tmp_path / "out"
-    recipe = write_recipe(tmp_path, out, save_steps=3)
-    proc = spawn(recipe, {resilience.SAVE_HOOK_ENV: "3:pause"})
+def sigterm_while_saving(recipe: Path, out: Path, step: int) -> tuple[subprocess.Popen, str]:
+    """Start the run, SIGTERM it while checkpoint-`step` is being written; (process, its stderr)."""
+    proc = spawn(recipe, {resilience.SAVE_HOOK_ENV: f"{step}:pause"})
     try:
-        wait_for(out / resilience.STAGING / "checkpoint-3" / "trainer_state.json", proc)
+        wait_for(out / resilience.STAGING / f"checkpoint-{step}" / "trainer_state.json", proc)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
+    return proc, err
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_nonzero(tmp_path):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, out, save_steps=3)
+    proc, err = sigterm_while_saving(recipe, out, step=3)
     assert proc.returncode == 143, err[-2000:]
     assert "training stopped by SIGTERM after step 4" in err and "rerun the same command to resume" in err
     assert "Traceback" not in err
@@ -311,13 +317,7 @@ def test_head_run_stopped_by_sigterm_resumes_on_the_same_command(tmp_path):
             "data": {"path": "builtin:classify", "format": "classification", "max_samples": 64}}
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path, out, extra=head, save_steps=3, max_length=64)
-    proc = spawn(recipe, {resilience.SAVE_HOOK_ENV: "3:pause"})
-    try:
-        wait_for(out / resilience.STAGING / "checkpoint-3" / "trainer_state.json", proc)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+    proc, err = sigterm_while_saving(recipe, out, step=3)
     assert proc.returncode == 143, err[-2000:]
     assert resilience.is_complete(out / "checkpoint-4") and not (out / "head.safetensors").exists()
     assert cli_main([str(recipe)]) == 0  # the same command resumes from checkpoint-4
