@@ -189,9 +189,10 @@ def test_fsdp2_partial_freeze(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    freeze = ["freeze.train=['layers\\.1\\.']"]
-    ref = one_process(tmp_path / "ref", *FULL, *freeze, "training.per_device_train_batch_size=4")
-    run = two_processes("cpu_fsdp_2proc.yaml", tmp_path / "fsdp", *FULL, *freeze, "training.per_device_train_batch_size=2")
+    # method partial: freeze rules with method full are refused (every parameter would train)
+    partial = ["method={name: partial}", "training.learning_rate=1e-3", "freeze.train=['layers\\.1\\.']"]
+    ref = one_process(tmp_path / "ref", *partial, "training.per_device_train_batch_size=4")
+    run = two_processes("cpu_fsdp_2proc.yaml", tmp_path / "fsdp", *partial, "training.per_device_train_batch_size=2")
     assert_two_ranks(run, "FSDP")
     assert_sharded_in_half(run)
     assert_same_losses(run, ref)

@@ -12,8 +12,12 @@ from test_methods import PROMPTS, SHORT, trained  # noqa: F401  (fixture)
 from llama_recipes.errors import UserError
 from llama_recipes.schema import load_recipe
 
-# fp32 summation order only (logits are ~10-20 in size).
-TOLERANCE = {"lora": 1e-4, "dora": 1e-4, "ia3": 1e-4, "qlora4": 1e-4, "qlora8": 1e-4}
+# fp32 summation order only: merging computes (W + BA)x where the adapter computed Wx + B(Ax). Each
+# logit passes 2 matmul stages per layer (L = 4) of dot products up to K = 352 long, so the
+# difference is about 2 * L * sqrt(K) * 2**-24 = 9e-6 relative, x logits up to ~20 = 1.8e-4; measured
+# 1e-5 or less (docs/methods.md). 8-bit is compared with its own reference (below).
+MERGE_TOL = 2 * 4 * 352 ** 0.5 * 2.0 ** -24 * 20
+TOLERANCE = {"lora": MERGE_TOL, "dora": MERGE_TOL, "ia3": MERGE_TOL, "qlora4": MERGE_TOL, "qlora8": MERGE_TOL}
 
 
 def reference_model(key, run):
@@ -77,7 +81,7 @@ def test_export_cli(trained, tmp_path, capsys):
     _, run = trained("lora")
     assert run_command("export", [str(run.output_dir), str(tmp_path / "merged"), "--verify"]) == 0
     diff = float(capsys.readouterr().out.rsplit(":", 1)[1])
-    assert diff < 1e-4
+    assert diff < MERGE_TOL
 
 
 # -- several adapters on one base -----------------------------------------------------------------
