@@ -66,3 +66,12 @@ def test_every_recipe_is_covered():
     named = {yaml.safe_load(p.read_text())["model"]["name_or_path"] for p in RECIPES}
     hub = {n for n in named if not n.startswith("builtin:")}
     assert hub <= set(PUBLISHED) and all(shipped_config(n) for n in hub), "ship its config.json"
+
+
+def test_llama_adapter_default_layers_estimate(capsys):
+    """adapter_layers: null (the schema default) means every layer: 32 x (10 x 4096 + 1) on Llama-2-7B."""
+    from llama_recipes.cli import main
+
+    assert main([str(ROOT / "recipes" / "llama_adapter_alpaca.yaml"), "method.adapter_layers=null",
+                 "--estimate-memory"]) == 0
+    assert number(r"^method: \S+ — trainable ([\d,]+) \(", capsys.readouterr().out) == 32 * (10 * 4096 + 1)
