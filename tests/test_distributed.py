@@ -231,9 +231,13 @@ def test_activation_checkpointing_from_one_place(monkeypatch):
     from llama_recipes.errors import UserError
 
     env = {**FSDP2_ENV, "FSDP_ACTIVATION_CHECKPOINTING": "true"}
+    # the same intent twice is not a conflict: FSDP does it, once (the shipped recipes x FSDP configs)
+    both = _setup(monkeypatch, env, "training.activation_checkpointing=true")
+    assert both.training.sft_kwargs()["activation_checkpointing"] is False
+    # a real contradiction is an error naming both places
     with pytest.raises(UserError) as e:
-        _setup(monkeypatch, env, "training.activation_checkpointing=true")
-    assert "training.activation_checkpointing" in str(e.value) and "fsdp_activation_checkpointing" in str(e.value)
+        _setup(monkeypatch, env, "training.activation_checkpointing=false")
+    assert "training.activation_checkpointing: false" in str(e.value) and "fsdp_activation_checkpointing" in str(e.value)
     # a recipe that does not mention it yields to the config (the default is on)
     silent = _setup(monkeypatch, env, "training={bf16: false}")
     assert silent.training.sft_kwargs()["activation_checkpointing"] is False

@@ -81,22 +81,23 @@ def _set_training(recipe, **values):
 
 
 def _resolve_activation_checkpointing(recipe):
-    """One place enables activation checkpointing: the FSDP config or the recipe, never both.
+    """One place does activation checkpointing: FSDP (per wrapped layer) when its config asks.
 
-    transformers raises if both do. It is on by default (TRL, and our schema), so a recipe that
-    does not mention it yields to the FSDP config (which checkpoints per wrapped layer); a recipe that
-    asks for it explicitly while the config also does is refused.
+    transformers raises if the trainer also checkpoints, so under a config with
+    fsdp_activation_checkpointing the trainer's switch goes off. A recipe that asks for
+    checkpointing (or says nothing: on by default) gets it once, from FSDP, with one log line.
+    Only a real contradiction, the recipe saying false while the config says true, is an error.
     """
     if not (fsdp_requested() and _env_flag("FSDP_ACTIVATION_CHECKPOINTING")):
         return recipe
     t = recipe.training
-    if "activation_checkpointing" in t.model_fields_set and t.activation_checkpointing:
+    if "activation_checkpointing" in t.model_fields_set and not t.activation_checkpointing:
         raise UserError(
-            "activation checkpointing is enabled twice: training.activation_checkpointing: true in the recipe "
-            "and fsdp_activation_checkpointing: true in the accelerate config",
+            "activation checkpointing is set twice and disagrees: training.activation_checkpointing: false in the "
+            "recipe, fsdp_activation_checkpointing: true in the accelerate config",
             "remove training.activation_checkpointing from the recipe (FSDP checkpoints each wrapped layer), "
             "or set fsdp_activation_checkpointing: false in the accelerate config")
-    log.info("activation checkpointing: done by FSDP (accelerate config), off in the trainer")
+    log.info("activation checkpointing: done once, by FSDP per wrapped layer (accelerate config); off in the trainer")
     return _set_training(recipe, activation_checkpointing=False)
 
 
