@@ -18,6 +18,8 @@ it (4-bit for QLoRA), in the dtype they were trained in.
 """
 import json
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -34,22 +36,29 @@ log = get_logger(__name__)
 RECIPE_FILE = "recipe.yaml"
 
 
+REPLACED_DIR = ".overwritten"  # where --overwrite moves a previous run until the new one has saved
+
+
 def prepare_output_dir(recipe, overwrite: bool = False) -> Path:
     """Claim OUTPUT_DIR for this recipe, refusing a directory that belongs to another run.
 
     Empty or missing: created. Holding this same resolved recipe: reused (a rerun). Anything
-    else: refused unless --overwrite, because silently mixing two runs' files loses data.
+    else: refused unless --overwrite, because silently mixing two runs' files loses data. With
+    --overwrite the previous contents are moved aside (OUTPUT_DIR/.overwritten/STAMP), never
+    deleted here: `claim` decides their fate once the new run has succeeded or failed.
     """
     out = Path(recipe.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} exists and is a file", "choose another output_dir")
     reused = False  # same recipe: its recipe.yaml stays as written by the first try
     # eval/ holds --eval-only results (--base may run before training), never a run's files
-    if out.is_dir() and any(p.name != "eval" for p in out.iterdir()) and not overwrite:
+    occupied = out.is_dir() and any(p.name not in ("eval", REPLACED_DIR) for p in out.iterdir())
+    if occupied and not overwrite:
         saved = out / RECIPE_FILE
         if not saved.is_file():
             raise UserError(f"output_dir {out} is not empty and was not written by llama-recipes",
-                            "choose another output_dir, or pass --overwrite to write into it anyway")
+                            "choose another output_dir, or pass --overwrite to move its contents aside "
+                            f"(into {out / REPLACED_DIR}) and write the new run there")
         # resume/guards (RUN_CONTROL_KEYS) may change between tries of the same run
         before = {k: v for k, v in (yaml.safe_load(saved.read_text()) or {}).items() if k not in RUN_CONTROL_KEYS}
         if before != recipe.identity():
@@ -58,12 +67,81 @@ def prepare_output_dir(recipe, overwrite: bool = False) -> Path:
         reused = True
     if is_main_process():
         try:
+            if occupied and overwrite:
+                _move_aside(out)
             out.mkdir(parents=True, exist_ok=True)
             if not reused:
                 (out / RECIPE_FILE).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         except OSError as e:
             raise UserError(f"cannot write to output_dir {out}: {e.strerror}", "choose a writable output_dir") from None
     return out
+
+
+def _move_aside(out: Path) -> Path:
+    """Move everything in OUTPUT_DIR (but earlier set-asides) to OUTPUT_DIR/.overwritten/STAMP."""
+    import time
+
+    entries = sorted(p for p in out.iterdir() if p.name != REPLACED_DIR)
+    dest = out / REPLACED_DIR / time.strftime("%Y%m%d-%H%M%S")
+    dest.mkdir(parents=True, exist_ok=False)
+    for p in entries:
+        os.replace(p, dest / p.name)  # a rename on the same filesystem: nothing is copied or lost
+    names = ", ".join(p.name for p in entries[:8]) + (f" and {len(entries) - 8} more" if len(entries) > 8 else "")
+    log.warning("--overwrite: moved the previous contents of %s (%s) to %s; they are removed only when this run "
+                "has saved its artifact, and only if llama-recipes wrote them", out, names, dest)
+    return dest
+
+
+def _set_aside(out: Path) -> list[Path]:
+    root = out / REPLACED_DIR
+    return sorted(root.iterdir()) if root.is_dir() else []
+
+
+@contextmanager
+def claim(recipe, overwrite: bool = False):
+    """OUTPUT_DIR for a training run, with --overwrite made safe.
+
+    On success, a previous run that --overwrite set aside is deleted if llama-recipes wrote it
+    (it has recipe.yaml) and kept otherwise. On failure before the new run saved a checkpoint,
+    what the new run wrote is removed and the previous contents are put back: a typo in an
+    --overwrite rerun costs nothing.
+    """
+    before = set(_set_aside(Path(recipe.output_dir)))
+    out = prepare_output_dir(recipe, overwrite)
+    moved = [p for p in _set_aside(out) if p not in before]
+    try:
+        yield out
+    except BaseException:
+        if moved and is_main_process() and not any(out.glob("checkpoint-*")):
+            _restore(out, moved[-1])
+        elif moved and is_main_process():
+            log.warning("the previous contents of %s stay in %s (this run saved checkpoints)", out, moved[-1])
+        raise
+    if moved and is_main_process():
+        for old in moved:
+            if (old / RECIPE_FILE).is_file():
+                shutil.rmtree(old, ignore_errors=True)
+                log.info("--overwrite: removed the previous run set aside in %s", old)
+            else:
+                log.warning("--overwrite: %s keeps what was in %s before (not written by llama-recipes)", old, out)
+        root = out / REPLACED_DIR
+        if root.is_dir() and not any(root.iterdir()):
+            root.rmdir()
+
+
+def _restore(out: Path, old: Path) -> None:
+    """Undo --overwrite: drop what the failed run wrote, put the previous contents back."""
+    for p in out.iterdir():
+        if p.name in (REPLACED_DIR,):
+            continue
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    for p in old.iterdir():
+        os.replace(p, out / p.name)
+    old.rmdir()
+    root = out / REPLACED_DIR
+    if not any(root.iterdir()):
+        root.rmdir()
+    log.warning("--overwrite: this run failed before saving anything; the previous contents of %s are back", out)
 
 
 def run_metrics(recipe, trainer, result, started: float, **fields) -> dict:

@@ -8,7 +8,6 @@ import logging
 import os
 import sys
 
-
 # bitsandbytes 0.50 on CPUs with avx512_bf16 tries, at import, to fetch an optional kernel from the
 # HF hub ("Failed to load CPU gemm_4bit_forward from kernels-community ... pip install kernels")
 # and falls back to its own kernel: a warning on every import (peft imports bitsandbytes) that

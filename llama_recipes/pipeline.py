@@ -46,8 +46,14 @@ def train(recipe, overwrite: bool = False, callbacks: list | None = None) -> Run
     started = time.time()
     set_seed(recipe.seed)
 
-    # output directory first, so a clash fails before minutes of loading
-    out = artifacts.prepare_output_dir(recipe, overwrite)
+    # Output directory first, so a clash fails before minutes of loading. Under --overwrite the
+    # previous run is moved aside, and put back if this one fails before its first checkpoint.
+    with artifacts.claim(recipe, overwrite) as out:
+        return _train_and_save(recipe, method, out, overwrite, callbacks, started)
+
+
+def _train_and_save(recipe, method, out: Path, overwrite: bool, callbacks, started: float) -> Run:
+    """The rest of the lifecycle, inside the claimed output directory."""
     resume = resilience.resume_checkpoint(recipe, out, overwrite)  # newest complete checkpoint, or None
 
     # Raw data before the model: a head sizes itself by the labels, and a data error should not

@@ -332,3 +332,37 @@ def test_head_run_stopped_by_sigterm_resumes_on_the_same_command(tmp_path):
 
     a, b = load_file(str(out / "head.safetensors")), load_file(str(ref_out / "head.safetensors"))
     assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max().item() < 1e-5 for k in a)
+
+
+def _snapshot(d: Path) -> dict:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_never_destroys_before_the_new_run_succeeds(tmp_path):
+    """--overwrite moves the previous contents aside; a failing rerun puts them back byte for byte,
+    a successful one removes only what llama-recipes wrote, and a foreign directory's files are kept."""
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, out, max_steps=4, save_steps=2)
+    assert cli_main([str(recipe)]) == 0
+    assert resilience.is_complete(out / "checkpoint-4")
+    first = _snapshot(out)
+
+    # 1. a typo in the --overwrite rerun: exit 2, and the previous run is exactly where it was
+    assert cli_main([str(recipe), f"data.path={tmp_path / 'missing.jsonl'}", "--overwrite"]) == 2
+    assert _snapshot(out) == first and not (out / ".overwritten").exists()
+
+    # 2. a successful --overwrite of our own run: the old run is gone, the new one in place
+    assert cli_main([str(recipe), "training.learning_rate=1e-3", "--overwrite"]) == 0
+    assert "learning_rate: 0.001" in (out / "recipe.yaml").read_text()
+    assert not (out / ".overwritten").exists() and (out / "adapter_model.safetensors").is_file()
+
+    # 3. a directory llama-recipes did not write: its files are moved aside and kept, never deleted
+    foreign = tmp_path / "foreign"
+    (foreign / "checkpoint-5").mkdir(parents=True)
+    (foreign / "checkpoint-5" / "weights.bin").write_bytes(b"someone else's")
+    (foreign / "README.md").write_text("my notes")
+    before = _snapshot(foreign)
+    assert cli_main([str(write_recipe(tmp_path, foreign, name="f.yaml", max_steps=2, save_steps=10)), "--overwrite"]) == 0
+    kept = list((foreign / ".overwritten").iterdir())
+    assert len(kept) == 1 and _snapshot(kept[0]) == before
+    assert (foreign / "adapter_model.safetensors").is_file() and not (foreign / "checkpoint-5").exists()

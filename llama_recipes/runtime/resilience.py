@@ -108,11 +108,7 @@ def resume_checkpoint(recipe, out: Path, overwrite: bool = False) -> str | None:
     clean_partial(out)
     mode = recipe.resume
     done = complete_checkpoints(out)
-    if overwrite:
-        if done and is_main_process():
-            for p in done:
-                shutil.rmtree(p, ignore_errors=True)
-            log.warning("--overwrite: removed %d checkpoint(s) of the previous run in %s", len(done), out)
+    if overwrite:  # the previous run's checkpoints were moved aside (artifacts.claim): start fresh
         return None
     if mode == "never":
         if done:
