@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from llama_recipes import heads, methods, modeling
-from llama_recipes.errors import UserError
+from llama_recipes.errors import RunComplete, UserError
 from llama_recipes.log import get_logger, is_main_process
 from llama_recipes.runtime import distributed
 from llama_recipes.schema.guards import RUN_CONTROL_KEYS
@@ -108,6 +108,14 @@ def claim(recipe, overwrite: bool = False):
     """
     before = set(_set_aside(Path(recipe.output_dir)))
     out = prepare_output_dir(recipe, overwrite)
+    metrics = out / "metrics.json"
+    if not overwrite and metrics.is_file() and detect(out) is not None:
+        # metrics.json is written last: this recipe's run finished here. Training again would
+        # add steps to a finished run and rewrite its artifact.
+        step = (json.loads(metrics.read_text()).get("train") or {}).get("global_step", "?")
+        raise RunComplete(f"this run is already complete: {out} holds its artifact and metrics.json "
+                          f"(step {step}); nothing was changed",
+                          "evaluate it with --eval-only; pass --overwrite to train it again, or choose another output_dir")
     moved = [p for p in _set_aside(out) if p not in before]
     try:
         yield out

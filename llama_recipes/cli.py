@@ -192,8 +192,9 @@ def _guarded(command, args) -> int:
     except UserError as e:
         if getattr(args, "debug", False):
             raise
-        print(f"error: {e}", file=sys.stderr)
-        return getattr(e, "exit_code", 2)
+        code = getattr(e, "exit_code", 2)
+        print(f"{'error: ' if code else ''}{e}", file=sys.stderr)
+        return code
 
 
 def run_command(name: str, argv: list[str] | None = None, prog: str | None = None) -> int:

@@ -19,3 +19,9 @@ class UserError(Exception):
 
 class RecipeError(UserError):
     """The recipe file is invalid (syntax, unknown key, wrong type, impossible combination)."""
+
+
+class RunComplete(UserError):
+    """Not a failure: the run this command asks for is already done; nothing was changed (exit 0)."""
+
+    exit_code = 0

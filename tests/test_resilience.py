@@ -366,3 +366,16 @@ def test_overwrite_never_destroys_before_the_new_run_succeeds(tmp_path):
     kept = list((foreign / ".overwritten").iterdir())
     assert len(kept) == 1 and _snapshot(kept[0]) == before
     assert (foreign / "adapter_model.safetensors").is_file() and not (foreign / "checkpoint-5").exists()
+
+
+def test_rerunning_a_finished_run_changes_nothing(tmp_path, capsys):
+    """The same command twice: the second says the run is complete, exits 0 and changes no byte."""
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, out, max_steps=3, save_steps=10)
+    assert cli_main([str(recipe)]) == 0
+    first = _snapshot(out)
+    capsys.readouterr()
+    assert cli_main([str(recipe)]) == 0
+    err = capsys.readouterr().err
+    assert "already complete" in err and "(step 3)" in err and "error:" not in err
+    assert _snapshot(out) == first
