@@ -149,3 +149,33 @@ def test_recipe_reference_doc_is_current():
 
     assert (ROOT / "docs/recipes.md").read_text() == render_markdown(), \
         "regenerate: python -m llama_recipes.schema.docs > docs/recipes.md"
+
+
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path):
+    """A second `training:` block would silently replace the first (bf16, max_length, lr vanish)."""
+    path = tmp_path / "r.yaml"
+    path.write_text("output_dir: x\nmodel: {name_or_path: builtin:tiny-llama}\ndata: {path: builtin:demo}\n"
+                    "method: {name: lora}\ntraining:\n  bf16: false\n  max_length: 64\ntraining:\n  max_steps: 3\n")
+    with pytest.raises(RecipeError, match=r"key 'training' appears twice, at lines 5 and 8") as e:
+        load_recipe(path)
+    assert str(path) in str(e.value)
+
+
+DEMO = ROOT / "recipes" / "demo" / "tiny_lora.yaml"
+
+
+def test_an_override_that_is_not_valid_yaml_says_so():
+    with pytest.raises(RecipeError, match=r"override freeze: the value is not valid YAML"):
+        load_recipe(DEMO, ['freeze={train: [{patterns: ["a\\.(b|c)"]}]}'])
+    # single quotes keep the backslash, and a plain string that is not YAML is taken as written
+    r = load_recipe(DEMO, ["method={name: partial}", "freeze={train: [{patterns: ['a\\.(b|c)']}]}"])
+    assert r.freeze.train[0].patterns == ["a\\.(b|c)"]
+
+
+def test_chat_template_that_is_a_missing_file_is_refused(tmp_path):
+    chat = ROOT / "recipes" / "demo" / "chat_tiny_lora.yaml"
+    with pytest.raises(RecipeError, match="data.chat_template 'missing.jinja' is neither a Jinja template"):
+        load_recipe(chat, ["data.chat_template=missing.jinja"])
+    good = tmp_path / "t.jinja"
+    good.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert load_recipe(chat, [f"data.chat_template={good}"]).data.chat_template == str(good)

@@ -74,11 +74,36 @@ class Recipe(Section):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error.
+
+    Plain YAML keeps the last one: a second `training:` block would silently replace the whole
+    first section.
+    """
+
+
+def _mapping_without_duplicates(loader, node, deep=False):
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise RecipeError(f"key {key!r} appears twice, at lines {seen[key]} and {line}: the second would "
+                              "silently replace the first", "keep one of them (merge the two into one block)")
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}", "check the path (recipes live under recipes/)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except RecipeError as e:
+        raise RecipeError(e.problem, e.fix, str(path)) from None
     except yaml.MarkedYAMLError as e:
         line = e.problem_mark.line + 1 if e.problem_mark else "?"
         raise RecipeError(f"YAML syntax error at line {line}: {e.problem}", "fix the YAML syntax", str(path)) from None
@@ -98,8 +123,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise RecipeError(f"bad override {item!r}", "write overrides as dotted.key=value, e.g. training.learning_rate=1e-4")
         try:
             value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError:
-            value = raw
+        except yaml.YAMLError as e:
+            if raw.lstrip()[:1] in ("{", "[", '"'):  # meant as structured YAML: say it does not parse
+                problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+                raise RecipeError(f"override {key}: the value is not valid YAML ({problem}): {raw}",
+                                  "fix the YAML; backslashes go in single quotes, e.g. patterns: ['a\\.(b|c)']") from None
+            value = raw  # a plain string that happens not to parse (a: b: c) is taken as written
         node = data
         parts = key.split(".")
         for part in parts[:-1]:

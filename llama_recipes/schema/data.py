@@ -1,7 +1,8 @@
 """`data:` section: where the examples come from and how they are turned into training text."""
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from llama_recipes.schema.base import Section
 from llama_recipes.schema.method import PACKING_UNSAFE_METHODS
@@ -75,6 +76,17 @@ class DataConfig(SourceFields):
         None, description="Jinja chat template (inline, or a path to a .jinja file) replacing the tokenizer's; "
         "wrap assistant content in {% generation %}...{% endgeneration %} for assistant-only loss."
     )
+    @field_validator("chat_template")
+    @classmethod
+    def _template_text_or_file(cls, v):
+        # No Jinja in it and one line: meant as a path. A missing file must not become the template
+        # text (every row would render as the path string).
+        if v is not None and "{" not in v and "\n" not in v and not Path(v).expanduser().is_file():
+            raise ValueError(f"data.chat_template {v!r} is neither a Jinja template (no {{% %}} / {{{{ }}}}) nor an "
+                             "existing file; give the path of a .jinja file (relative to where you launch) or the "
+                             "template text")
+        return v
+
     label_names: list[str] | None = Field(
         None, description="Classification label set in id order (default: sorted string labels, or 0..max "
         "for integer labels)."
