@@ -243,3 +243,15 @@ def test_tiny_twin_through_real_entry_point(tmp_path, twin):
     m = json.loads((out / "metrics.json").read_text())
     assert m["eval_after"]["loss"] < m["eval_before"]["loss"]
     assert "trainable params:" in res.stderr and "MB on disk" in res.stderr
+
+
+def test_modules_to_save_naming_no_module_is_refused():
+    """PEFT would write [nope] into adapter_config.json and train nothing for it."""
+    from llama_recipes import methods, modeling
+
+    recipe = load_recipe(ROOT / "recipes/demo/tiny_lora.yaml", ["method.modules_to_save=[nope]"])
+    with pytest.raises(UserError, match=r"modules_to_save \['nope'\] names no module of the model"):
+        methods.apply_method(modeling.load_model(recipe.model), recipe)
+    ok = load_recipe(ROOT / "recipes/demo/tiny_lora.yaml", ["method.modules_to_save=[lm_head]"])
+    model = methods.apply_method(modeling.load_model(ok.model), ok)
+    assert any("modules_to_save" in n for n, p in model.named_parameters() if p.requires_grad)

@@ -179,3 +179,14 @@ def test_chat_template_that_is_a_missing_file_is_refused(tmp_path):
     good = tmp_path / "t.jinja"
     good.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     assert load_recipe(chat, [f"data.chat_template={good}"]).data.chat_template == str(good)
+
+
+@pytest.mark.parametrize("over, msg", [
+    (["training.max_steps=0"], "training.max_steps=0 trains nothing"),
+    (["training.max_steps=-3"], "training.max_steps=-3 trains nothing"),
+    (["training.max_steps=-1", "training.num_train_epochs=0"], r"num_train_epochs=0(\.0)? with max_steps -1 trains nothing"),
+])
+def test_settings_that_train_nothing_are_refused(over, msg):
+    """TRL would run one step for max_steps 0 and save an untrained model for 0 epochs."""
+    with pytest.raises(RecipeError, match=msg):
+        load_recipe(DEMO, over)

@@ -70,6 +70,18 @@ class Lora(PeftMethod):
                           target_modules=cfg.target_modules, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
                           modules_to_save=cfg.modules_to_save or None)
 
+    def make_trainable(self, model, recipe):
+        # PEFT writes unknown modules_to_save names into adapter_config.json and trains nothing for them.
+        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        missing = [m for m in recipe.method.modules_to_save or [] if m not in names]
+        if missing:
+            head = model.get_output_embeddings()
+            hint = [n for n, mod in model.named_children()] + ([n.rsplit(".", 1)[-1] for n, mod in model.named_modules()
+                                                                  if mod is head][:1])
+            raise UserError(f"method.modules_to_save {missing} names no module of the model",
+                            f"use module names the model has (e.g. {', '.join(sorted(set(hint)))}, embed_tokens)")
+        return super().make_trainable(model, recipe)
+
     def estimate_params(self, shape, m):
         r, extra = int(m["r"]), {}
         for t in linear_targets(shape, m.get("target_modules")):

@@ -71,6 +71,19 @@ class _TrainingBase(Section):
                     for k, v in data.items()}
         return data
 
+    @model_validator(mode="after")
+    def _trains_something(self):
+        # TRL takes max_steps 0 as "one step" and epochs 0 as "save the untrained model": both
+        # are almost certainly a typo, and both would leave an artifact that looks trained.
+        steps, epochs = getattr(self, "max_steps", -1), getattr(self, "num_train_epochs", 3.0)
+        if steps == 0 or (steps is not None and steps < -1):
+            raise ValueError(f"training.max_steps={steps} trains nothing: set a positive number of optimizer "
+                             "steps, or -1 to train for training.num_train_epochs")
+        if steps == -1 and epochs is not None and epochs <= 0:
+            raise ValueError(f"training.num_train_epochs={epochs} with max_steps -1 trains nothing: set a positive "
+                             "number of epochs, or training.max_steps")
+        return self
+
     def sft_kwargs(self, mode: str = "python") -> dict[str, Any]:
         """Only the keys the recipe set, plus our defaults; TRL supplies the rest."""
         out = dict(OUR_DEFAULTS)
