@@ -37,6 +37,7 @@ RECIPE_FILE = "recipe.yaml"
 
 
 REPLACED_DIR = ".overwritten"  # where --overwrite moves a previous run until the new one has saved
+LOCK_FILE = ".llama-recipes.lock"  # held (flock) by the run training into OUTPUT_DIR
 
 
 def prepare_output_dir(recipe, overwrite: bool = False) -> Path:
@@ -52,7 +53,7 @@ def prepare_output_dir(recipe, overwrite: bool = False) -> Path:
         raise UserError(f"output_dir {out} exists and is a file", "choose another output_dir")
     reused = False  # same recipe: its recipe.yaml stays as written by the first try
     # eval/ holds --eval-only results (--base may run before training), never a run's files
-    occupied = out.is_dir() and any(p.name not in ("eval", REPLACED_DIR) for p in out.iterdir())
+    occupied = out.is_dir() and any(p.name not in ("eval", REPLACED_DIR, LOCK_FILE) for p in out.iterdir())
     if occupied and not overwrite:
         saved = out / RECIPE_FILE
         if not saved.is_file():
@@ -81,7 +82,7 @@ def _move_aside(out: Path) -> Path:
     """Move everything in OUTPUT_DIR (but earlier set-asides) to OUTPUT_DIR/.overwritten/STAMP."""
     import time
 
-    entries = sorted(p for p in out.iterdir() if p.name != REPLACED_DIR)
+    entries = sorted(p for p in out.iterdir() if p.name not in (REPLACED_DIR, LOCK_FILE))
     dest = out / REPLACED_DIR / time.strftime("%Y%m%d-%H%M%S")
     dest.mkdir(parents=True, exist_ok=False)
     for p in entries:
@@ -106,41 +107,77 @@ def claim(recipe, overwrite: bool = False):
     what the new run wrote is removed and the previous contents are put back: a typo in an
     --overwrite rerun costs nothing.
     """
-    before = set(_set_aside(Path(recipe.output_dir)))
-    out = prepare_output_dir(recipe, overwrite)
-    metrics = out / "metrics.json"
-    if not overwrite and metrics.is_file() and detect(out) is not None:
-        # metrics.json is written last: this recipe's run finished here. Training again would
-        # add steps to a finished run and rewrite its artifact.
-        step = (json.loads(metrics.read_text()).get("train") or {}).get("global_step", "?")
-        raise RunComplete(f"this run is already complete: {out} holds its artifact and metrics.json "
-                          f"(step {step}); nothing was changed",
-                          "evaluate it with --eval-only; pass --overwrite to train it again, or choose another output_dir")
-    moved = [p for p in _set_aside(out) if p not in before]
+    target = Path(recipe.output_dir)
+    # Under --overwrite the lock comes first: the files of a run still training must not be moved
+    # aside. Otherwise prepare_output_dir refuses foreign directories before anything is written.
+    lock = _lock(target) if is_main_process() and overwrite and target.is_dir() else None
     try:
-        yield out
-    except BaseException:
-        if moved and is_main_process() and not any(out.glob("checkpoint-*")):
-            _restore(out, moved[-1])
-        elif moved and is_main_process():
-            log.warning("the previous contents of %s stay in %s (this run saved checkpoints)", out, moved[-1])
-        raise
-    if moved and is_main_process():
-        for old in moved:
-            if (old / RECIPE_FILE).is_file():
-                shutil.rmtree(old, ignore_errors=True)
-                log.info("--overwrite: removed the previous run set aside in %s", old)
-            else:
-                log.warning("--overwrite: %s keeps what was in %s before (not written by llama-recipes)", old, out)
-        root = out / REPLACED_DIR
-        if root.is_dir() and not any(root.iterdir()):
-            root.rmdir()
+        before = set(_set_aside(target))
+        out = prepare_output_dir(recipe, overwrite)
+        if lock is None and is_main_process():
+            lock = _lock(out)
+        metrics = out / "metrics.json"
+        if not overwrite and metrics.is_file() and detect(out) is not None:
+            # metrics.json is written last: this recipe's run finished here. Training again would
+            # add steps to a finished run and rewrite its artifact.
+            step = (json.loads(metrics.read_text()).get("train") or {}).get("global_step", "?")
+            raise RunComplete(f"this run is already complete: {out} holds its artifact and metrics.json "
+                              f"(step {step}); nothing was changed", "evaluate it with --eval-only; pass "
+                              "--overwrite to train it again, or choose another output_dir")
+        moved = [p for p in _set_aside(out) if p not in before]
+        try:
+            yield out
+        except BaseException:
+            if moved and is_main_process() and not any(out.glob("checkpoint-*")):
+                _restore(out, moved[-1])
+            elif moved and is_main_process():
+                log.warning("the previous contents of %s stay in %s (this run saved checkpoints)", out, moved[-1])
+            raise
+        if moved and is_main_process():
+            for old in moved:
+                if (old / RECIPE_FILE).is_file():
+                    shutil.rmtree(old, ignore_errors=True)
+                    log.info("--overwrite: removed the previous run set aside in %s", old)
+                else:
+                    log.warning("--overwrite: %s keeps what was in %s before (not written by llama-recipes)", old, out)
+            root = out / REPLACED_DIR
+            if root.is_dir() and not any(root.iterdir()):
+                root.rmdir()
+    finally:
+        if lock is not None:  # empty again (the PID is only for a second run's message), then unlocked
+            lock.seek(0)
+            lock.truncate()
+            lock.close()
+
+
+
+def _lock(out: Path):
+    """Hold an exclusive lock on OUTPUT_DIR for the whole run: two runs never train into one directory.
+
+    The lock (flock) dies with the process, so a killed run never leaves a stale lock behind.
+    """
+    import fcntl
+
+    f = open(out / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise UserError(f"output_dir {out} is in use by another run (PID {holder})",
+                        "wait for it to finish, stop it, or choose another output_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def _restore(out: Path, old: Path) -> None:
     """Undo --overwrite: drop what the failed run wrote, put the previous contents back."""
     for p in out.iterdir():
-        if p.name in (REPLACED_DIR,):
+        if p.name in (REPLACED_DIR, LOCK_FILE):
             continue
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     for p in old.iterdir():

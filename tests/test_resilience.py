@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, run_cli
 
 from llama_recipes.cli import main as cli_main
 from llama_recipes.errors import UserError
@@ -379,3 +379,20 @@ def test_rerunning_a_finished_run_changes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "already complete" in err and "(step 3)" in err and "error:" not in err
     assert _snapshot(out) == first
+
+
+def test_two_runs_cannot_share_an_output_dir(tmp_path):
+    """While a run trains into OUTPUT_DIR, a second one (even with --overwrite) is refused with the PID."""
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, out, save_steps=3)
+    proc = spawn(recipe, {resilience.SAVE_HOOK_ENV: "3:pause"})
+    try:
+        wait_for(out / resilience.STAGING / "checkpoint-3" / "trainer_state.json", proc)
+        for extra in ([], ["--overwrite"]):
+            r = run_cli(str(recipe), *extra)
+            assert r.returncode == 2, r.stderr[-2000:]
+            assert f"is in use by another run (PID {proc.pid})" in r.stderr
+        assert not (out / ".overwritten").exists() and (out / "recipe.yaml").is_file()
+    finally:
+        proc.kill()
+        proc.wait()
