@@ -281,6 +281,13 @@ def test_two_rank_sigkill_then_resume_matches_uninterrupted_run(tmp_path, config
         proc.wait(timeout=30)
     finally:
         proc.kill()
+        # The launcher's workers may sit in their own process group and outlive it (the output_dir
+        # lock sees them): kill every process of this run, as a crashed node would lose them.
+        subprocess.run(["pkill", "-KILL", "-f", str(recipe)], check=False)
+        deadline = time.time() + 30
+        while subprocess.run(["pgrep", "-f", str(recipe)], capture_output=True).returncode == 0:
+            assert time.time() < deadline, "the run's processes did not exit"
+            time.sleep(0.2)
     assert resilience.newest_checkpoint(out) == out / "checkpoint-3"
     for path, o in ((recipe, out), (write_recipe(tmp_path, tmp_path / "ref", name="ref.yaml",
                                                   per_device_train_batch_size=2), tmp_path / "ref")):
