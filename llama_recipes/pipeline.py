@@ -93,24 +93,15 @@ def _train_and_save(recipe, method, out: Path, overwrite: bool, callbacks, start
     # -- save -----------------------------------------------------------------------------------
     artifacts.save(trainer, tokenizer, out, method)
     freeze.save_report(out, param_report)
-    extra = {"labels": trainer.model.head_config["labels"]} if method.kind == "head" else {}
     metrics = artifacts.run_metrics(recipe, trainer, result, started, data_format=built[2], data=data_stats,
-                                    **extra, trainable_params=trainable, total_params=total,
+                                    **method.metrics_fields(trainer.model), trainable_params=trainable, total_params=total,
                                     eval_before=before, eval_after=after)
     line, sizes = artifacts.size_report(out, trainer.model, method)
     log.info(line)
     metrics.update(sizes)
     artifacts.write_metrics(out, metrics)
     artifacts.plot_loss(out, trainer.state.log_history)
-    if before and after and method.kind == "lm":
-        log.info("\n%s", report_table(before, after))
+    if before and after:
+        log.info("\n%s", method.before_after_table(before, after))
     log.info("done in %.0f s; artifacts in %s", metrics["wall_seconds"], out)
     return Run(metrics, trainer, tokenizer, out, eval_raw)
-
-
-def report_table(before: dict, after: dict) -> str:
-    rows = ["| metric | before | after |", "|---|---|---|"]
-    for k in after:
-        if k in before and isinstance(after[k], float):
-            rows.append(f"| {k} | {before[k]:.4f} | {after[k]:.4f} |")
-    return "\n".join(rows)

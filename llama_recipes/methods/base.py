@@ -50,6 +50,18 @@ class Method:
         """One log line for an evaluate() result."""
         return ", ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, (int, float)))
 
+    def before_after_table(self, before: dict, after: dict) -> str:
+        """The run's before/after numbers as a markdown table (logged at the end of training)."""
+        rows = ["| metric | before | after |", "|---|---|---|"]
+        for k in after:
+            if k in before and isinstance(after[k], float):
+                rows.append(f"| {k} | {before[k]:.4f} | {after[k]:.4f} |")
+        return "\n".join(rows)
+
+    def metrics_fields(self, model) -> dict:
+        """Extra fields of metrics.json for this method (heads: the label names)."""
+        return {}
+
     primary_metric: str = "loss"  # what the dry run compares between the trained and the reloaded model
 
     # -- memory estimate ----------------------------------------------------------------------

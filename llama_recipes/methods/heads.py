@@ -58,6 +58,9 @@ class Head(Method):
         return heads.evaluate_model(model, tokenizer, eval_raw, cfg.batch_size, model.head_config["max_length"]
                                     if hasattr(model, "head_config") else None, cfg.limit)
 
+    def metrics_fields(self, model):
+        return {"labels": model.head_config["labels"]}
+
     def describe(self, r):
         return (f"accuracy={r['accuracy']:.4f} macro_f1={r['macro_f1']:.4f} (majority class "
                 f"{r['majority_baseline']:.4f}, {r['examples']} examples)")
