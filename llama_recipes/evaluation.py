@@ -147,7 +147,6 @@ def recipe_precision(recipe):
     """The recipe's training precision on this machine (bf16: auto resolved as training does)."""
     from types import SimpleNamespace
 
-
     t = recipe.training
     bf16 = t.bf16 if t.bf16 != "auto" else recipe_bf16(recipe)[0]
     return SimpleNamespace(bf16=bool(bf16), fp16=bool(t.fp16))
