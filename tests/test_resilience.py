@@ -403,3 +403,32 @@ def test_two_runs_cannot_share_an_output_dir(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+    """A truncated adapter in the newest checkpoint: resume auto names it, resumes from the one
+    before, and the steps it retrains give the losses of the uninterrupted run."""
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, out, max_steps=4, save_steps=2)
+    assert cli_main([str(recipe)]) == 0
+    ref = step_losses(out)
+    (out / "metrics.json").unlink()  # as if the run had died after its last checkpoint
+    weights = out / "checkpoint-4" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    r = run_cli(str(recipe))  # a subprocess: its log lines are the user's stderr
+    assert r.returncode == 0, r.stderr[-3000:]
+    err = r.stderr
+    assert "checkpoint-4 cannot be resumed from: adapter_model.safetensors is damaged" in err
+    assert "resuming from the previous complete checkpoint, checkpoint-2" in err
+    resumed = step_losses(out)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(ref[step], abs=1e-5), step
+    # every checkpoint damaged: a clear error, not a traceback
+    (out / "metrics.json").unlink()
+    for ckpt in ("checkpoint-2", "checkpoint-4"):
+        state = out / ckpt / "trainer_state.json"
+        state.write_text(state.read_text()[:10])
+    capsys.readouterr()
+    assert cli_main([str(recipe)]) == 2
+    assert "every checkpoint in" in capsys.readouterr().err

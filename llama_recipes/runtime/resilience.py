@@ -11,6 +11,7 @@ only when every file (weights, optimizer, scheduler, RNG, trainer_state.json) is
 model or adapter weights, optimizer, scheduler, step, data position (it skips the batches already
 seen) and RNG states; tests/test_resilience.py checks the per-step losses match an uninterrupted run.
 """
+import json
 import os
 import re
 import shutil
@@ -56,6 +57,34 @@ def complete_checkpoints(out: Path) -> list[Path]:
         return []
     found = [p for p in out.iterdir() if checkpoint_step(p) is not None and is_complete(p)]
     return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a complete-looking checkpoint cannot be resumed from (None when it can).
+
+    Cheap checks only: trainer_state.json parses, every safetensors header matches its file size,
+    every torch pickle (optimizer, scheduler, RNG) has its zip directory, which a truncated file
+    lacks. A bit flip inside a tensor is not caught here.
+    """
+    import zipfile
+
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        json.loads((path / "trainer_state.json").read_text())["global_step"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"trainer_state.json is unreadable ({type(e).__name__})"
+    for f in sorted(path.iterdir()):
+        try:
+            if f.suffix == ".safetensors":
+                with safe_open(str(f), "pt") as h:
+                    h.keys()
+            elif f.suffix in (".pt", ".pth", ".bin"):
+                zipfile.ZipFile(f).close()
+        except Exception as e:  # noqa: BLE001 - any failure to open means it cannot be resumed
+            return f"{f.name} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
+    return None
 
 
 def newest_checkpoint(out: Path) -> Path | None:
@@ -120,15 +149,33 @@ def resume_checkpoint(recipe, out: Path, overwrite: bool = False) -> str | None:
     if mode == "auto":
         if not done:
             return None
-        step = checkpoint_step(done[-1])
+        damaged = []
+        for ckpt in reversed(done):  # the newest one that opens
+            problem = checkpoint_problem(ckpt)
+            if problem is None:
+                break
+            damaged.append(ckpt)
+            log.warning("%s cannot be resumed from: %s", ckpt, problem)
+        else:
+            raise UserError(f"every checkpoint in {out} is damaged (newest: {done[-1].name}: "
+                            f"{checkpoint_problem(done[-1])})",
+                            "move the damaged checkpoint-N directories away, or pass --overwrite to start over")
+        if damaged:
+            log.warning("resuming from the previous complete checkpoint, %s; the damaged %s are not deleted "
+                        "(a save of the same step replaces one when training gets there)",
+                        ckpt.name, ", ".join(p.name for p in damaged))
         log.info("resuming from %s (step %d): weights, optimizer, scheduler, data position and RNG state",
-                 done[-1], step)
-        return str(done[-1])
+                 ckpt, checkpoint_step(ckpt))
+        return str(ckpt)
     path = Path(mode)
     if not is_complete(path):
         why = "does not exist" if not path.exists() else f"is not a complete checkpoint (no {COMPLETE_MARKER})"
         raise UserError(f"resume: {path} {why}",
                         f"point resume at a checkpoint-N directory that holds {COMPLETE_MARKER}, or use resume: auto")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise UserError(f"resume: {path} cannot be resumed from: {problem}",
+                        "point resume at another checkpoint-N, or use resume: auto (it skips damaged ones)")
     log.info("resuming from %s", path)
     return str(path)
 
