@@ -45,13 +45,6 @@ def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _read_run(path: Path) -> tuple[dict, dict | None]:
-    cfg, recipe = artifacts.read_run(path)
-    if cfg is None:
-        raise UserError(f"{path} has no adapter_config.json", "pass NAME=OUTPUT_DIR of a PEFT run")
-    return cfg, recipe
-
-
 class MultiAdapter:
     """One base model in memory and named adapters on top of it (PEFT's multi-adapter PeftModel)."""
 
@@ -61,15 +54,15 @@ class MultiAdapter:
         from peft import PeftModel
 
         self.runs = {k: Path(v) for k, v in runs.items()}
-        bases = {}
+        bases, types = {}, {}
         for name, path in self.runs.items():
-            cfg, recipe = _read_run(path)
+            cfg, recipe = artifacts.read_adapter_run(path)
+            types[name] = cfg.get("peft_type")
             bases[name] = (recipe or {}).get("model") or {"name_or_path": cfg["base_model_name_or_path"]}
             method = methods.REGISTRY.get((recipe or {}).get("method", {}).get("name"))
             if method is not None and method.quantized:
                 raise UserError(f"adapter {name} is a QLoRA adapter", "merge it (llama_recipes.export) or load it alone")
         first = next(iter(bases))
-        types = {name: _read_run(path)[0].get("peft_type") for name, path in self.runs.items()}
         if len(set(types.values())) > 1:
             raise UserError(f"adapters of different PEFT types on one base: {types}",
                             "load adapters of one type together (e.g. all LoRA/DoRA)")

@@ -286,17 +286,24 @@ def read_run(path) -> tuple[dict | None, dict | None]:
             yaml.safe_load(rec.read_text()) if rec.is_file() else None)
 
 
+def read_adapter_run(path) -> tuple[dict, dict | None]:
+    """read_run for a directory that must hold a PEFT adapter (a clear error otherwise)."""
+    cfg, saved = read_run(path)
+    if cfg is None:
+        raise UserError(f"{path} has no adapter_config.json",
+                        "pass the output_dir of a PEFT run (full fine-tuning already saves a standalone model)")
+    return cfg, saved
+
+
 def base_model_config(path, recipe=None) -> tuple[ModelConfig, dict]:
     """(model section, method section) to load an adapter's base with: the recipe given (eval and
     dry run evaluate with the user's recipe), else the run's recipe.yaml, else the base named in
     adapter_config.json."""
     if recipe is not None:
         return recipe.model, recipe.method.model_dump()
-    cfg, saved = read_run(path)
+    cfg, saved = read_adapter_run(path)
     if saved:
         return ModelConfig(**saved["model"]), saved.get("method", {})
-    if cfg is None:
-        raise UserError(f"{path} has no adapter_config.json", "pass the output_dir of a PEFT run")
     return ModelConfig(name_or_path=cfg["base_model_name_or_path"]), {}
 
 

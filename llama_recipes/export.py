@@ -35,10 +35,7 @@ def check_mergeable(method_name: str) -> None:
 
 def run_method(adapter_dir: Path) -> str:
     """The method a run directory was trained with (its recipe.yaml, else the adapter's PEFT type)."""
-    cfg, recipe = artifacts.read_run(adapter_dir)
-    if cfg is None:
-        raise UserError(f"{adapter_dir} has no adapter_config.json",
-                        "pass the output_dir of a PEFT run (full fine-tuning already saves a standalone model)")
+    cfg, recipe = artifacts.read_adapter_run(adapter_dir)
     if recipe and recipe.get("method", {}).get("name"):
         return recipe["method"]["name"]
     return PEFT_TYPES.get(cfg.get("peft_type", ""), cfg.get("peft_type", "?").lower())

@@ -17,6 +17,15 @@ def _snapshot(d):
     return {p.relative_to(d): p.read_bytes() for p in d.rglob("*") if p.is_file()}
 
 
+def _passes_every_stage(recipe, capsys) -> str:
+    """Run the dry run in-process; every stage must PASS. Returns what it printed."""
+    assert dryrun.main(recipe, ARGS) == 0
+    out = capsys.readouterr().out
+    for stage in ("train", "save", "reload", "eval", "timing"):
+        assert f"PASS  {stage}" in out, out
+    return out
+
+
 @pytest.mark.parametrize("method", [["method.r=4"], ["method=" + "{name: full}"]], ids=["lora", "full"])
 def test_dry_run_passes_every_stage_and_leaves_output_dir_alone(tmp_path, capsys, method):
     real = tmp_path / "real_out"
@@ -24,10 +33,7 @@ def test_dry_run_passes_every_stage_and_leaves_output_dir_alone(tmp_path, capsys
     (real / "keep.txt").write_text("a previous run's file")
     before = _snapshot(real)
     recipe = load_recipe(DEMO_RECIPE, [FP32, f"output_dir={real}", "data.max_samples=64", *method])
-    assert dryrun.main(recipe, ARGS) == 0
-    out = capsys.readouterr().out
-    for stage in ("train", "save", "reload", "eval", "timing"):
-        assert f"PASS  {stage}" in out, out
+    out = _passes_every_stage(recipe, capsys)
     assert "3 steps on 1 process(es)" in out and "max |logits difference| 0.00e+00" in out
     assert "full run max_steps=150" in out and "dry run: PASS" in out
     assert _snapshot(real) == before  # nothing written, nothing removed
@@ -71,10 +77,7 @@ def test_dry_run_of_a_head_recipe_reloads_the_head(tmp_path, capsys, twin):
     """Heads go through the same lifecycle: train, save, reload through artifacts.load, same logits,
     the reloaded head's accuracy equal to what training measured."""
     recipe = load_recipe(ROOT / "recipes" / "demo" / f"{twin}.yaml", [f"output_dir={tmp_path / 'o'}"])
-    assert dryrun.main(recipe, ARGS) == 0
-    out = capsys.readouterr().out
-    for stage in ("train", "save", "reload", "eval", "timing"):
-        assert f"PASS  {stage}" in out, out
+    out = _passes_every_stage(recipe, capsys)
     assert "head.safetensors" in out and "max |logits difference| 0.00e+00" in out
     assert "reloaded model: accuracy" in out and "trained model:" in out
     assert not (tmp_path / "o").exists()
