@@ -28,7 +28,7 @@ from llama_recipes import heads, methods, modeling
 from llama_recipes.errors import RunComplete, UserError
 from llama_recipes.log import get_logger, is_main_process
 from llama_recipes.runtime import distributed
-from llama_recipes.schema.guards import RUN_CONTROL_KEYS
+from llama_recipes.schema import same_run
 from llama_recipes.schema.method import METHOD_MODELS
 from llama_recipes.schema.model import ModelConfig
 
@@ -60,9 +60,7 @@ def prepare_output_dir(recipe, overwrite: bool = False) -> Path:
             raise UserError(f"output_dir {out} is not empty and was not written by llama-recipes",
                             "choose another output_dir, or pass --overwrite to move its contents aside "
                             f"(into {out / REPLACED_DIR}) and write the new run there")
-        # resume/guards (RUN_CONTROL_KEYS) may change between tries of the same run
-        before = {k: v for k, v in (yaml.safe_load(saved.read_text()) or {}).items() if k not in RUN_CONTROL_KEYS}
-        if before != recipe.identity():
+        if not same_run(_read_recipe_file(saved), recipe):
             raise UserError(f"output_dir {out} holds a run of a different recipe ({saved})",
                             "choose another output_dir, or pass --overwrite to replace that run")
         reused = True
@@ -76,6 +74,19 @@ def prepare_output_dir(recipe, overwrite: bool = False) -> Path:
         except OSError as e:
             raise UserError(f"cannot write to output_dir {out}: {e.strerror}", "choose a writable output_dir") from None
     return out
+
+
+def _read_recipe_file(path: Path) -> dict:
+    """A run's recipe.yaml as a dict; a damaged one is a clear error, not a traceback."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
+        raise UserError(f"{path} is damaged and cannot be read ({type(e).__name__})",
+                        "restore it, or pass --overwrite to move that run aside and start again") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is damaged: not a recipe mapping",
+                        "restore it, or pass --overwrite to move that run aside and start again")
+    return data
 
 
 def _move_aside(out: Path) -> Path:
@@ -108,6 +119,8 @@ def claim(recipe, overwrite: bool = False):
     --overwrite rerun costs nothing.
     """
     target = Path(recipe.output_dir)
+    created = not target.exists()
+    fresh = not (target / RECIPE_FILE).is_file()  # this run writes the recipe record (not a rerun)
     # Under --overwrite the lock comes first: the files of a run still training must not be moved
     # aside. Otherwise prepare_output_dir refuses foreign directories before anything is written.
     lock = _lock(target) if is_main_process() and overwrite and target.is_dir() else None
@@ -130,6 +143,10 @@ def claim(recipe, overwrite: bool = False):
         except BaseException:
             if moved and is_main_process() and not any(out.glob("checkpoint-*")):
                 _restore(out, moved[-1])
+            elif fresh and not moved and is_main_process() and not any(out.glob("checkpoint-*")):
+                # Failed before its first checkpoint (a bad data path, a model that does not load):
+                # nothing to resume, and its recipe.yaml would refuse the corrected rerun.
+                _forget(out)
             elif moved and is_main_process():
                 log.warning("the previous contents of %s stay in %s (this run saved checkpoints)", out, moved[-1])
             raise
@@ -148,6 +165,19 @@ def claim(recipe, overwrite: bool = False):
             lock.seek(0)
             lock.truncate()
             lock.close()
+        if created and is_main_process() and target.is_dir() and \
+                {p.name for p in target.iterdir()} <= {LOCK_FILE}:  # nothing left of a failed first try
+            (target / LOCK_FILE).unlink(missing_ok=True)
+            target.rmdir()
+
+
+def _forget(out: Path) -> None:
+    """Remove what a run that failed before its first checkpoint wrote into a directory it found empty."""
+    for p in out.iterdir():
+        if p.name in (REPLACED_DIR, LOCK_FILE, "eval"):
+            continue
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    log.info("this run failed before its first checkpoint: removed what it wrote to %s", out)
 
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from llama_recipes.errors import UserError
 from llama_recipes.log import get_logger
 from llama_recipes.paths import resolve
+from llama_recipes.schema import read_text
 from llama_recipes.schema.data import DataConfig, SourceConfig
 
 log = get_logger(__name__)
@@ -83,14 +84,22 @@ def _load_files(files: list[Path]) -> Rows:
     # The JSON builder logs a parse failure with its traceback before raising; the UserError
     # below says the same thing with the file name and the fix.
     logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
+    logging.getLogger("datasets.packaged_modules.parquet.parquet").setLevel(logging.CRITICAL)
     parts, origins, start = [], [], 0
     for f in files:
+        _check_file(f)
         try:
             ds = datasets.load_dataset(_EXTENSIONS[f.suffix], data_files=str(f), split="train")
         except Exception as e:  # noqa: BLE001 - arrow/json errors: one column with mixed types, bad JSON
             cause = e.__cause__ or e
-            raise UserError(f"cannot read {f}: {type(cause).__name__}: {str(cause).splitlines()[0][:300]}",
-                            "every row needs the same columns with the same types (strings stay strings)") from None
+            text = str(cause).splitlines()[0][:300] if str(cause) else ""
+            if "corresponds to no data" in text or type(cause).__name__ == "EmptyDataError":
+                note = " (a CSV needs a header line and at least one row)" if f.suffix == ".csv" else ""
+                raise UserError(f"{f} has no rows{note}",
+                                "add rows, or point data.path at another file") from None
+            raise UserError(f"cannot read {f}: {type(cause).__name__}: {text}", _read_fix(f, text)) from None
+        if len(ds) == 0:
+            raise UserError(f"{f} has no rows", "add rows, or point data.path at another file")
         parts.append(ds)
         origins.append((start, str(f)))
         start += len(ds)
@@ -99,6 +108,42 @@ def _load_files(files: list[Path]) -> Rows:
     except ValueError as e:
         raise UserError(f"files of one split have different columns: {[str(f) for f in files]}: {e}") from None
     return Rows(ds, origins)
+
+
+def _check_file(f: Path) -> None:
+    """Refuse an empty file, or a text file that is not UTF-8 (arrow would misread it or replace bytes)."""
+    if f.stat().st_size == 0:
+        raise UserError(f"data file {f} is empty", "add rows, or point data.path at another file")
+    if f.suffix == ".parquet":
+        return
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(f, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            if b"\x00" in chunk:
+                raise UserError(f"data file {f} is not UTF-8 text (it holds NUL bytes: UTF-16 or a binary file?)",
+                                "save it as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                raise UserError(f"data file {f} is not UTF-8 text (invalid byte at offset {offset + e.start})",
+                                "save it as UTF-8 (e.g. iconv -f LATIN1 -t UTF-8)") from None
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise UserError(f"data file {f} is not UTF-8 text (it ends inside a character: truncated?)",
+                        "save it as UTF-8, complete") from None
+
+
+def _read_fix(f: Path, text: str) -> str:
+    if f.suffix == ".parquet":
+        return "the file is damaged or not parquet: write it again (e.g. pandas DataFrame.to_parquet)"
+    if "JSON" in text or "decoding" in text:
+        return "fix the JSON at that row (a .jsonl file holds one JSON object per line)"
+    return "every row needs the same columns with the same types (strings stay strings)"
 
 
 def load_split(src: SourceConfig, split: str) -> Rows | None:
@@ -144,6 +189,11 @@ def _canonical(ds, src: SourceConfig, fmt_hint: str):
     if missing:
         raise UserError(f"data.columns maps columns that are not in {src.path}: {missing} "
                         f"(columns: {ds.column_names})", "fix data.columns")
+    clash = [ours for theirs, ours in mapping.items() if ours in ds.column_names and ours not in mapping]
+    if clash:
+        raise UserError(f"data.columns maps a column onto `{clash[0]}`, and {src.path} already has a column "
+                        f"`{clash[0]}` (columns: {ds.column_names})",
+                        f"drop the data.columns entry for {clash[0]}, or rename the data's own `{clash[0]}` column")
     ds = ds.rename_columns(mapping) if mapping else ds
     if fmt_hint in ("summarization", "auto") and "document" not in ds.column_names and "summary" in ds.column_names:
         alias = next((a for a in _DOCUMENT_ALIASES if a in ds.column_names), None)
@@ -228,6 +278,9 @@ def check_rows(rows: Rows, fmt: str, policy: str, label_ids: dict | None = None)
         log.warning("data: skipped %d bad rows of %s (first: %s: %s)", len(bad), rows.origins[0][1],
                     rows.where(bad[0]), first)
         checked = checked.filter(lambda p: not p, input_columns=[_PROBLEM], desc="dropping bad rows")
+        if len(checked) == 0:
+            raise UserError(f"data.bad_rows: skip dropped every row of {rows.origins[0][1]} (first: {rows.where(bad[0])}: "
+                            f"{first})", "fix the data (or data.format / data.columns if every row is read wrongly)")
     return checked.remove_columns(_PROBLEM), len(bad)
 
 
@@ -436,7 +489,8 @@ def _apply_chat_template_choice(recipe, tokenizer):
     template = recipe.data.chat_template
     if template:
         path = Path(template)
-        tokenizer.chat_template = path.read_text() if len(template) < 500 and path.is_file() else template
+        tokenizer.chat_template = _template_file(path) if len(template) < 500 and path.is_file() else template
+        _check_jinja(tokenizer.chat_template, template if path.is_file() else "data.chat_template")
     if not tokenizer.chat_template:
         raise UserError("chat data needs a chat template, and the tokenizer has none",
                         "set data.chat_template (inline Jinja or a .jinja file)")
@@ -467,6 +521,28 @@ def _apply_chat_template_choice(recipe, tokenizer):
     if not is_chat_template_stop_token_trained(tokenizer):
         raise UserError("the chat template leaves the end-of-turn token outside {% generation %}: the model "
                         "would never learn to stop", "move the EOS/end-of-turn token inside the generation block")
+
+
+def _template_file(path: Path) -> str:
+    """A chat template file's text: UTF-8, not empty."""
+    text = read_text(path, "the chat template file")
+    if not text.strip():
+        raise UserError(f"data.chat_template file {path} is empty", "put the Jinja chat template in it")
+    return text
+
+
+def _check_jinja(template: str, where: str) -> None:
+    """A syntax error in the template is reported with its line, before TRL renders the first row."""
+    from jinja2 import TemplateSyntaxError
+
+    # what apply_chat_template compiles with ({% generation %} included)
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(template)
+    except TemplateSyntaxError as e:
+        raise UserError(f"{where}: Jinja syntax error at line {e.lineno}: {e.message}",
+                        "fix the chat template (a complete file, every {% ... %} block closed)") from None
 
 
 def _lengths(ds, tokenizer):
@@ -507,6 +583,10 @@ def prepare(recipe, tokenizer, built):
         stats[f"{name}_over_length"] = len(over)
         if over and recipe.data.over_length == "drop":
             keep = sorted(set(range(len(ds))) - set(over))
+            if not keep and name == "train":
+                raise UserError(f"data.over_length: drop dropped every training example: all are longer than "
+                                f"training.max_length={max_length} tokens (shortest: {min(lengths)})",
+                                "raise training.max_length, or set data.over_length: truncate")
             ds = ds.select(keep)
             stats[f"{name}_dropped_over_length"] = len(over)
             log.warning("data: dropped %d of %d %s examples longer than max_length=%d", len(over), len(lengths),

@@ -100,9 +100,15 @@ def load_config(ref: str, revision: str | None = None, trust_remote_code: bool =
     from transformers import AutoConfig
 
     path = resolve(ref, "model")
+    if trust_remote_code:
+        print(f"warning: trust_remote_code is on: running Python code shipped with {path}", file=sys.stderr)
     try:
         return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e):
+            raise UserError(f"{ref} ships its own Python code (auto_map in its config), and model.trust_remote_code "
+                            "is false", "read that code; if you trust its authors set model.trust_remote_code: "
+                            "true") from None
         shipped = shipped_config(ref)
         if shipped is not None:  # offline: the published config.json shipped for the recipes' models
             print(f"note: {ref} is not reachable; using the package's copy of its published config.json",
@@ -113,13 +119,13 @@ def load_config(ref: str, revision: str | None = None, trust_remote_code: bool =
                         "for a hub id (only config.json is read)") from None
 
 
-def model_shape(cfg) -> ModelShape:
+def model_shape(cfg, trust_remote_code: bool = False) -> ModelShape:
     """Build the model on the meta device (no memory, no weights) and record its parameters."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
+    with torch.device("meta"):  # trust_remote_code passed on: left unset, transformers asks on stdin
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
     params, seen = {}, set()
     for n, p in model.named_parameters():  # tied weights appear once
         if id(p) not in seen:
@@ -591,7 +597,7 @@ def estimate_for_config(cfg, method: str = "full", activation_checkpointing: boo
 def estimate_recipe(recipe, gpus=None, config=None, gpu_memory=None):
     """(shape, setup, estimate) for a validated recipe."""
     cfg = load_config(recipe.model.name_or_path, recipe.model.revision, recipe.model.trust_remote_code)
-    shape = model_shape(cfg)
+    shape = model_shape(cfg, recipe.model.trust_remote_code)
     s = setup_from_recipe(recipe, gpus, config, gpu_memory)
     return shape, s, estimate(shape, s)
 

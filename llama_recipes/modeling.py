@@ -8,6 +8,7 @@ from llama_recipes.runtime.hardware import limit_bnb_cpu_packing
 from llama_recipes.schema.model import ModelConfig
 
 log = get_logger(__name__)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def _hub_hint(ref: str) -> str:
@@ -17,18 +18,65 @@ def _hub_hint(ref: str) -> str:
     )
 
 
+_WARNED: set[str] = set()
+
+
+def warn_remote_code(cfg: ModelConfig) -> None:
+    """Say that a model's own Python code will run, before anything loads it (once per model)."""
+    ref = resolve(cfg.name_or_path, "model")
+    if cfg.trust_remote_code and ref not in _WARNED:
+        _WARNED.add(ref)
+        log.warning("trust_remote_code is on: running Python code shipped with %s", ref)
+
+
+def _remote_code_error(e: Exception, ref: str, key: str) -> UserError | None:
+    """transformers' 'contains custom code ... trust_remote_code=True' ValueError, as a UserError."""
+    if "trust_remote_code" not in str(e):
+        return None
+    return UserError(f"{ref} ships its own Python code (auto_map in its config), and model.trust_remote_code is false",
+                     f"read that code; if you trust its authors set {key}: true")
+
+
+def check_local(ref: str, key: str = "model.name_or_path", need: str = "config.json") -> None:
+    """Clear errors for a local model path: missing, a file, or a directory without `need`."""
+    path = Path(ref)
+    if ref.startswith((".", "/", "~")) and not path.exists():
+        raise UserError(f"model path {ref} does not exist",
+                        f"point {key} at a directory with config.json, tokenizer files and *.safetensors, or at a hub id")
+    if path.is_file():
+        raise UserError(f"{key} {ref} is a file, not a model directory",
+                        f"point {key} at the directory that holds it ({path.parent})")
+    if path.is_dir() and need and not (path / need).is_file():
+        raise UserError(f"{key} {ref} is a directory without {need} (not a saved model)",
+                        "point it at a directory written by save_pretrained (config.json, tokenizer files, "
+                        "*.safetensors)")
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
+    warn_remote_code(cfg)  # before: a custom tokenizer or config class runs its code while loading
+    key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
     ref = resolve(cfg.tokenizer or cfg.name_or_path, "model")
-    if ref.startswith((".", "/", "~")) and not Path(ref).expanduser().exists():
-        raise UserError(f"model path {ref} does not exist",
-                        "point model.name_or_path at a directory with config.json, tokenizer files and "
-                        "*.safetensors, or at a hub id")
+    check_local(ref, key, need="")
+    if Path(ref).is_dir() and not any((Path(ref) / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(f"{key} {ref} has no tokenizer files ({', '.join(TOKENIZER_FILES)})",
+                        "save the tokenizer there (tokenizer.save_pretrained), or set model.tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(ref, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:
+        if is_local(ref):
+            raise UserError(f"cannot load the tokenizer from {ref}: {str(e).splitlines()[0][:300]}",
+                            "the directory needs the tokenizer files save_pretrained writes (tokenizer.json, "
+                            "tokenizer_config.json)") from None
         raise UserError(f"cannot load tokenizer: {e}".splitlines()[0], _hub_hint(ref)) from None
+    except ValueError as e:
+        err = _remote_code_error(e, ref, "model.trust_remote_code")
+        if err is None and not is_local(ref):
+            raise
+        raise err or UserError(f"cannot load the tokenizer from {ref}: {str(e).splitlines()[0][:300]}",
+                               "the directory needs the tokenizer files save_pretrained writes "
+                               "(tokenizer.json, tokenizer_config.json)") from None
     if tok.pad_token is None:
         # Llama-2/3 tokenizers ship without a pad token. Padding positions are masked out of
         # attention and loss, so reusing EOS is safe (TRL's collator builds labels from masks).
@@ -48,8 +96,8 @@ def load_model(cfg: ModelConfig, auto_class: str = "AutoModelForCausalLM", **kwa
     import transformers
 
     ref = resolve(cfg.name_or_path, "model")
-    if cfg.trust_remote_code:
-        log.warning("trust_remote_code is on: running Python code shipped with %s", ref)
+    warn_remote_code(cfg)
+    check_local(ref)
     cls = getattr(transformers, auto_class)
     try:
         model = cls.from_pretrained(
@@ -62,6 +110,12 @@ def load_model(cfg: ModelConfig, auto_class: str = "AutoModelForCausalLM", **kwa
             **kwargs,
         )
     except ValueError as e:  # an architecture this auto class does not cover (e.g. T5 for a causal LM)
+        err = _remote_code_error(e, ref, "model.trust_remote_code")
+        if err is not None:
+            raise err from None
+        if "Unrecognized" in str(e) and "model_type" in str(e):  # config.json without model_type
+            raise UserError(f"{ref}/config.json names no model_type: {str(e).splitlines()[0][:200]}",
+                            "use the config.json save_pretrained wrote for this model") from None
         if "Unrecognized configuration class" not in str(e):
             raise
         raise UserError(f"{ref} is not a {auto_class.replace('AutoModelFor', '')} architecture: {str(e).splitlines()[0][:200]}",
@@ -71,6 +125,11 @@ def load_model(cfg: ModelConfig, auto_class: str = "AutoModelForCausalLM", **kwa
             raise UserError(f"cannot load model: {str(e).splitlines()[0]}", _hub_hint(ref)) from None
         raise UserError(f"cannot load model from {ref}: {str(e).splitlines()[0]}",
                         "the directory needs config.json and *.safetensors weights") from None
+    except Exception as e:  # safetensors' own error type (no common base): a damaged or truncated file
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise UserError(f"cannot read the weights in {ref}: {str(e).splitlines()[0][:200]} (a truncated or damaged "
+                        "*.safetensors file?)", "copy or download the model again") from None
     qc = kwargs.get("quantization_config")
     if qc is not None and getattr(qc, "load_in_4bit", False):
         limit_bnb_cpu_packing(model, qc.bnb_4bit_compute_dtype)

@@ -41,6 +41,15 @@ def kinds(tp) -> list[str]:
     return ["any"]
 
 
+def choices(tp) -> list[str]:
+    """The values of the Enum in an annotation (OptimizerNames | str -> its values), else []."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    for arg in args:
+        if isinstance(arg, type) and issubclass(arg, enum.Enum):
+            return [e.value for e in arg]
+    return []
+
+
 def snapshot() -> dict:
     from trl import SFTConfig
 
@@ -56,6 +65,9 @@ def snapshot() -> dict:
         except TypeError:
             default = repr(default)
         fields[f.name] = {"kinds": kinds(f.type), "default": default, "help": f.metadata.get("help", "")}
+        names = choices(f.type)
+        if names:  # an enum (optim, lr_scheduler_type, *_strategy): the recipe is checked against its values
+            fields[f.name]["choices"] = names
     return fields
 
 

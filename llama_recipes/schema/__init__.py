@@ -7,14 +7,15 @@ Every section forbids unknown keys; errors name the file, the key path and the f
 import difflib
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from llama_recipes.errors import RecipeError
-from llama_recipes.schema.base import Section
+from llama_recipes.schema.base import SEED_MAX, Section, expand_user
 from llama_recipes.schema.checks import redact
 from llama_recipes.schema.data import DataConfig
 from llama_recipes.schema.data import check_recipe as check_data
@@ -33,7 +34,7 @@ from llama_recipes.schema.training import TrainingConfig
 
 class Recipe(Section):
     output_dir: str = Field(description="Where checkpoints, the final artifact and metrics are written.")
-    seed: int = Field(42, description="Seed for model init of new modules, data order and dropout.")
+    seed: int = Field(42, ge=0, le=SEED_MAX, description="Seed for model init of new modules, data order and dropout.")
     model: ModelConfig
     data: DataConfig
     method: MethodConfig
@@ -42,6 +43,13 @@ class Recipe(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     resume: str = Field("auto", description=RESUME_DESCRIPTION)
     guards: GuardsConfig = Field(default_factory=GuardsConfig)
+
+    @field_validator("output_dir", "resume")
+    @classmethod
+    def _paths(cls, v, info):
+        v = expand_user(v)
+        # OUT/, OUT and ./OUT are one directory (a run is found by its recipe.yaml in it, see artifacts)
+        return os.path.normpath(v) if info.field_name == "output_dir" and v else v
 
     @model_validator(mode="after")
     def _combinations(self):
@@ -74,6 +82,43 @@ class Recipe(Section):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+# Path-valued keys of a recipe dict: ("section", "key"); a list value is a list of paths.
+PATH_KEYS = (("model", "name_or_path"), ("model", "tokenizer"), ("data", "path"), ("data", "chat_template"),
+             ("eval", "retain"))
+
+
+def same_run(saved: dict, recipe: "Recipe") -> bool:
+    """Whether recipe.yaml `saved` (read from OUTPUT_DIR) records the same run as `recipe`.
+
+    Run-control keys (resume, guards) may change between tries. output_dir is not compared: the
+    recipe.yaml is found in the directory, so `OUT/`, `./OUT` and `~/x/OUT` are the same run. Local
+    paths compare by their real path (data/x.jsonl from the repo root = /abs/repo/data/x.jsonl).
+    """
+    def norm(d: dict) -> dict:
+        d = {k: v for k, v in d.items() if k not in RUN_CONTROL_KEYS and k != "output_dir"}
+        for section, key in PATH_KEYS:
+            if isinstance(d.get(section), dict) and key in d[section]:
+                d[section] = {**d[section], key: _real(d[section][key])}
+        if isinstance(d.get("data"), dict) and isinstance(d["data"].get("mix"), list):
+            d["data"] = {**d["data"], "mix": [{**m, "path": _real(m.get("path"))} if isinstance(m, dict) else m
+                                              for m in d["data"]["mix"]]}
+        return d
+
+    return norm(saved) == norm(recipe.to_dict())
+
+
+def _real(value):
+    if isinstance(value, list):
+        return [_real(v) for v in value]
+    if isinstance(value, str) and "\n" not in value and len(value) < 4096:
+        try:
+            if os.path.exists(os.path.expanduser(value)):
+                return os.path.realpath(os.path.expanduser(value))
+        except (OSError, ValueError):
+            pass
+    return value
+
+
 class _StrictLoader(yaml.SafeLoader):
     """PyYAML's safe loader, except that a key given twice in one mapping is an error.
 
@@ -97,11 +142,31 @@ def _mapping_without_duplicates(loader, node, deep=False):
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
 
 
+def read_text(path: Path, what: str = "the recipe") -> str:
+    """A text file as UTF-8 (a BOM is fine; UTF-16 with its BOM is read too); anything else is a RecipeError."""
+    raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 with a byte-order mark (Windows editors)
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError:
+            pass
+    if b"\x00" in raw:  # UTF-16/32 without a byte-order mark: valid UTF-8 bytes, but NULs between the letters
+        raise RecipeError(f"{what} is not UTF-8 text (it holds NUL bytes: UTF-16 or a binary file?)",
+                          "save the file as UTF-8", str(path))
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{what} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 4]!r})",
+                          "save the file as UTF-8", str(path)) from None
+
+
 def _read_yaml(path: Path) -> dict:
+    if path.is_dir():
+        raise RecipeError(f"the recipe path {path} is a directory", "pass a recipe .yaml file (e.g. recipes/demo/tiny_lora.yaml)")
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}", "check the path (recipes live under recipes/)")
     try:
-        data = yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+        data = yaml.load(read_text(path), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
     except RecipeError as e:
         raise RecipeError(e.problem, e.fix, str(path)) from None
     except yaml.MarkedYAMLError as e:
@@ -180,7 +245,7 @@ def _render_error(err: dict, source: str) -> str:
     got_s = "" if isinstance(got, dict) else f" (got {got!r})"
     if not loc:  # a cross-section check: its message already names the keys
         return err["msg"].removeprefix("Value error, ")
-    return f"{shown or '(top level)'}: {err['msg']}{got_s}"
+    return f"{shown or '(top level)'}: {err['msg'].removeprefix('Value error, ')}{got_s}"
 
 
 def validate_recipe(data: dict, source: str = "<recipe>") -> Recipe:
@@ -202,4 +267,4 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return validate_recipe(data, str(path))
 
 
-__all__ = ["Recipe", "load_recipe", "validate_recipe", "apply_overrides"]
+__all__ = ["Recipe", "load_recipe", "validate_recipe", "apply_overrides", "same_run"]

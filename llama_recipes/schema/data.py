@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from llama_recipes.schema.base import Section
+from llama_recipes.schema.base import SEED_MAX, Section, expand_user
 from llama_recipes.schema.method import PACKING_UNSAFE_METHODS
 
 Format = Literal["auto", "alpaca", "prompt_completion", "chat", "text", "summarization", "classification"]
@@ -42,6 +42,35 @@ class SourceFields(Section):
         "(the Alpaca template, or 'Summarize this dialogue:' for summarization)."
     )
 
+    @field_validator("prompt_template")
+    @classmethod
+    def _format_string(cls, v):
+        # Checked here, not when the first row renders (a ValueError/IndexError deep in datasets.map).
+        if v is None:
+            return v
+        import string
+
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
+        except ValueError as e:
+            raise ValueError(f"not a valid format string ({e}); write {{column}} for a field and {{{{ }}}} for a "
+                             "literal brace") from None
+        for f in fields:
+            if not f.isidentifier():
+                raise ValueError(f"field {{{f}}} is not a column name: use {{column}} fields only "
+                                 "(no positions, attributes or indices)")
+        return v
+
+    @field_validator("columns")
+    @classmethod
+    def _one_column_each(cls, v):
+        seen: dict[str, str] = {}
+        for ours, theirs in v.items():
+            if theirs in seen:
+                raise ValueError(f"{seen[theirs]} and {ours} both map to column {theirs!r}: map each to its own column")
+            seen[theirs] = ours
+        return v
+
     @model_validator(mode="after")
     def _fraction(self):
         if isinstance(self.eval_split, float) and not 0 < self.eval_split < 1:
@@ -54,6 +83,7 @@ class SourceConfig(SourceFields):
 
     path: str = Field(description="Hub dataset id, local file or directory, or builtin:NAME.")
     weight: float = Field(1.0, gt=0, description="Relative share of this source in the training mixture.")
+    _paths = field_validator("path")(expand_user)
 
 
 class DataConfig(SourceFields):
@@ -67,7 +97,7 @@ class DataConfig(SourceFields):
     )
     max_samples: int | None = Field(None, gt=0, description="Use at most this many training rows (after mixing).")
     max_eval_samples: int | None = Field(None, gt=0, description="Use at most this many eval rows.")
-    seed: int = Field(42, description="Seed for shuffling, mixing and the eval fraction split.")
+    seed: int = Field(42, ge=0, le=SEED_MAX, description="Seed for shuffling, mixing and the eval fraction split.")
     train_on_prompt: bool = Field(
         False, description="Also supervise prompt / user / system tokens (default false: loss on completions "
         "and assistant turns only, prompt tokens labelled -100)."
@@ -76,12 +106,16 @@ class DataConfig(SourceFields):
         None, description="Jinja chat template (inline, or a path to a .jinja file) replacing the tokenizer's; "
         "wrap assistant content in {% generation %}...{% endgeneration %} for assistant-only loss."
     )
+    _paths = field_validator("path")(expand_user)
+
     @field_validator("chat_template")
     @classmethod
     def _template_text_or_file(cls, v):
         # No Jinja in it and one line: meant as a path. A missing file must not become the template
         # text (every row would render as the path string).
-        if v is not None and "{" not in v and "\n" not in v and not Path(v).expanduser().is_file():
+        if v is not None and "{" not in v and "\n" not in v:
+            v = expand_user(v)
+        if v is not None and "{" not in v and "\n" not in v and not Path(v).is_file():
             raise ValueError(f"data.chat_template {v!r} is neither a Jinja template (no {{% %}} / {{{{ }}}}) nor an "
                              "existing file; give the path of a .jinja file (relative to where you launch) or the "
                              "template text")

@@ -1,9 +1,9 @@
 """`eval:` section: what is measured on the held-out split (before/after training and with --eval-only)."""
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from llama_recipes.schema.base import Section
+from llama_recipes.schema.base import SEED_MAX, Section, expand_user
 
 GenerationMetric = Literal["rouge", "exact_match", "f1"]
 
@@ -21,9 +21,11 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(32, gt=0, description="Generation length limit; generation also stops at EOS.")
     batch_size: int = Field(16, gt=0, description="Batch size for eval loss and generation.")
     limit: int | None = Field(None, gt=0, description="Evaluate only the first N eval examples (and N rows of each retain set).")
-    seed: int = Field(42, description="Seed set before evaluating, so repeated evals give identical numbers.")
+    seed: int = Field(42, ge=0, le=SEED_MAX, description="Seed set before evaluating, so repeated evals give identical numbers.")
     retain: list[str] = Field(
         default_factory=list,
         description="Forgetting check: datasets (builtin:retain, a .jsonl/.json/.csv/.parquet file or directory) whose "
         "loss/perplexity --eval-only reports for the base model, the artifact and the difference.",
     )
+
+    _paths = field_validator("retain")(expand_user)

@@ -5,9 +5,9 @@
     method: {name: classifier_head}           # AutoModelForSequenceClassification: the `score` layer trains
     method: {name: mlp_head, hidden_sizes: [256], pooling: mean}   # a few FC layers on the hidden states
 """
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from llama_recipes.schema.base import Section
 
@@ -32,6 +32,13 @@ class BaseLora(Section):
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="Modules to adapt.")
 
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("an empty list adapts nothing: name modules (q_proj, v_proj, ...) or use all-linear")
+        return v
+
 
 class _Head(Section):
     lora: BaseLora | None = Field(None, description="LoRA on the base instead of a frozen base: {r, alpha, dropout, target_modules}.")
@@ -47,7 +54,7 @@ class MLPHeadMethod(_Head):
     """A small MLP classifier on the frozen model's pooled hidden states."""
 
     name: Literal["mlp_head"]
-    hidden_sizes: list[int] = Field([256], description="Widths of the hidden FC layers ([] is a linear probe).")
+    hidden_sizes: list[Annotated[int, Field(gt=0)]] = Field([256], description="Widths of the hidden FC layers ([] is a linear probe).")
     activation: Literal["gelu", "relu", "silu", "tanh"] = Field("gelu", description="Activation between FC layers.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before every FC layer.")
     pooling: Literal["last", "mean"] = Field(

@@ -5,12 +5,19 @@ Full/partial fine-tuning lives in schema/finetune.py. docs/methods.md explains e
 """
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from llama_recipes.schema.base import Section
 from llama_recipes.schema.finetune import FINETUNE_METHODS
 
 TargetModules = list[str] | Literal["all-linear"]
+
+
+def _targets_something(v):
+    # An empty list adapts nothing (PEFT raises deep inside model building).
+    if isinstance(v, list) and not v:
+        raise ValueError("an empty list adapts nothing: name modules (q_proj, v_proj, ...) or use all-linear")
+    return v
 
 
 class LoraMethod(Section):
@@ -28,6 +35,8 @@ class LoraMethod(Section):
     modules_to_save: list[str] = Field(
         default_factory=list, description="Extra modules trained in full and saved with the adapter (e.g. lm_head)."
     )
+
+    _targets = field_validator("target_modules")(_targets_something)
 
     @model_validator(mode="after")
     def _no_lora_on_head(self):
@@ -114,6 +123,7 @@ class IA3Method(Section):
     target_modules: list[str] = Field(
         ["k_proj", "v_proj", "down_proj"], description="Modules whose activations are rescaled."
     )
+    _targets = field_validator("target_modules")(_targets_something)
     feedforward_modules: list[str] = Field(
         ["down_proj"], description="Subset of target_modules treated as feed-forward (the scale is on their input)."
     )

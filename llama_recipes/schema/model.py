@@ -1,9 +1,9 @@
 """`model:` section: which base model to load and how."""
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from llama_recipes.schema.base import Section
+from llama_recipes.schema.base import Section, expand_user
 
 
 class ModelConfig(Section):
@@ -22,3 +22,5 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with a hub model. Off unless you trust the model's authors."
     )
+
+    _paths = field_validator("name_or_path", "tokenizer")(expand_user)

@@ -38,6 +38,22 @@ OUR_DEFAULTS: dict[str, Any] = {
     # fp32 elsewhere; distributed.setup resolves it before anything is loaded (llama_recipes/runtime/hardware.py).
     "bf16": "auto",
 }
+# Ranges of TRL's numeric fields. TRL checks few of them, and late: a negative learning rate, a zero
+# batch size or an out-of-range beta otherwise fails in torch after the model has loaded, with a
+# traceback. Fields not listed take any finite value (floats are finite for every section).
+LIMITS: dict[str, dict] = {
+    "per_device_train_batch_size": {"gt": 0}, "per_device_eval_batch_size": {"gt": 0},
+    "gradient_accumulation_steps": {"gt": 0}, "eval_accumulation_steps": {"gt": 0},
+    "learning_rate": {"gt": 0}, "weight_decay": {"ge": 0}, "warmup_steps": {"ge": 0},
+    "adam_beta1": {"ge": 0, "lt": 1}, "adam_beta2": {"ge": 0, "lt": 1}, "adam_epsilon": {"ge": 0},
+    "max_grad_norm": {"ge": 0}, "label_smoothing_factor": {"ge": 0, "lt": 1}, "neftune_noise_alpha": {"ge": 0},
+    "num_train_epochs": {"ge": 0}, "torch_empty_cache_steps": {"gt": 0},
+    "logging_steps": {"gt": 0}, "eval_steps": {"gt": 0}, "save_steps": {"gt": 0}, "eval_delay": {"ge": 0},
+    "save_total_limit": {"gt": 0}, "data_seed": {"ge": 0}, "dataloader_num_workers": {"ge": 0},
+    "dataloader_prefetch_factor": {"gt": 0}, "ddp_bucket_cap_mb": {"gt": 0}, "ddp_timeout": {"gt": 0},
+    "local_rank": {"ge": -1}, "router_aux_loss_coef": {"ge": 0}, "dataset_num_proc": {"gt": 0},
+    "max_length": {"gt": 0},
+}
 # Fields that take "auto" besides their TRL types (resolved before TRL sees them).
 AUTO_FIELDS = {"bf16": "true on hardware with native bf16 (Ampere+ GPU, CPU with avx512_bf16/amx_bf16), else false"}
 
@@ -98,10 +114,13 @@ def _build() -> type[Section]:
             continue
         default = OUR_DEFAULTS.get(name, spec["default"])
         annotation, help_ = _annotation(spec["kinds"]), spec["help"] or None
+        if spec.get("choices"):  # an enum in TRL: an unknown value would fail only after the model loaded
+            choice = Literal[tuple(spec["choices"])]  # type: ignore[valid-type]
+            annotation = choice | None if "null" in spec["kinds"] else choice
         if name in AUTO_FIELDS:
             annotation = Union[Literal["auto"], annotation]  # type: ignore[valid-type]
             help_ = f"auto (our default): {AUTO_FIELDS[name]}. {help_ or ''}".strip()
-        fields[name] = (annotation, Field(default, description=help_))
+        fields[name] = (annotation, Field(default, description=help_, **LIMITS.get(name, {})))
     return create_model("TrainingConfig", __base__=_TrainingBase, **fields)
 
 
