@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from llama_recipes import heads, methods, modeling
-from llama_recipes.errors import RunComplete, UserError
+from llama_recipes.errors import RunComplete, UserError, damaged_weights, read_json
 from llama_recipes.log import get_logger, is_main_process
 from llama_recipes.runtime import distributed
 from llama_recipes.schema import same_run
@@ -232,6 +232,25 @@ def run_metrics(recipe, trainer, result, started: float, **fields) -> dict:
     }
 
 
+def whole_run_loss(log_history: list[dict], resumed_at: int, steps_now: int, loss_now: float) -> float:
+    """Mean training loss per optimizer step over the whole run, for a run resumed at step `resumed_at`.
+
+    The Trainer's train_loss averages only the steps of this call (`steps_now` steps, mean `loss_now`).
+    The steps before the resume come from the log history (restored from the checkpoint): each
+    logged loss is the mean over the steps since the previous log. Steps after the last log before the
+    checkpoint were never logged and cannot be counted (none when save_steps is a multiple of logging_steps).
+    """
+    total, counted, last = 0.0, 0, 0
+    for h in log_history:
+        step = h.get("step", 0)
+        if "loss" in h and last < step <= resumed_at:
+            total += h["loss"] * (step - last)
+            counted += step - last
+            last = step
+    steps = counted + steps_now
+    return (total + loss_now * steps_now) / steps if steps else loss_now
+
+
 def write_metrics(out: Path, metrics: dict) -> None:
     if is_main_process():
         tmp = out / "metrics.json.tmp"
@@ -312,8 +331,7 @@ def read_run(path) -> tuple[dict | None, dict | None]:
     path = Path(path)
     cfg = path / "adapter_config.json"
     rec = path / RECIPE_FILE
-    return (json.loads(cfg.read_text()) if cfg.is_file() else None,
-            yaml.safe_load(rec.read_text()) if rec.is_file() else None)
+    return (read_json(cfg) if cfg.is_file() else None, _read_recipe_file(rec) if rec.is_file() else None)
 
 
 def read_adapter_run(path) -> tuple[dict, dict | None]:
@@ -373,7 +391,13 @@ def load(recipe, path=None):
     from peft import PeftModel
 
     base_cfg, method_section = base_model_config(path, recipe)
-    model = PeftModel.from_pretrained(load_base(base_cfg, method_section), str(path), autocast_adapter_dtype=False)
+    read_json(Path(path) / "adapter_config.json")  # damaged: a clear error before the base loads
+    if not (Path(path) / "adapter_model.safetensors").is_file():
+        raise UserError(f"{path} has adapter_config.json but no adapter_model.safetensors",
+                        "point at a complete run's output_dir (or a checkpoint-N directory inside it)")
+    base = load_base(base_cfg, method_section)
+    with damaged_weights(path, "adapter"):
+        model = PeftModel.from_pretrained(base, str(path), autocast_adapter_dtype=False)
     return tokenizer, model
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from llama_recipes import data, modeling
-from llama_recipes.errors import UserError
+from llama_recipes.errors import UserError, damaged_weights, read_json
 from llama_recipes.log import get_logger, is_main_process
 from llama_recipes.paths import PREFIX
 from llama_recipes.schema.model import ModelConfig
@@ -74,6 +74,10 @@ class MLPHeadClassifier(nn.Module):
         super().__init__()
         self.base = base
         self.pooling, self.layer = cfg["pooling"], cfg["layer"]
+        n = base.config.num_hidden_layers  # hidden_states holds the embeddings and one entry per layer
+        if not -(n + 1) <= self.layer <= n:
+            raise UserError(f"method.layer={self.layer}: this model has {n} layers, so the hidden states are "
+                            f"0 (embeddings) to {n} (or -1 to -{n + 1} from the end)", f"set method.layer in -{n + 1}..{n}")
         self.head = build_mlp(cfg["hidden_size"], cfg["num_labels"], cfg["hidden_sizes"], cfg["activation"], cfg["dropout"])
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
@@ -222,22 +226,33 @@ def is_head_artifact(path) -> bool:
 
 def load(path) -> HeadModel:
     """Load a head artifact written by `save` (base from its reference + head weights), in eval mode."""
-    from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
     path = Path(path)
     if not is_head_artifact(path):
         raise UserError(f"{path} is not a head artifact (no {HEAD_CONFIG})", "point at the output_dir of a head recipe")
-    cfg = json.loads((path / HEAD_CONFIG).read_text())
-    missing = [k for k in ("method", "base_model", "labels", "dtype", "lora") if k not in cfg]
+    cfg = read_json(path / HEAD_CONFIG)
+    missing = [k for k in ("method", "base_model", "labels", "dtype", "lora") if not isinstance(cfg, dict) or k not in cfg]
     if missing:
         raise UserError(f"{path / HEAD_CONFIG} lacks {', '.join(missing)}: not a head artifact this version wrote",
                         "retrain the head recipe, or point at an intact output_dir")
     model = build(cfg)
+    with damaged_weights(path, "head"):
+        model = _load_weights(model, cfg, path)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model.eval()
+    model.head_config = cfg
+    return HeadModel(model, tokenizer, cfg)
+
+
+def _load_weights(model, cfg: dict, path: Path):
+    """The trained weights into `model` (built from head_config.json); returns the model to use."""
+    from safetensors.torch import load_file
+
     if cfg["lora"] and cfg["method"] == "classifier_head":
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(path))
+        return PeftModel.from_pretrained(model, str(path))
     else:
         if cfg["lora"]:
             from peft import PeftModel
@@ -247,10 +262,7 @@ def load(path) -> HeadModel:
         target = model.head if isinstance(model, MLPHeadClassifier) else model.score
         prefix = "head." if isinstance(model, MLPHeadClassifier) else "score."
         target.load_state_dict({k.removeprefix(prefix): v for k, v in state.items()}, strict=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model.eval()
-    model.head_config = cfg
-    return HeadModel(model, tokenizer, cfg)
+    return model
 
 
 def tokenize(ds, tokenizer, max_length: int | None):

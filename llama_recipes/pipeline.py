@@ -88,6 +88,10 @@ def _train_and_save(recipe, method, out: Path, overwrite: bool, callbacks, start
     # -- train ----------------------------------------------------------------------------------
     before = measure("before")
     result = trainer.train(resume_from_checkpoint=resume)
+    if resume:  # the Trainer averages train_loss over this call's steps only: make it the whole run's
+        at = resilience.checkpoint_step(Path(resume)) or 0
+        result.metrics["train_loss"] = artifacts.whole_run_loss(
+            trainer.state.log_history, at, result.global_step - at, result.metrics["train_loss"])
     after = measure("after")
 
     # -- save -----------------------------------------------------------------------------------

@@ -432,3 +432,34 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
     capsys.readouterr()
     assert cli_main([str(recipe)]) == 2
     assert "every checkpoint in" in capsys.readouterr().err
+
+
+def test_train_loss_after_a_resume_is_the_whole_runs_mean(tmp_path):
+    """metrics.json train_loss of a run resumed at step 2 of 4 equals the uninterrupted run's (the
+    Trainer alone reports the mean of steps 3-4 only)."""
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, out, max_steps=4, save_steps=2)
+    assert cli_main([str(recipe)]) == 0
+    whole = json.loads((out / "metrics.json").read_text())["train"]["train_loss"]
+    losses = step_losses(out)
+    assert whole == pytest.approx(sum(losses.values()) / 4, abs=1e-6)
+    # as if the run had died right after checkpoint-2
+    (out / "metrics.json").unlink()
+    import shutil
+
+    shutil.rmtree(out / "checkpoint-4")
+    assert cli_main([str(recipe)]) == 0
+    resumed = json.loads((out / "metrics.json").read_text())["train"]
+    assert resumed["global_step"] == 4 and step_losses(out) == pytest.approx(losses, abs=1e-5)
+    assert resumed["train_loss"] == pytest.approx(whole, abs=1e-6)
+    assert abs((losses[3] + losses[4]) / 2 - whole) > 1e-4  # what the Trainer alone would report differs
+
+
+def test_whole_run_loss_counts_each_logged_interval_by_its_steps():
+    from llama_recipes.artifacts import whole_run_loss
+
+    history = [{"step": 2, "loss": 1.0}, {"step": 4, "loss": 3.0}, {"step": 5, "eval_loss": 9.0},
+               {"step": 6, "loss": 5.0}, {"step": 8, "loss": 7.0}]  # steps 7-8 come from this call
+    assert whole_run_loss(history, resumed_at=6, steps_now=2, loss_now=7.0) == pytest.approx((2 + 6 + 10 + 14) / 8)
+    # the resumed-at checkpoint was saved between two logs: the unlogged step 6 cannot be counted
+    assert whole_run_loss(history[:2], resumed_at=5, steps_now=3, loss_now=6.0) == pytest.approx((2 + 6 + 18) / 7)
