@@ -88,7 +88,7 @@ def _load_retain(ref: str, limit: int | None):
             raise UserError(f"eval.retain {ref!r}: no .jsonl/.json/.csv/.parquet file in {path}")
         ds = datasets.load_dataset(data._EXTENSIONS[Path(files[0]).suffix], data_files=files, split="train")
     else:
-        ds = data.load_split(cfg, "train")
+        ds = data.load_split(cfg, "train").ds  # Rows: the dataset and where each row came from
     if limit:
         ds = ds.select(range(min(limit, len(ds))))
 

@@ -37,6 +37,24 @@ def _remote_code_error(e: Exception, ref: str, key: str) -> UserError | None:
                      f"read that code; if you trust its authors set {key}: true")
 
 
+def check_remote_code(cfg: ModelConfig, ref: str) -> None:
+    """A local model whose architecture exists only as its own code (auto_map, a model_type transformers
+    does not know) needs trust_remote_code: say so before the tokenizer half-loads it."""
+    import json
+
+    config = Path(ref) / "config.json"
+    if cfg.trust_remote_code or not config.is_file():
+        return
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return  # a damaged config.json: the load reports it
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if isinstance(data, dict) and data.get("auto_map") and data.get("model_type") not in CONFIG_MAPPING_NAMES:
+        raise _remote_code_error(ValueError("trust_remote_code"), ref, "model.trust_remote_code")
+
+
 def check_local(ref: str, key: str = "model.name_or_path", need: str = "config.json") -> None:
     """Clear errors for a local model path: missing, a file, or a directory without `need`."""
     path = Path(ref)
@@ -59,6 +77,10 @@ def load_tokenizer(cfg: ModelConfig):
     key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
     ref = resolve(cfg.tokenizer or cfg.name_or_path, "model")
     check_local(ref, key, need="")
+    if Path(ref).is_dir() and not any(Path(ref).iterdir()):
+        raise UserError(f"{key} {ref} is an empty directory",
+                        "point it at a directory written by save_pretrained (config.json, tokenizer files, *.safetensors)")
+    check_remote_code(cfg, ref)
     if Path(ref).is_dir() and not any((Path(ref) / f).is_file() for f in TOKENIZER_FILES):
         raise UserError(f"{key} {ref} has no tokenizer files ({', '.join(TOKENIZER_FILES)})",
                         "save the tokenizer there (tokenizer.save_pretrained), or set model.tokenizer")

@@ -108,11 +108,111 @@ def _output(kind):
             (out / "checkpoint-2").mkdir()
             (out / "checkpoint-2" / "trainer_state.json").write_text("{}")
             return ["resume=never"]
+        elif kind == "damaged_recipe":
+            out.mkdir()
+            (out / "recipe.yaml").write_text("output_dir: [unclosed\n")
         return []
     return setup
 
 
 NO_COLUMNS = '{"question": "a", "answer": "b"}\n'
+ROW = '{"instruction": "a", "output": "b"}\n'
+
+
+def _raw(data: bytes):
+    """The recipe file itself holds these bytes (an encoding problem)."""
+    def setup(tmp, recipe):
+        (tmp / "r.yaml").write_bytes(data)
+        return []
+    setup.own_file = True
+    return setup
+
+
+def _recipe_is_dir(tmp, recipe):
+    (tmp / "r.yaml").unlink()
+    (tmp / "r.yaml").mkdir()
+    return []
+
+
+_recipe_is_dir.own_file = True
+
+
+def _data_bytes(name, data: bytes, *extra):
+    def setup(tmp, recipe):
+        (tmp / name).write_bytes(data)
+        return [f"data.path={tmp / name}", *extra]
+    return setup
+
+
+def _parquet_truncated(tmp, recipe):
+    import pandas as pd
+
+    pd.DataFrame({"instruction": ["a"] * 20, "output": ["b"] * 20}).to_parquet(tmp / "rows.parquet")
+    blob = (tmp / "rows.parquet").read_bytes()
+    (tmp / "rows.parquet").write_bytes(blob[: len(blob) // 2])
+    return [f"data.path={tmp / 'rows.parquet'}"]
+
+
+def _chat_template(text: bytes):
+    def setup(tmp, recipe):
+        (tmp / "t.jinja").write_bytes(text)
+        return ["data.path=builtin:chat", f"data.chat_template={tmp / 't.jinja'}"]
+    return setup
+
+
+def custom_code_model(d: Path) -> Path:
+    """A copy of the tiny Llama whose config names its own Python classes (auto_map): remote code.
+
+    Importing that code appends a line to $REMOTE_CODE_MARK (when set), so a test can tell when it ran.
+    """
+    shutil.copytree(MODEL, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(model_type="custom_llama", auto_map={"AutoConfig": "configuration_custom.CustomConfig",
+                                                    "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "configuration_custom.py").write_text(
+        "import os\nfrom transformers import LlamaConfig\n"
+        "if os.environ.get('REMOTE_CODE_MARK'):\n    open(os.environ['REMOTE_CODE_MARK'], 'a').write('ran\\n')\n"
+        "class CustomConfig(LlamaConfig):\n    model_type = 'custom_llama'\n")
+    (d / "modeling_custom.py").write_text(
+        "from transformers import LlamaForCausalLM\nfrom .configuration_custom import CustomConfig\n"
+        "class CustomForCausalLM(LlamaForCausalLM):\n    config_class = CustomConfig\n")
+    return d
+
+
+def _model(kind):
+    def setup(tmp, recipe):
+        d = tmp / "model"
+        if kind == "file":
+            return [f"model.name_or_path={MODEL / 'config.json'}"]
+        if kind == "empty":
+            d.mkdir()
+        elif kind == "custom":
+            custom_code_model(d)
+        elif kind == "truncated":
+            shutil.copytree(MODEL, d)
+            w = d / "model.safetensors"
+            w.write_bytes(w.read_bytes()[:1000])
+        return [f"model.name_or_path={d}"]
+    return setup
+
+
+def _adapter(kind):
+    def setup(tmp, recipe):
+        d = tmp / "adapter"
+        d.mkdir()
+        cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+               "base_model_name_or_path": str(MODEL)}
+        (d / "adapter_config.json").write_text(json.dumps(cfg)[:30] if kind == "config" else json.dumps(cfg))
+        (d / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")  # cut short
+        return ["data.eval_split=0.25", "--eval-only", "--checkpoint", str(d)]
+    return setup
+
+
+def _mlp_head(tmp, recipe):
+    recipe["method"] = {"name": "mlp_head", "layer": 99}
+    recipe["data"] = {"path": "builtin:classify", "max_samples": 16}
+    return []
 
 # id -> (setup or overrides, text the message must contain)
 CASES = {
@@ -141,6 +241,23 @@ CASES = {
                                  "FSDP options live in the accelerate config"),
     "negative-bad-step-budget": (["guards.max_bad_steps=-1"], "guards.max_bad_steps: Input should be greater than or equal to 0"),
     "resume-path-missing": (["resume=/nonexistent/checkpoint-5"], "resume: /nonexistent/checkpoint-5 does not exist"),
+    "recipe-is-a-directory": (_recipe_is_dir, "is a directory"),
+    "recipe-not-utf8": (_raw(b"output_dir: caf\xe9\n"), "the recipe is not UTF-8 text (byte 15"),
+    "recipe-utf16-without-bom": (_raw("output_dir: o\n".encode("utf-16-le")), "it holds NUL bytes: UTF-16"),
+    "learning-rate-negative": (["training.learning_rate=-1"], "training.learning_rate: Input should be greater than 0"),
+    "learning-rate-nan": (["training.learning_rate=.nan"], "training.learning_rate: Input should be a finite number"),
+    "batch-size-zero": (["training.per_device_train_batch_size=0"], "training.per_device_train_batch_size: Input should be greater than 0"),
+    "gradient-accumulation-zero": (["training.gradient_accumulation_steps=0"], "training.gradient_accumulation_steps: Input should be greater than 0"),
+    "logging-steps-zero": (["training.logging_steps=0"], "training.logging_steps: Input should be greater than 0"),
+    "warmup-steps-negative": (["training.warmup_steps=-5"], "training.warmup_steps: Input should be greater than or equal to 0"),
+    "optimizer-unknown": (["training.optim=adamw_nope"], "training.optim: 'adamw_nope' is not one of its values — did you mean 'adamw_torch'?"),
+    "lr-scheduler-unknown": (["training.lr_scheduler_type=cosine_nope"], "training.lr_scheduler_type: 'cosine_nope' is not one of its values — did you mean 'cosine'?"),
+    "seed-negative": (["seed=-1"], "seed: Input should be greater than or equal to 0"),
+    "integer-too-large": (["method.r=100000000000000000000"], "method.r: 100000000000000000000 is out of range"),
+    "target-modules-empty": (["method.target_modules=[]"], "method.target_modules: an empty list adapts nothing"),
+    "prompt-template-malformed": (["data.prompt_template='Q: {instruction'"], "data.prompt_template: not a valid format string"),
+    "prompt-template-positional-field": (["data.prompt_template='Q: {0}'"], "field {0} is not a column name"),
+    "columns-map-two-onto-one": (["data.columns={instruction: q, output: q}"], "instruction and output both map to column 'q'"),
     # data
     "data-file-missing": (["data.path=/nonexistent/train.jsonl"], "data file or directory not found: /nonexistent/train.jsonl"),
     "data-file-type": (_file("train.txt", "hello\n"), "unsupported data file type '.txt'"),
@@ -154,12 +271,34 @@ CASES = {
                                 "row 1: column `output`: missing value"),
     "data-hub-id-offline": (["data.path=someone/no-such-dataset"], "cannot load dataset 'someone/no-such-dataset'"),
     "empty-after-tokenization": (["training.max_length=8"], "no training examples left after tokenization"),
+    "over-length-drop-drops-all": (["training.max_length=8", "data.over_length=drop"],
+                                   "data.over_length: drop dropped every training example"),
+    "bad-rows-skip-drops-all": (_data_bytes("rows.jsonl", b'{"instruction": "a", "output": ""}\n' * 3, "data.bad_rows=skip"),
+                                "data.bad_rows: skip dropped every row"),
+    "columns-map-onto-existing-column": (_data_bytes("rows.jsonl", b'{"instruction": "a", "output": "b", "answer": "c"}\n',
+                                                     "data.columns={output: answer}"),
+                                         "already has a column `output`"),
+    "data-file-empty": (_data_bytes("rows.jsonl", b""), "is empty"),
+    "data-file-not-utf8": (_data_bytes("rows.jsonl", ROW.replace("a", "caf\xe9").encode("latin-1")), "is not UTF-8 text (invalid byte"),
+    "data-file-utf16": (_data_bytes("rows.jsonl", ROW.encode("utf-16")), "is not UTF-8 text (it holds NUL bytes"),
+    "data-csv-header-only": (_data_bytes("rows.csv", b"instruction,output\n"), "has no rows (a CSV needs a header line"),
+    "data-parquet-truncated": (_parquet_truncated, "the file is damaged or not parquet"),
+    "chat-template-syntax-error": (_chat_template(b"{% for m in messages %}{{ m.content }}"), "Jinja syntax error at line 1"),
+    "chat-template-file-empty": (_chat_template(b"\n"), "is empty"),
+    "chat-template-not-utf8": (_chat_template(b"{{ caf\xe9 }}"), "the chat template file is not UTF-8 text"),
     # model
     "model-path-missing": (["model.name_or_path=/nonexistent/model"], "model path /nonexistent/model does not exist"),
     "model-hub-id-offline": (["model.name_or_path=meta-llama/No-Such-Model"], "neither a local directory nor a reachable hub model"),
     "builtin-model-unknown": (["model.name_or_path=builtin:nope"], "no builtin model named 'nope'"),
     "model-weights-not-safetensors": (_model_dir("bin"), "needs config.json and *.safetensors"),
     "model-architecture-unsupported": (_model_dir("t5"), "is not a CausalLM architecture"),
+    "model-path-is-a-file": (_model("file"), "config.json is a file, not a model directory"),
+    "model-dir-empty": (_model("empty"), "is an empty directory"),
+    "model-weights-truncated": (_model("truncated"), "a truncated or damaged *.safetensors file?"),
+    "model-custom-code-untrusted": (_model("custom"), "ships its own Python code (auto_map in its config), and model.trust_remote_code is false"),
+    "mlp-head-layer-out-of-range": (_mlp_head, "method.layer=99: this model has"),
+    "eval-checkpoint-adapter-config-damaged": (_adapter("config"), "adapter_config.json is damaged"),
+    "eval-checkpoint-adapter-weights-truncated": (_adapter("weights"), "cannot load the adapter in"),
     "target-modules-match-nothing": (["method.target_modules=[nope_proj]"], "use names this model has: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
     "freeze-rule-matches-nothing": (["freeze.train=[nope]"], "freeze.train[0].patterns: 'nope' matches no parameter"),
     # environment / output directory
@@ -168,6 +307,7 @@ CASES = {
     "output-dir-foreign": (_output("foreign"), "was not written by llama-recipes"),
     "output-dir-other-recipe": (_output("other_recipe"), "holds a run of a different recipe"),
     "resume-never-with-checkpoints": (_output("checkpoints"), "resume is 'never'"),
+    "output-dir-recipe-damaged": (_output("damaged_recipe"), "recipe.yaml is damaged and cannot be read"),
 }
 
 
@@ -195,6 +335,7 @@ def test_catalogue_size_and_docs():
     assert len(CASES) >= 30
     missing = [c for c in CASES if f"`{c}`" not in doc]
     assert not missing, f"docs/troubleshooting.md lacks: {missing}"
+    assert f"Cases from `tests/test_bad_inputs.py` ({len(CASES)})" in doc  # the count it quotes
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -243,6 +243,12 @@ def _render_error(err: dict, source: str) -> str:
         return f"{shown}: {err['msg']}"
     got = err.get("input")
     got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+    choices = (err.get("ctx") or {}).get("expected", "")
+    if kind == "literal_error" and isinstance(got, str) and choices.count(",") >= 6:  # a long enum: suggest one
+        names = [c.strip(" '") for c in choices.replace(" or ", ", ").split(",")]
+        close = difflib.get_close_matches(got, names, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return f"{shown}: {got!r} is not one of its values — {hint}(accepted: {', '.join(names)})"
     if not loc:  # a cross-section check: its message already names the keys
         return err["msg"].removeprefix("Value error, ")
     return f"{shown or '(top level)'}: {err['msg'].removeprefix('Value error, ')}{got_s}"
