@@ -39,7 +39,7 @@ def read_json(path, fix: str = "restore the file, or train again"):
                         fix) from None
 
 
-class damaged_weights:  # noqa: N801 - used as `with damaged_weights(path):`
+class damaged_weights:  # lower case: used as `with damaged_weights(path):`
     """Turn a library's error on reading a damaged artifact (truncated safetensors, missing keys) into a UserError."""
 
     def __init__(self, path, what: str = "artifact"):

@@ -8,6 +8,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -254,11 +255,28 @@ def _render_error(err: dict, source: str) -> str:
     return f"{shown or '(top level)'}: {err['msg'].removeprefix('Value error, ')}{got_s}"
 
 
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|(list|dict|literal|tuple)\[.*\])$")
+
+
+def _one_per_key(errors: list[dict]) -> list[dict]:
+    """pydantic reports a bad value of a union field once per member (`eval_split.str`, `eval_split.float`):
+    keep one, the member of the value's own type (its message is the one that explains), at the field's key."""
+    kept: dict[tuple, dict] = {}
+    for err in errors:
+        loc = tuple(err["loc"])
+        tag = str(loc[-1]) if loc else ""
+        key = loc[:-1] if _UNION_MEMBER.match(tag) and len(loc) > 1 else loc
+        err = {**err, "loc": key}
+        if key not in kept or tag == type(err.get("input")).__name__:
+            kept[key] = err
+    return list(kept.values())
+
+
 def validate_recipe(data: dict, source: str = "<recipe>") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        lines = [_render_error(err, source) for err in e.errors(include_url=False)]
+        lines = [_render_error(err, source) for err in _one_per_key(e.errors(include_url=False))]
         raise RecipeError(
             "invalid recipe:\n  " + "\n  ".join(lines),
             "edit the recipe (or the override) at the key named above; docs/recipes.md lists every key",

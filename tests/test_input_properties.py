@@ -1,0 +1,288 @@
+"""Property-style checks of bad inputs: every number field of the schema and every file input.
+
+For every number field of every recipe section (walked from the pydantic models, every method's
+section included), a negative, zero, NaN and huge value is either valid or refused at validation
+with a RecipeError naming the key, never a traceback. A value the schema accepts for a `training:`
+key must also be accepted by TRL's SFTConfig (what the run builds after loading the model).
+
+For every documented file input (recipe, data files, chat template, model directory, adapter
+directory), an empty, truncated, UTF-16 and invalid-UTF-8 file is either read or refused with a
+UserError naming the file. In-process and validation-only where possible, so the whole module runs
+in seconds; tests/test_bad_inputs.py runs a few of the same inputs through the CLI.
+"""
+import copy
+import itertools
+import json
+import math
+import shutil
+import types
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+from test_resilience import MODEL
+
+from llama_recipes.errors import RecipeError, UserError
+from llama_recipes.schema import Recipe, validate_recipe
+from llama_recipes.schema.base import Section
+from llama_recipes.schema.method import METHOD_MODELS
+
+BASE = {"output_dir": "out", "model": {"name_or_path": "builtin:tiny-llama", "dtype": "float32"},
+        "data": {"path": "builtin:demo"}, "method": {"name": "lora"}, "training": {"bf16": False}}
+# What a method needs besides its own section to be a valid recipe at all.
+METHOD_BASE = {"qlora": {"model": {"name_or_path": "builtin:tiny-llama", "dtype": "bfloat16"}},
+               "prefix": {"training": {"bf16": False, "activation_checkpointing": False}},
+               "partial": {"freeze": {"train": [{"last_layers": 1}]}},
+               "classifier_head": {"data": {"path": "builtin:classify"}},
+               "mlp_head": {"data": {"path": "builtin:classify"}}}
+
+
+def _members(ann) -> list:
+    """The types an annotation accepts (Optional/Union/Annotated unwrapped)."""
+    if typing.get_origin(ann) is typing.Annotated:
+        return _members(typing.get_args(ann)[0])
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):
+        return [m for a in typing.get_args(ann) for m in _members(a)]
+    return [ann]
+
+
+def number_fields(model: type[Section], prefix: tuple = ()):
+    """(path, kind, in_list) for every int/float field under `model`; list items get index 0."""
+    for name, f in model.model_fields.items():
+        for m in _members(f.annotation):
+            in_list = typing.get_origin(m) is list
+            inner = _members(typing.get_args(m)[0]) if in_list else [m]
+            for t in inner:
+                if isinstance(t, type) and issubclass(t, Section):
+                    yield from number_fields(t, (*prefix, name, 0) if in_list else (*prefix, name))
+                elif t in (int, float):
+                    yield (*prefix, name), t.__name__, in_list
+
+
+def _cases():
+    out = []
+    for name, f in Recipe.model_fields.items():
+        if name == "method":
+            for method, model in METHOD_MODELS.items():
+                out += [(method, (name, *path), kind, in_list) for path, kind, in_list in number_fields(model)]
+            continue
+        for t in _members(f.annotation):
+            if isinstance(t, type) and issubclass(t, Section):
+                out += [(None, (name, *path), kind, in_list) for path, kind, in_list in number_fields(t)]
+            elif t in (int, float):
+                out.append((None, (name,), t.__name__, False))
+    return out
+
+
+CASES = _cases()
+VALUES = {"negative": -3, "zero": 0, "nan": math.nan, "huge": None}
+
+
+def _recipe(method: str | None, path: tuple, value) -> dict:
+    r = copy.deepcopy(BASE)
+    if method:
+        r["method"] = {"name": method}
+        r.update(copy.deepcopy(METHOD_BASE.get(method, {})))
+    if path[0] == "freeze":
+        r["method"] = {"name": "partial"}
+    if path[:2] == ("data", "mix"):
+        r["data"] = {"mix": [{"path": "builtin:demo"}]}
+    node = r
+    for part, nxt in itertools.pairwise(path):
+        if isinstance(part, int):
+            node = node[part]
+            continue
+        node = node.setdefault(part, [{}] if isinstance(nxt, int) else {})
+        if isinstance(nxt, int) and not node:
+            node.append({})
+    node[path[-1]] = value
+    return r
+
+
+def test_the_walk_finds_every_section():
+    paths = {".".join(map(str, p)) for _, p, _, _ in CASES}
+    for expected in ("seed", "training.learning_rate", "training.per_device_train_batch_size", "method.r",
+                     "method.alpha", "method.num_virtual_tokens", "method.hidden_sizes", "method.lora.r",
+                     "data.max_samples", "data.eval_split", "data.mix.0.weight", "eval.max_new_tokens",
+                     "guards.max_bad_steps", "freeze.train.0.last_layers", "freeze.select.fraction"):
+        assert expected in paths, expected
+    assert len(CASES) > 60
+    for method in METHOD_MODELS:  # every base the test builds is itself valid
+        validate_recipe(_recipe(method, ("seed",), 1))
+
+
+@pytest.fixture(scope="module")
+def sft_config():
+    from llama_recipes import training
+
+    return training.sft_config
+
+
+@pytest.mark.parametrize("value", list(VALUES))
+@pytest.mark.parametrize("case", CASES, ids=[f"{m or ''}:{'.'.join(map(str, p))}" for m, p, _, _ in CASES])
+def test_number_field_is_valid_or_one_clear_error(case, value, sft_config):
+    method, path, kind, in_list = case
+    v = VALUES[value]
+    if v is None:
+        v = 10**30 if kind == "int" else 1e30
+    r = _recipe(method, path, [v] if in_list else v)
+    try:
+        recipe = validate_recipe(r)
+    except RecipeError as e:
+        lines = e.problem.splitlines()
+        assert lines[0] == "invalid recipe:" and len(lines) == 2, e.problem  # exactly one error line
+        shown = [str(p) for p in path if p != 0 or path[-1] == p]
+        assert lines[1].strip().startswith(shown[0]) and str(path[-1]) in lines[1], (path, lines[1])
+        assert e.fix
+        return
+    if path[0] == "training":  # accepted here: TRL must accept it too (it is built after the model loads)
+        sft_config(recipe)
+    if isinstance(v, float) and not math.isfinite(v):
+        pytest.fail(f"{'.'.join(map(str, path))}={v} accepted")
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+CORRUPTIONS = ("empty", "truncated", "utf16", "invalid_utf8")
+
+
+def corrupt(path: Path, how: str) -> None:
+    blob = path.read_bytes()
+    if how == "empty":
+        path.write_bytes(b"")
+    elif how == "truncated":
+        path.write_bytes(blob[: max(1, len(blob) // 2 - 7)])
+    elif how == "utf16":
+        try:
+            path.write_bytes(blob.decode("utf-8").encode("utf-16"))
+        except UnicodeDecodeError:  # a binary file: the same bytes behind a UTF-16 byte-order mark
+            path.write_bytes(b"\xff\xfe" + blob)
+    else:
+        path.write_bytes(blob[:10] + b"\xff\xfe\xc3(" + blob[10:])
+
+
+def _expect_read_or_user_error(fn, name: str):
+    try:
+        return fn()
+    except UserError as e:
+        assert name in str(e), str(e)
+        assert e.fix, str(e)
+        return None
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS)
+def test_recipe_file(tmp_path, how):
+    from llama_recipes.schema import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "output_dir": str(tmp_path / "o")}))
+    corrupt(path, how)
+    got = _expect_read_or_user_error(lambda: load_recipe(path), "r.yaml")
+    if how == "utf16":  # UTF-16 with a byte-order mark is read like UTF-8
+        assert got is not None and got.model.name_or_path == "builtin:tiny-llama"
+
+
+def _rows(n=12):
+    return [{"instruction": f"say {i}", "output": f"{i} said"} for i in range(n)]
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS)
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_data_file(tmp_path, suffix, how):
+    import pandas as pd
+
+    from llama_recipes import data
+    from llama_recipes.schema.data import DataConfig
+
+    path = tmp_path / f"train{suffix}"
+    df = pd.DataFrame(_rows())
+    {".jsonl": lambda: df.to_json(path, orient="records", lines=True),
+     ".json": lambda: df.to_json(path, orient="records"),
+     ".csv": lambda: df.to_csv(path, index=False),
+     ".parquet": lambda: df.to_parquet(path)}[suffix]()
+    corrupt(path, how)
+    got = _expect_read_or_user_error(lambda: data.build_datasets(DataConfig(path=str(path))), path.name)
+    if got is not None:  # what was read is in the file: rows in order, nothing invented; a CSV cut inside
+        rows = list(got[0])  # its last line reads as a shorter last row (a CSV has no end marker)
+        assert 0 < len(rows) <= 12
+        assert all(r["completion"] == f"{i} said" for i, r in enumerate(rows[:-1]))
+        assert "said".startswith(rows[-1]["completion"].split(" ")[-1]) or suffix == ".csv"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from llama_recipes import modeling
+    from llama_recipes.schema.model import ModelConfig
+
+    return modeling.load_tokenizer(ModelConfig(name_or_path=str(MODEL)))
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS)
+def test_chat_template_file(tmp_path, how, tokenizer):
+    from llama_recipes import data
+
+    path = tmp_path / "t.jinja"
+    path.write_text((MODEL / "chat_template.jinja").read_text())
+    corrupt(path, how)
+    recipe = validate_recipe({**BASE, "data": {"path": "builtin:chat", "chat_template": str(path)}})
+    tok = copy.copy(tokenizer)
+    got = _expect_read_or_user_error(lambda: data._apply_chat_template_choice(recipe, tok) or True, "t.jinja")
+    if how == "utf16":
+        assert got and tok.chat_template == (MODEL / "chat_template.jinja").read_text()
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS)
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+def test_model_dir(tmp_path, name, how):
+    from llama_recipes import modeling
+    from llama_recipes.schema.model import ModelConfig
+
+    d = tmp_path / "model"
+    shutil.copytree(MODEL, d)
+    corrupt(d / name, how)
+    cfg = ModelConfig(name_or_path=str(d))
+    _expect_read_or_user_error(lambda: (modeling.load_tokenizer(cfg), modeling.load_model(cfg)), str(d))
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tmp_path_factory):
+    """A real adapter artifact (LoRA r=2 on the tiny Llama, saved untrained: loading is what is tested)."""
+    from peft import LoraConfig, get_peft_model
+
+    from llama_recipes import modeling
+    from llama_recipes.schema.model import ModelConfig
+
+    d = tmp_path_factory.mktemp("adapter")
+    model = modeling.load_model(ModelConfig(name_or_path=str(MODEL), dtype="float32"))
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(str(d))
+    return d
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS)
+@pytest.mark.parametrize("name", ["adapter_config.json", "adapter_model.safetensors"])
+def test_adapter_dir_for_eval_checkpoint(tmp_path, adapter_run, name, how):
+    from llama_recipes import artifacts
+
+    d = tmp_path / "adapter"
+    shutil.copytree(adapter_run, d)
+    corrupt(d / name, how)
+    recipe = validate_recipe({**BASE, "model": {"name_or_path": str(MODEL), "dtype": "float32"}})
+    _expect_read_or_user_error(lambda: artifacts.load(recipe, d), "adapter")
+
+
+def test_adapter_dir_intact_loads(adapter_run):
+    from llama_recipes import artifacts
+
+    recipe = validate_recipe({**BASE, "model": {"name_or_path": str(MODEL), "dtype": "float32"}})
+    _, model = artifacts.load(recipe, adapter_run)
+    assert model.peft_config["default"].r == 2
+
+
+def test_read_json_names_the_file(tmp_path):
+    from llama_recipes.errors import read_json
+
+    p = tmp_path / "x.json"
+    p.write_text(json.dumps({"a": 1})[:4])
+    with pytest.raises(UserError, match="x.json is damaged"):
+        read_json(p)
