@@ -356,3 +356,46 @@ def test_missing_pad_token_is_handled(tmp_path):
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     tokenizer = modeling.load_tokenizer(ModelConfig(name_or_path=str(d)))
     assert tokenizer.pad_token == tokenizer.eos_token
+
+
+def test_trust_remote_code_warning_comes_before_the_remote_code_runs(tmp_path, monkeypatch):
+    """The tokenizer loads first, and with trust_remote_code it imports the model's own config class."""
+    import logging
+
+    from llama_recipes import modeling
+    from llama_recipes.schema.model import ModelConfig
+
+    mark = tmp_path / "ran"
+    monkeypatch.setenv("REMOTE_CODE_MARK", str(mark))
+    d = custom_code_model(tmp_path / "custom")
+    seen = []
+
+    class Spy(logging.Handler):
+        def emit(self, record):
+            if "trust_remote_code is on" in record.getMessage():
+                seen.append(mark.exists())
+
+    spy = Spy()
+    logging.getLogger("llama_recipes").addHandler(spy)
+    try:
+        modeling.load_tokenizer(ModelConfig(name_or_path=str(d), trust_remote_code=True))
+    finally:
+        logging.getLogger("llama_recipes").removeHandler(spy)
+    assert seen == [False]  # warned once, before any of its code ran
+    assert mark.exists()  # and the tokenizer did run it (what the warning is for)
+
+
+def test_estimate_memory_of_a_remote_code_model_never_reads_stdin(tmp_path, monkeypatch):
+    import io
+
+    from llama_recipes import memory
+    from llama_recipes.schema import validate_recipe
+
+    d = custom_code_model(tmp_path / "custom")
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # transformers' y/N question would hit EOF
+    recipe = {**BASE, "output_dir": str(tmp_path / "o"), "model": {"name_or_path": str(d), "trust_remote_code": True}}
+    shape, _, estimate = memory.estimate_recipe(validate_recipe(recipe))
+    assert shape.num_layers == 4 and estimate.total > 0
+    recipe["model"]["trust_remote_code"] = False
+    with pytest.raises(UserError, match="ships its own Python code"):
+        memory.estimate_recipe(validate_recipe(recipe))

@@ -190,3 +190,30 @@ def test_settings_that_train_nothing_are_refused(over, msg):
     """TRL would run one step for max_steps 0 and save an untrained model for 0 epochs."""
     with pytest.raises(RecipeError, match=msg):
         load_recipe(DEMO, over)
+
+
+def test_tilde_is_expanded_in_every_path_field(tmp_path, monkeypatch):
+    import shutil
+
+    from conftest import TINY
+
+    from llama_recipes import data, modeling
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(TINY, tmp_path / "m")
+    (tmp_path / "rows.jsonl").write_text('{"instruction": "a", "output": "b"}\n' * 4)
+    (tmp_path / "t.jinja").write_text((TINY / "chat_template.jinja").read_text())
+    r = validate_recipe({"output_dir": "~/out/", "resume": "~/out/checkpoint-2",
+                         "model": {"name_or_path": "~/m", "tokenizer": "~/m"},
+                         "data": {"path": "~/rows.jsonl", "chat_template": "~/t.jinja"},
+                         "method": {"name": "lora"}, "eval": {"retain": ["~/rows.jsonl", "builtin:retain"]}})
+    home = str(tmp_path)
+    assert r.output_dir == f"{home}/out" and r.resume == f"{home}/out/checkpoint-2"
+    assert r.model.name_or_path == r.model.tokenizer == f"{home}/m"
+    assert r.data.path == f"{home}/rows.jsonl" and r.data.chat_template == f"{home}/t.jinja"
+    assert r.eval.retain == [f"{home}/rows.jsonl", "builtin:retain"]
+    mixed = validate_recipe({**GOOD, "data": {"mix": [{"path": "~/rows.jsonl"}]}})
+    assert mixed.data.mix[0].path == f"{home}/rows.jsonl"
+    # and they load
+    assert len(data.build_datasets(r.data)[0]) == 4
+    assert modeling.load_tokenizer(r.model).eos_token

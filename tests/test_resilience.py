@@ -463,3 +463,40 @@ def test_whole_run_loss_counts_each_logged_interval_by_its_steps():
     assert whole_run_loss(history, resumed_at=6, steps_now=2, loss_now=7.0) == pytest.approx((2 + 6 + 10 + 14) / 8)
     # the resumed-at checkpoint was saved between two logs: the unlogged step 6 cannot be counted
     assert whole_run_loss(history[:2], resumed_at=5, steps_now=3, loss_now=6.0) == pytest.approx((2 + 6 + 18) / 7)
+
+
+def test_a_run_is_its_directory_whatever_the_output_dir_spelling(tmp_path, monkeypatch):
+    """OUT/, ./OUT, the absolute path and ~/OUT name one directory, so one run (its checkpoints are
+    resumed, not refused as 'a different recipe'); so do a relative and an absolute data path."""
+    from llama_recipes.artifacts import prepare_output_dir
+    from llama_recipes.schema import validate_recipe
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rows.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    base = {"model": {"name_or_path": "m"}, "data": {"path": "rows.jsonl"}, "method": {"name": "lora"}}
+    prepare_output_dir(validate_recipe({**base, "output_dir": "out"}))
+    (tmp_path / "out" / "checkpoint-3").mkdir()
+    saved = (tmp_path / "out" / "recipe.yaml").read_bytes()
+    for spelling in ("out/", "./out", str(tmp_path / "out"), "~/out", "~/out/", "~/./out"):
+        for data_path in ("rows.jsonl", "./rows.jsonl", str(tmp_path / "rows.jsonl"), "~/rows.jsonl"):
+            recipe = validate_recipe({**base, "output_dir": spelling, "data": {"path": data_path}})
+            assert prepare_output_dir(recipe).resolve() == (tmp_path / "out").resolve()
+    assert (tmp_path / "out" / "recipe.yaml").read_bytes() == saved
+    with pytest.raises(UserError, match="holds a run of a different recipe"):
+        prepare_output_dir(validate_recipe({**base, "output_dir": "out/", "seed": 1}))
+
+
+def test_a_run_that_fails_before_training_leaves_nothing_that_refuses_the_corrected_rerun(tmp_path, capsys):
+    from llama_recipes.artifacts import prepare_output_dir
+    from llama_recipes.schema import load_recipe
+
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, out)
+    assert cli_main([str(recipe), "data.path=/nonexistent/train.jsonl"]) == 2
+    assert "data file or directory not found" in capsys.readouterr().err
+    assert not out.exists()  # it created the directory: nothing of it is left
+    out.mkdir()  # an empty directory that was there before: it stays, empty
+    assert cli_main([str(recipe), "data.path=/nonexistent/train.jsonl"]) == 2
+    assert out.is_dir() and {p.name for p in out.iterdir()} <= {".llama-recipes.lock"}
+    prepare_output_dir(load_recipe(recipe))  # the corrected recipe claims the directory
