@@ -6,12 +6,13 @@
 Every OUTPUT_DIR is a PEFT run's directory on the same base model. Prints the memory arithmetic
 (one base + N adapters versus N full models) and, with --prompt, each adapter's greedy answer.
 """
+import string
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from llama_recipes import artifacts, measure, methods, modeling
-from llama_recipes.errors import UserError
+from llama_recipes import artifacts, data, measure, methods, modeling
+from llama_recipes.errors import UserError, read_json
 from llama_recipes.log import get_logger
 from llama_recipes.schema.model import ModelConfig
 
@@ -34,10 +35,10 @@ class MemoryReport:
     def render(self) -> str:
         mb = 2**20
         n = len(self.adapter_bytes)
-        lines = [f"base model: {self.base_bytes / mb:,.2f} MB"]
-        lines += [f"adapter {k}: {v / mb:,.3f} MB" for k, v in self.adapter_bytes.items()]
-        lines.append(f"one base + {n} adapters: {self.shared / mb:,.2f} MB   vs   {n} full models: "
-                     f"{self.separate / mb:,.2f} MB   ({self.separate / max(self.shared, 1):.2f}x less)")
+        lines = [f"base model: {self.base_bytes / mb:,.2f} MiB"]
+        lines += [f"adapter {k}: {v / mb:,.3f} MiB" for k, v in self.adapter_bytes.items()]
+        lines.append(f"one base + {n} adapters: {self.shared / mb:,.2f} MiB   vs   {n} full models: "
+                     f"{self.separate / mb:,.2f} MiB   ({self.separate / max(self.shared, 1):.2f}x less)")
         return "\n".join(lines)
 
 
@@ -98,8 +99,47 @@ class MultiAdapter:
                 sizes[name] = _tensor_bytes(f.get_tensor(k) for k in f.keys())
         return MemoryReport(self.base_bytes, sizes)
 
-    def generate(self, name: str, prompts: list[str], max_new_tokens: int = 32) -> list[str]:
-        return measure.generate(self.use(name), self.tokenizer, prompts, max_new_tokens)
+    def generate(self, name: str, prompts: list[str], max_new_tokens: int = 32, raw: bool = False) -> list[str]:
+        """Greedy answers of adapter `name`. Each prompt is rendered as that run's training rendered its
+        prompts (prompt template, or chat template for chat data), unless `raw`."""
+        if raw:
+            return measure.generate(self.use(name), self.tokenizer, prompts, max_new_tokens)
+        texts, special = prompt_renderer(self.runs[name], self.tokenizer)
+        return measure.generate(self.use(name), self.tokenizer, [texts(p) for p in prompts], max_new_tokens,
+                                add_special_tokens=special)
+
+
+def prompt_renderer(path: Path, tokenizer):
+    """(render, add_special_tokens): what a run's training made of a user's text, from its recipe.yaml and
+    metrics.json (the data format it detected). alpaca: the instruction in the recipe's prompt template
+    (default: the Alpaca template); summarization: the document; chat: one user turn through the chat
+    template the run saved with its tokenizer; text, or a run without that record: the text as given."""
+    _, saved = artifacts.read_run(path)
+    data_cfg = (saved or {}).get("data") or {}
+    metrics = path / "metrics.json"
+    fmt = (read_json(metrics).get("data_format") if metrics.is_file() else None) or data_cfg.get("format", "auto")
+    fmt = fmt.split("+")[0]  # a mix renders every source the same way
+    template = data_cfg.get("prompt_template")
+    fields = [f for _, f, _, _ in string.Formatter().parse(template) if f] if template else []
+    if fmt == "alpaca":  # other columns a custom template names are left empty
+        return (lambda t: data.render_alpaca({**dict.fromkeys(fields, ""), "instruction": t, "input": "", "output": ""},
+                                             template)["prompt"]), True
+    if fmt == "summarization":
+        return (lambda t: (template or data.SUMMARY_PROMPT).format(**{**dict.fromkeys(fields, ""), "document": t})), True
+    if fmt == "prompt_completion" and template:
+        if len(set(fields)) == 1:
+            return (lambda t: template.format(**{fields[0]: t})), True
+    if fmt == "chat":
+        chat = tokenizer
+        if (path / "tokenizer_config.json").is_file():  # the template training installed (data.chat_template)
+            chat = modeling.load_tokenizer(ModelConfig(name_or_path=str(path)))
+        if getattr(chat, "chat_template", None):
+            # the template adds BOS itself (as in measure.generation_pairs)
+            return (lambda t: chat.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                                       add_generation_prompt=True)), False
+    if fmt in ("auto", None):
+        log.warning("%s records no data format (no metrics.json): prompts are passed as given", path)
+    return (lambda t: t), True
 
 
 if __name__ == "__main__":  # `python -m llama_recipes.adapters` is the `llama-recipes adapters` command

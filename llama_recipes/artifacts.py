@@ -434,11 +434,11 @@ def _dense_width(model) -> int:
 def size_report(out: Path, model, method) -> tuple[str, dict]:
     """One log line (and metrics) for the saved artifact: what it weighs next to its base."""
     if method.kind == "head":
-        return f"head artifact: {dir_size_mb(out):.3f} MB of weights (the base is referenced, not copied)", {}
+        return f"head artifact: {dir_size_mb(out):.3f} MiB of weights (the base is referenced, not copied)", {}
     if not method.peft:
-        return f"model: {dir_size_mb(out):,.1f} MB on disk", {}
+        return f"model: {dir_size_mb(out):,.1f} MiB on disk", {}
     adapter_mb = dir_size_mb(out, "adapter_model.safetensors")
     base_mb = base_size_bytes(model) / 2**20
     pct = 100 * adapter_mb / base_mb if base_mb else float("nan")
-    line = f"adapter: {adapter_mb:.3f} MB on disk = {pct:.3f}% of the base model ({base_mb:,.1f} MB)"
+    line = f"adapter: {adapter_mb:.3f} MiB on disk = {pct:.3f}% of the base model ({base_mb:,.1f} MiB)"
     return line, {"adapter_mb": round(adapter_mb, 4), "base_mb": round(base_mb, 2), "adapter_pct_of_base": round(pct, 4)}

@@ -60,7 +60,10 @@ def _add_export(p) -> None:
 
 def _add_adapters(p) -> None:
     p.add_argument("adapters", nargs="+", help="NAME=OUTPUT_DIR of a PEFT run (all on the same base)")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt to answer with every adapter")
+    p.add_argument("--prompt", action="append", default=[],
+                   help="a prompt to answer with every adapter, rendered as each run's training rendered prompts "
+                        "(its prompt or chat template)")
+    p.add_argument("--raw", action="store_true", help="pass --prompt text to the model exactly as given")
     p.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
 
 
@@ -180,7 +183,7 @@ def _adapters(args) -> int:
     multi = adapters.MultiAdapter(runs)
     print(multi.memory().render())
     for name in runs:
-        for prompt, answer in zip(args.prompt, multi.generate(name, args.prompt, args.max_new_tokens)):
+        for prompt, answer in zip(args.prompt, multi.generate(name, args.prompt, args.max_new_tokens, raw=args.raw)):
             print(json.dumps({"adapter": name, "prompt": prompt, "answer": answer}))
     return 0
 

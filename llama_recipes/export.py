@@ -80,7 +80,7 @@ def merge_and_export(adapter_dir: str | Path, merged_dir: str | Path, dtype: str
     model.save_pretrained(str(merged_dir), safe_serialization=True)
     AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(merged_dir))
     size = sum(f.stat().st_size for f in merged_dir.glob("*.safetensors")) / 2**20
-    log.info("merged %s adapter %s into %s (%.1f MB, %s)", method, adapter_dir, merged_dir, size, model.dtype)
+    log.info("merged %s adapter %s into %s (%.1f MiB, %s)", method, adapter_dir, merged_dir, size, model.dtype)
     return merged_dir
 
 

@@ -296,8 +296,9 @@ def predict(path_or_model, texts: list[str]) -> list[str]:
 
 # -- metrics -----------------------------------------------------------------------------------
 
-def classification_metrics(preds: list[int], refs: list[int], num_labels: int) -> dict:
-    """accuracy, macro F1 (a class never predicted nor present is left out) and the confusion matrix (rows: true)."""
+def classification_metrics(preds: list[int], refs: list[int], num_labels: int, labels: list[str] | None = None) -> dict:
+    """accuracy, macro F1 (a class never predicted nor present is left out) and the confusion matrix (rows: true),
+    with `labels`, the label names in id order, that label its rows and columns."""
     cm = [[0] * num_labels for _ in range(num_labels)]
     for p, r in zip(preds, refs):
         cm[r][p] += 1
@@ -310,7 +311,8 @@ def classification_metrics(preds: list[int], refs: list[int], num_labels: int) -
             f1s.append(2 * tp / (2 * tp + fp + fn))
     n = len(refs)
     return {"accuracy": sum(cm[c][c] for c in range(num_labels)) / max(n, 1),
-            "macro_f1": sum(f1s) / max(len(f1s), 1), "confusion_matrix": cm, "examples": n}
+            "macro_f1": sum(f1s) / max(len(f1s), 1), "confusion_matrix": cm, "examples": n,
+            "labels": list(labels) if labels else [str(i) for i in range(num_labels)]}
 
 
 def evaluate_model(model, tokenizer, ds, batch_size: int = 32, max_length: int | None = None,
@@ -320,7 +322,7 @@ def evaluate_model(model, tokenizer, ds, batch_size: int = 32, max_length: int |
     rows = ds.select(range(n))
     num_labels = len(ds.features["label"].names)
     logits = batch_logits(model, tokenizer, rows["text"], batch_size, max_length)
-    result = classification_metrics(logits.argmax(-1).tolist(), rows["label"], num_labels)
+    result = classification_metrics(logits.argmax(-1).tolist(), rows["label"], num_labels, ds.features["label"].names)
     counts = [rows["label"].count(c) for c in range(num_labels)]
     result["majority_baseline"] = max(counts) / max(n, 1)
     return result

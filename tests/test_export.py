@@ -115,6 +115,7 @@ def test_switch_adapters_on_one_base(two_adapters, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from llama_recipes import data
     from llama_recipes.adapters import MultiAdapter
     from llama_recipes.cli import run_command
     from llama_recipes.evaluation import generate
@@ -127,12 +128,15 @@ def test_switch_adapters_on_one_base(two_adapters, capsys):
         model = multi.use(name)
         with torch.no_grad():
             logits[name] = model(**ids).logits
-        answers[name] = multi.generate(name, PROMPTS, 6)
+        answers[name] = multi.generate(name, PROMPTS, 6, raw=True)
         base_path = json.loads((run.output_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
         alone = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), run.output_dir).eval()
         with torch.no_grad():
             assert torch.equal(logits[name], alone(**ids).logits), name
         assert answers[name] == generate(alone, multi.tokenizer, PROMPTS, 6)
+        # without raw: the text goes into the Alpaca template, as training rendered this run's rows
+        trained_prompt = data.render_alpaca({"instruction": PROMPTS[1], "input": "", "output": ""})["prompt"]
+        assert multi.generate(name, [PROMPTS[1]], 6) == generate(alone, multi.tokenizer, [trained_prompt], 6)
     # the same base tensors serve both adapters, and the adapters give different outputs
     assert base_ids == {id(p) for n, p in multi.model.named_parameters() if "lora_" not in n}
     assert (logits["reverse"] - logits["last"]).abs().max() > 1e-2
@@ -166,3 +170,38 @@ def test_adapters_of_different_types_are_refused(trained, two_adapters):
     _, prefix = trained("prefix")
     with pytest.raises(UserError, match="different PEFT types"):
         MultiAdapter({"a": two_adapters["reverse"].output_dir, "b": prefix.output_dir})
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "summarization", "chat", "text", "prompt_completion"])
+def test_adapters_render_a_prompt_as_the_run_trained(tmp_path, fmt):
+    """`llama-recipes adapters --prompt TEXT` feeds each adapter the text as its training rendered
+    prompts: the run's recipe.yaml (prompt_template) and metrics.json (the data format it detected)."""
+    import shutil
+
+    import yaml
+    from conftest import TINY
+
+    from llama_recipes import data, modeling
+    from llama_recipes.adapters import prompt_renderer
+    from llama_recipes.schema.model import ModelConfig
+
+    run = tmp_path / "run"
+    run.mkdir()
+    template = {"prompt_completion": "Q: {question}\nA: "}.get(fmt)
+    (run / "recipe.yaml").write_text(yaml.safe_dump({"data": {"path": "x", "prompt_template": template}}))
+    (run / "metrics.json").write_text(json.dumps({"data_format": fmt}))
+    for f in TINY.iterdir():
+        if f.name.startswith(("tokenizer", "chat_template")):
+            shutil.copy(f, run / f.name)
+    tok = modeling.load_tokenizer(ModelConfig(name_or_path=str(TINY)))
+    render, special = prompt_renderer(run, tok)
+    text = "Give the last word."
+    expected = {
+        "alpaca": data.render_alpaca({"instruction": text, "output": ""})["prompt"],
+        "summarization": data.SUMMARY_PROMPT.format(document=text),
+        "chat": tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True),
+        "text": text,
+        "prompt_completion": "Q: Give the last word.\nA: ",
+    }[fmt]
+    assert render(text) == expected and special == (fmt != "chat")
+    assert fmt in ("text",) or render(text) != text

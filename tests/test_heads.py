@@ -54,6 +54,7 @@ def test_classifier_head_beats_majority_and_keeps_base_frozen(classifier):
     assert after["accuracy"] > after["majority_baseline"] + 0.25, after
     assert after["accuracy"] > before["accuracy"] + 0.2
     assert len(after["confusion_matrix"]) == 4 and sum(map(sum, after["confusion_matrix"])) == after["examples"] == 200
+    assert after["labels"] == m["labels"] and not after["labels"][0].isdigit()  # names, in id order
     cfg = classifier.model.config
     assert m["trainable_params"] == cfg.hidden_size * 4  # score: hidden -> 4 labels, no bias
     check_base_frozen(classifier.model, base_weights())
@@ -127,6 +128,15 @@ def test_classification_metrics():
     m = heads.classification_metrics([0, 0, 1, 2], [0, 1, 1, 2], 3)
     assert m["accuracy"] == 0.75 and m["confusion_matrix"] == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
     assert m["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+
+
+def test_confusion_matrix_is_labelled_with_label_names():
+    from llama_recipes.evaluation import results_table
+
+    m = heads.classification_metrics([0, 0, 1, 2], [0, 1, 1, 2], 3, ["sport", "tech", "world"])
+    table = results_table({"artifact": "out", "metrics": m})
+    assert "| true \\ predicted | sport | tech | world |" in table
+    assert "| sport | 1 | 0 | 0 |" in table and "| tech | 1 | 1 | 0 |" in table
 
 
 def test_head_on_non_classification_data_is_a_user_error(tmp_path):

@@ -242,7 +242,7 @@ def test_tiny_twin_through_real_entry_point(tmp_path, twin):
     assert res.returncode == 0, res.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["eval_after"]["loss"] < m["eval_before"]["loss"]
-    assert "trainable params:" in res.stderr and "MB on disk" in res.stderr
+    assert "trainable params:" in res.stderr and "MiB on disk" in res.stderr
 
 
 def test_modules_to_save_naming_no_module_is_refused():
