@@ -126,9 +126,8 @@ def prompt_renderer(path: Path, tokenizer):
                                              template)["prompt"]), True
     if fmt == "summarization":
         return (lambda t: (template or data.SUMMARY_PROMPT).format(**{**dict.fromkeys(fields, ""), "document": t})), True
-    if fmt == "prompt_completion" and template:
-        if len(set(fields)) == 1:
-            return (lambda t: template.format(**{fields[0]: t})), True
+    if fmt == "prompt_completion" and template and len(set(fields)) == 1:
+        return (lambda t: template.format(**{fields[0]: t})), True
     if fmt == "chat":
         chat = tokenizer
         if (path / "tokenizer_config.json").is_file():  # the template training installed (data.chat_template)
