@@ -5,7 +5,7 @@
     method: {name: classifier_head}           # AutoModelForSequenceClassification: the `score` layer trains
     method: {name: mlp_head, hidden_sizes: [256], pooling: mean}   # a few FC layers on the hidden states
 """
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import Field, field_validator
 
@@ -54,13 +54,20 @@ class MLPHeadMethod(_Head):
     """A small MLP classifier on the frozen model's pooled hidden states."""
 
     name: Literal["mlp_head"]
-    hidden_sizes: list[Annotated[int, Field(gt=0)]] = Field([256], description="Widths of the hidden FC layers ([] is a linear probe).")
+    hidden_sizes: list[int] = Field([256], description="Widths of the hidden FC layers ([] is a linear probe).")
     activation: Literal["gelu", "relu", "silu", "tanh"] = Field("gelu", description="Activation between FC layers.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before every FC layer.")
     pooling: Literal["last", "mean"] = Field(
         "last", description="last: the hidden state of the last non-pad token; mean: mean over non-pad tokens."
     )
     layer: int = Field(-1, description="Which hidden state to pool: -1 is the final (normed) output, 0 the embeddings.")
+
+    @field_validator("hidden_sizes")
+    @classmethod
+    def _widths(cls, v):
+        if any(h <= 0 for h in v):
+            raise ValueError(f"every width must be greater than 0, got {v}")
+        return v
 
 
 FINETUNE_METHODS: list[type[Section]] = [FullMethod, PartialMethod, ClassifierHeadMethod, MLPHeadMethod]
