@@ -16,6 +16,7 @@ The CPU FSDP shim (`_install_cpu_fsdp_shim`) is test and laptop support only; se
 """
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from llama_recipes.errors import UserError
@@ -57,15 +58,14 @@ def setup(recipe):
     Raises UserError for a conflict that has no safe resolution. Installs the CPU FSDP shim
     only when FSDP was asked for, several processes run and no accelerator device exists.
     """
+    # Order matters: conflicts are judged against the launch config as written (the same error
+    # on a laptop as on the GPU node), and only then does the CPU stand-in replace what a CPU
+    # cannot run; `auto` decides last, only what nobody else decided.
     recipe = _resolve_activation_checkpointing(recipe)
     recipe = _resolve_mixed_precision(recipe)
+    if not has_accelerator():
+        recipe = _cpu_stand_in(recipe)
     recipe = _resolve_auto_bf16(recipe)
-    if world_size() > 1 and not has_accelerator():
-        # Several processes and no GPU: without this, accelerate gives each rank its own
-        # single-process run (distributed_type NO) and they silently train side by side.
-        os.environ["ACCELERATE_USE_CPU"] = "true"
-        if fsdp_requested():
-            _install_cpu_fsdp_shim()
     if world_size() > 1:
         kind = f"FSDP{fsdp_version()}" if fsdp_requested() else (
             "DeepSpeed" if _env_flag("ACCELERATE_USE_DEEPSPEED") else "DDP")
@@ -150,8 +150,52 @@ def _resolve_mixed_precision(recipe):
 
 
 # ---------------------------------------------------------------------------------------------
-# CPU FSDP shim (tests and laptops only)
+# CPU STAND-IN: a GPU launch config run on a machine without GPUs (laptops, CI, tests)
 # ---------------------------------------------------------------------------------------------
+# Everything that differs from the GPU launch lives below this line; the recipe-by-config logic
+# above runs unchanged, so a user's exact launch line (`accelerate launch --config_file
+# accelerate_configs/fsdp_4gpu.yaml --num_processes 2 run_recipe.py RECIPE --dry-run ...`) is a
+# smoke test of what the GPU node will do.
+
+def gpu_launch() -> bool:
+    """True under `accelerate launch` with a config meant for GPUs (use_cpu: false)."""
+    return "ACCELERATE_MIXED_PRECISION" in os.environ and not _env_flag("ACCELERATE_USE_CPU")
+
+
+def _cpu_stand_in(recipe):
+    """Make a GPU launch runnable on CPU processes over gloo, saying in one line what changed.
+
+    - precision (only under a GPU launch config): bf16/fp16, from the config or the recipe's
+      training and model.dtype, runs as fp32. torch's FSDP2 bf16 policy fails on CPU, fp16 has
+      no CPU autocast, and a bf16 trained model cannot be compared with its reload to fp32
+      tolerance; fp32 answers the stand-in's question: does this pair train, save and reload.
+    - several processes: accelerate would give each rank its own single-process run
+      (distributed_type NO) and they would silently train side by side, so it is told to use
+      the CPU; FSDP goes through the shim below, FSDP1 without sync_module_states/RAM-efficient
+      loading (they broadcast from a GPU; here every rank loads the same checkpoint).
+    """
+    if gpu_launch():
+        t, changed = recipe.training, []
+        if launch_precision() in ("bf16", "fp16"):
+            changed.append(f"mixed_precision: {launch_precision()} (launch config)")
+            os.environ["ACCELERATE_MIXED_PRECISION"] = "no"
+        changed += [f"training.{k}: true" for k in ("bf16", "fp16") if getattr(t, k) is True
+                    and f"mixed_precision: {k}" not in " ".join(changed)]
+        if recipe.model.dtype in ("bfloat16", "float16"):
+            changed.append(f"model.dtype: {recipe.model.dtype}")
+            recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"dtype": "float32"})})
+        if changed:
+            log.info("CPU stand-in: no GPU here, so fp32 in place of %s", ", ".join(changed))
+            recipe = _set_training(recipe, bf16=False, fp16=False)
+    if world_size() > 1:
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+        if fsdp_requested():
+            if fsdp_version() == 1:
+                os.environ["FSDP_SYNC_MODULE_STATES"] = "false"
+                os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
+            _install_cpu_fsdp_shim()
+    return recipe
+
 
 def _install_cpu_fsdp_shim() -> None:
     """TEST/LAPTOP SUPPORT ONLY: let accelerate's real FSDP preparation run on CPU over gloo.
@@ -379,5 +423,33 @@ def save_sharded_model(trainer, out: Path) -> None:
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if is_main_process():
         unwrapped = trainer.accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(str(out), state_dict=state)
+        with _plain_module_names(unwrapped):
+            unwrapped.save_pretrained(str(out), state_dict=state)
     trainer.accelerator.wait_for_everyone()
+
+
+@contextmanager
+def _plain_module_names(model):
+    """While an artifact is written: the modules named as in the plain model.
+
+    FSDP's activation checkpointing puts a CheckpointWrapper around each layer, so module names
+    read `layers.0._checkpoint_wrapped_module.self_attn...`. The gathered state dict already uses
+    the plain names (torch strips the wrapper), but PEFT picks the adapter's entries by the
+    model's module names: with the wrappers in place it matches none and writes an empty
+    adapter. The wrappers are put back afterwards; the tensors are not touched.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointWrapper,
+    )
+
+    swapped = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, CheckpointWrapper):
+                parent._modules[name] = child._checkpoint_wrapped_module
+                swapped.append((parent, name, child))
+    try:
+        yield model
+    finally:
+        for parent, name, child in swapped:
+            parent._modules[name] = child
