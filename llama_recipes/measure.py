@@ -10,7 +10,7 @@ import math
 
 from llama_recipes.log import is_main_process
 from llama_recipes.metrics import generation_scores
-from llama_recipes.runtime import collectives
+from llama_recipes.runtime import collectives, distributed
 from llama_recipes.schema.training import sft_fields
 
 
@@ -112,7 +112,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, bat
     outputs: dict[int, str] = {}
     starts = range(0, len(order), batch_size)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), distributed.full_params_for_generate(model):
             for start in _progress(starts, len(starts), "generate", progress):
                 idx = order[start:start + batch_size]
                 enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,

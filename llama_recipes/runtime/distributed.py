@@ -193,6 +193,10 @@ def _cpu_stand_in(recipe):
             if fsdp_version() == 1:
                 os.environ["FSDP_SYNC_MODULE_STATES"] = "false"
                 os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
+            if _env_flag("FSDP_OFFLOAD_PARAMS"):
+                log.info("CPU stand-in: fsdp_offload_params off (the shards already live in host memory, and "
+                         "torch's CPU offload policy needs an accelerator)")
+                os.environ["FSDP_OFFLOAD_PARAMS"] = "false"
             _install_cpu_fsdp_shim()
     return recipe
 
@@ -207,6 +211,7 @@ def _install_cpu_fsdp_shim() -> None:
     so everything downstream (Trainer, accelerate's fully_shard path) is the real code.
     Installed only when FSDP was asked for, WORLD_SIZE > 1 and no accelerator exists.
     """
+    import torch
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
@@ -223,6 +228,9 @@ def _install_cpu_fsdp_shim() -> None:
             self.distributed_type = DistributedType.FSDP
             self.fsdp_plugin = plugin
             PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            # MULTI_CPU names the device cpu:0; FSDP1 checks its device_id against the current
+            # device, which is plain "cpu".
+            self.device = PartialState._shared_state["device"] = torch.device("cpu")
 
     __init__._llama_recipes_cpu_fsdp = True
     AcceleratorState.__init__ = __init__
@@ -314,6 +322,24 @@ def _reduce_in_fp32(plugin) -> None:
     plugin.mixed_precision_policy = MixedPrecisionPolicy(
         param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=policy.output_dtype,
         cast_forward_inputs=policy.cast_forward_inputs)
+
+
+@contextmanager
+def full_params_for_generate(model):
+    """`model.generate` on an FSDP1 model: the whole parameters, gathered for the duration.
+
+    FSDP1 gathers a unit's parameters in its wrapper's forward, but `generate` is reached
+    through the wrapper's attribute forwarding and calls the inner model directly, which then
+    sees flattened shards ("'weight' must be 2-D"). FSDP2 hooks the modules themselves, and an
+    unsharded model needs nothing: both pass through.
+    """
+    if type(model).__name__ != "FullyShardedDataParallel":
+        yield model
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with FullyShardedDataParallel.summon_full_params(model, writeback=False):
+        yield model
 
 
 def is_sharded(model) -> bool:
@@ -420,7 +446,10 @@ def save_sharded_model(trainer, out: Path) -> None:
     )
 
     model = trainer.model
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # Without an accelerator the tensors already live in host memory, and FSDP1's CPU-offload
+    # gather segfaults there (torch 2.13): every rank gathers the (small, stand-in) model instead.
+    offload = has_accelerator()
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
     if is_main_process():
         unwrapped = trainer.accelerator.unwrap_model(model)
         with _plain_module_names(unwrapped):
@@ -432,24 +461,32 @@ def save_sharded_model(trainer, out: Path) -> None:
 def _plain_module_names(model):
     """While an artifact is written: the modules named as in the plain model.
 
-    FSDP's activation checkpointing puts a CheckpointWrapper around each layer, so module names
-    read `layers.0._checkpoint_wrapped_module.self_attn...`. The gathered state dict already uses
-    the plain names (torch strips the wrapper), but PEFT picks the adapter's entries by the
-    model's module names: with the wrappers in place it matches none and writes an empty
-    adapter. The wrappers are put back afterwards; the tensors are not touched.
+    FSDP puts wrappers around layers: FSDP1's FullyShardedDataParallel (`_fsdp_wrapped_module`)
+    and, with activation checkpointing, torch's CheckpointWrapper (`_checkpoint_wrapped_module`),
+    so module names read `layers.0._checkpoint_wrapped_module.self_attn...`. The gathered state
+    dict already uses the plain names (torch strips the wrappers), but PEFT picks the adapter's
+    entries by the model's module names: with the wrappers in place it matches none and writes an
+    empty adapter. The wrappers are put back afterwards; no tensor is touched.
     """
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-        CheckpointWrapper,
-    )
+    inner = {"CheckpointWrapper": "_checkpoint_wrapped_module", "FullyShardedDataParallel": "_fsdp_wrapped_module"}
+
+    def wrapped(module):
+        return next((getattr(module, attr) for cls in type(module).__mro__
+                     if (attr := inner.get(cls.__name__)) and hasattr(module, attr)), None)
 
     swapped = []
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, CheckpointWrapper):
-                parent._modules[name] = child._checkpoint_wrapped_module
-                swapped.append((parent, name, child))
+    changed = True
+    while changed:  # wrappers can nest (FSDP1 around a CheckpointWrapper)
+        changed = False
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                plain = wrapped(child)
+                if plain is not None:
+                    parent._modules[name] = plain
+                    swapped.append((parent, name, child))
+                    changed = True
     try:
         yield model
     finally:
-        for parent, name, child in swapped:
+        for parent, name, child in reversed(swapped):
             parent._modules[name] = child
