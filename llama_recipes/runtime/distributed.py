@@ -61,8 +61,7 @@ def setup(recipe):
     # Order matters: conflicts are judged against the launch config as written (the same error
     # on a laptop as on the GPU node), and only then does the CPU stand-in replace what a CPU
     # cannot run; `auto` decides last, only what nobody else decided.
-    recipe = _resolve_activation_checkpointing(recipe)
-    recipe = _resolve_mixed_precision(recipe)
+    recipe = resolve(recipe)
     if not has_accelerator():
         recipe = _cpu_stand_in(recipe)
     recipe = _resolve_auto_bf16(recipe)
@@ -71,6 +70,34 @@ def setup(recipe):
             "DeepSpeed" if _env_flag("ACCELERATE_USE_DEEPSPEED") else "DDP")
         log.info("distributed: %s over %d processes, mixed_precision=%s", kind, world_size(), launch_precision())
     return recipe
+
+
+def resolve(recipe):
+    """The recipe-by-config decisions every rank makes, read from the launch environment only.
+
+    Shared by the launch (`setup`) and `--validate --config` (launchcheck.py), so a pair that
+    validates is a pair that launches.
+    """
+    recipe = _resolve_activation_checkpointing(recipe)
+    recipe = _resolve_mixed_precision(recipe)
+    _check_qlora_under_fsdp(recipe)
+    return recipe
+
+
+def _check_qlora_under_fsdp(recipe) -> None:
+    """FSDP shards floating tensors of one dtype: a 4-bit base must be stored in the model's dtype."""
+    m = recipe.method
+    if not fsdp_requested() or m.name != "qlora":
+        return
+    if m.bits == 8:
+        raise UserError("method.bits: 8 (LLM.int8) cannot be sharded by FSDP",
+                        "use method.bits: 4 with method.quant_storage_dtype: bfloat16, or a DDP/single-GPU config")
+    want = recipe.model.dtype if recipe.model.dtype in ("bfloat16", "float16", "float32") else "bfloat16"
+    if m.quant_storage_dtype != want:
+        raise UserError(
+            f"QLoRA under FSDP needs the 4-bit weights stored in the other parameters' dtype ({want}), and "
+            f"method.quant_storage_dtype is {m.quant_storage_dtype or 'unset (uint8)'}",
+            f"set method.quant_storage_dtype: {want} (accelerate_configs/fsdp_qlora.yaml explains why)")
 
 
 def _set_training(recipe, **values):
@@ -262,16 +289,19 @@ def finish_fsdp_plugin(plugin, model) -> None:
 
 
 def _check_fsdp1_orig_params(plugin, model) -> None:
+    check_fsdp1_orig_params(plugin.fsdp_version, plugin.use_orig_params,
+                            [n for n, p in model.named_parameters() if not p.requires_grad])
+
+
+def check_fsdp1_orig_params(version: int, use_orig_params: bool, frozen: list[str]) -> None:
     """FSDP1 flattens parameters: mixed requires_grad (adapters, freezing, heads) needs use_orig_params."""
-    if plugin.fsdp_version != 1 or plugin.use_orig_params:
+    if version != 1 or use_orig_params or not frozen:
         return
-    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-    if frozen:
-        raise UserError(
-            f"FSDP1 with frozen parameters ({len(frozen)}, e.g. {frozen[0]}) needs use_orig_params, "
-            "and the accelerate config sets fsdp_use_orig_params: false",
-            "set fsdp_use_orig_params: true in the accelerate config (accelerate_configs/fsdp1.yaml does), "
-            "or use FSDP2 (fsdp_version: 2), which handles mixed requires_grad")
+    raise UserError(
+        f"FSDP1 with frozen parameters ({len(frozen)}, e.g. {frozen[0]}) needs use_orig_params, "
+        "and the accelerate config sets fsdp_use_orig_params: false",
+        "set fsdp_use_orig_params: true in the accelerate config (accelerate_configs/fsdp1.yaml does), "
+        "or use FSDP2 (fsdp_version: 2), which handles mixed requires_grad")
 
 
 def wrap_class_names(model) -> list[str]:
@@ -283,31 +313,37 @@ def wrap_class_names(model) -> list[str]:
 
 
 def _set_wrap_classes(plugin, model) -> None:
-    """Transformer-based wrapping on the model's own layer class unless the config names one.
-
-    A config that names a class this model lacks (LlamaDecoderLayer on Qwen2) is an error
-    that says which classes the model has, instead of accelerate's bare ValueError.
-    """
+    """Transformer-based wrapping on the model's own layer class unless the config names one."""
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
     if plugin.auto_wrap_policy is not transformer_auto_wrap_policy:
         return
-    present = {type(m).__name__ for m in model.modules()}
-    derived = wrap_class_names(model)
     named = plugin.transformer_cls_names_to_wrap
+    classes = wrap_classes(named, wrap_class_names(model), {type(m).__name__ for m in model.modules()},
+                           type(model).__name__)
+    if not named:
+        plugin.transformer_cls_names_to_wrap = classes
+        log.info("FSDP wraps %s (from the model's _no_split_modules)", ", ".join(classes))
+
+
+def wrap_classes(named: list[str] | None, derived: list[str], present: set[str], model_name: str) -> list[str]:
+    """The layer classes FSDP wraps: the config's, else the model's `_no_split_modules`.
+
+    A config that names a class this model lacks (LlamaDecoderLayer on Qwen2) is an error
+    that says which classes the model has, instead of accelerate's bare ValueError.
+    """
     if not named:
         if not derived:
-            raise UserError(f"cannot derive the FSDP wrap class: {type(model).__name__} has no _no_split_modules",
+            raise UserError(f"cannot derive the FSDP wrap class: {model_name} has no _no_split_modules",
                             "set fsdp_transformer_layer_cls_to_wrap (the decoder layer class) in the accelerate config")
-        plugin.transformer_cls_names_to_wrap = derived
-        log.info("FSDP wraps %s (from the model's _no_split_modules)", ", ".join(derived))
-        return
+        return list(derived)
     missing = [n for n in named if n not in present]
     if missing:
         raise UserError(
-            f"the accelerate config wraps {', '.join(missing)}, which {type(model).__name__} does not contain",
+            f"the accelerate config wraps {', '.join(missing)}, which {model_name} does not contain",
             f"remove fsdp_transformer_layer_cls_to_wrap from the config (derived from the model: "
             f"{', '.join(derived) or 'none'}) or name this model's decoder layer class")
+    return list(named)
 
 
 def _reduce_in_fp32(plugin) -> None:
