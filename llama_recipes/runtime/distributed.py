@@ -118,6 +118,11 @@ def _resolve_activation_checkpointing(recipe):
     if not (fsdp_requested() and _env_flag("FSDP_ACTIVATION_CHECKPOINTING")):
         return recipe
     t = recipe.training
+    if recipe.method.name == "prefix":
+        raise UserError(
+            "method prefix cannot run with activation checkpointing (the prefix is passed as a KV cache), and the "
+            "accelerate config checkpoints every layer (fsdp_activation_checkpointing: true)",
+            "launch with a copy of the config that sets fsdp_activation_checkpointing: false, or with a DDP config")
     if "activation_checkpointing" in t.model_fields_set and not t.activation_checkpointing:
         raise UserError(
             "activation checkpointing is set twice and disagrees: training.activation_checkpointing: false in the "
