@@ -224,7 +224,24 @@ def _setup(monkeypatch, env: dict, *overrides: str):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("WORLD_SIZE", raising=False)  # one process: no shim is installed
-    return distributed.setup(_recipe(*overrides))
+    # The recipe-by-config decisions every rank makes (setup's first step, and --validate's);
+    # on this GPU-less machine setup would then apply the CPU stand-in (tested below).
+    return distributed.resolve(_recipe(*overrides))
+
+
+def test_cpu_stand_in_runs_a_gpu_launch_in_fp32(monkeypatch):
+    from llama_recipes.runtime import distributed
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "False")  # a GPU config, as accelerate launch hands it over
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    r = distributed.setup(_recipe("model.dtype=bfloat16", "training.bf16=true"))
+    assert r.training.bf16 is False and r.training.fp16 is False and r.model.dtype == "float32"
+    assert os.environ["ACCELERATE_MIXED_PRECISION"] == "no"
+    # a CPU config (use_cpu: true) is not a stand-in: the recipe's precision stands
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    assert distributed.setup(_recipe("training.bf16=true")).training.bf16 is True
 
 
 def test_activation_checkpointing_from_one_place(monkeypatch):
