@@ -442,7 +442,12 @@ def _apply_chat_template_choice(recipe, tokenizer, sample=None):
     """Install data.chat_template on the tokenizer (so the saved artifact renders chats the same way) and check
     that assistant turns can be found in it (chat.py)."""
     chat.install_template(tokenizer, recipe.data.chat_template)
-    chat.check_template(tokenizer, only_assistant=not recipe.data.train_on_prompt, sample=sample)
+    try:
+        chat.check_template(tokenizer, only_assistant=not recipe.data.train_on_prompt, sample=sample)
+    except UserError as e:  # name the template: the recipe's, or the model's own
+        where = "data.chat_template" if recipe.data.chat_template else \
+            f"chat template of {recipe.model.tokenizer or recipe.model.name_or_path}"
+        raise type(e)(e.problem, e.fix, e.where or where) from None
 
 
 def _lengths(ds, tokenizer):

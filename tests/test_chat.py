@@ -197,7 +197,7 @@ def test_unsplittable_template_is_a_clear_error(template, expect, tmp_path):
     # through the data stage, before anything trains
     path = _write(tmp_path / "d" / "train.jsonl", [{"messages": NO_SYSTEM}])
     recipe = _recipe(tmp_path, {"path": path, "chat_template": template})
-    with pytest.raises(UserError, match=expect):
+    with pytest.raises(UserError, match="^data.chat_template: .*" + expect):
         data.prepare(recipe, tok, data.build_datasets(recipe.data))
     # training on the whole conversation needs no split
     recipe = _recipe(tmp_path, {"path": path, "chat_template": template, "train_on_prompt": True})
