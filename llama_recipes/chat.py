@@ -82,9 +82,10 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except TemplateError as e:  # raise_exception(...) in the template: roles it refuses, alternation
-        raise TemplateRefusal(f"the chat template refuses a conversation: {e} (roles: {[m['role'] for m in messages]})",
-                        "fix or remove those rows, or set "
-                        "data.chat_template to a template that accepts these roles") from None
+        roles = [m["role"] for m in messages]
+        raise TemplateRefusal(f"the chat template refuses a conversation: {e} (roles: {roles})",
+                              "fix or remove those rows, or set data.chat_template to a template that accepts "
+                              "these roles") from None
 
 
 def special_tokens(tokenizer) -> list[str]:
