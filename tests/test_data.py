@@ -118,14 +118,18 @@ def test_text_supervises_all_tokens_and_appends_eos(tmp_path):
     assert ex["input_ids"][-1] == tok.eos_token_id
 
 
-def test_chat_template_without_generation_markers_is_refused(tmp_path):
+def test_chat_template_without_generation_markers_trains_assistant_only(tmp_path):
+    # Masks come from the template itself (llama_recipes/chat.py, tests/test_chat.py): no markers needed.
     path = write_jsonl(tmp_path / "d" / "train.jsonl",
                        [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}])
     plain = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] + eos_token }}\n{% endfor %}"
-    recipe = recipe_for(tmp_path, {"path": path, "chat_template": plain})
-    with pytest.raises(UserError, match="generation"):
-        trainer_for(recipe)
-    # with train_on_prompt the same template is fine: everything is supervised, EOS included
+    trainer, tok, _ = trainer_for(recipe_for(tmp_path, {"path": path, "chat_template": plain}))
+    ex = trainer.train_dataset[0]
+    assert ex["input_ids"] == tok("user: hi" + EOS + "\nassistant: yo" + EOS + "\n", add_special_tokens=False)["input_ids"]
+    # no generation prompt in this template: the model writes "assistant: " itself, so it is supervised
+    assert [tok.decode(s) for s in spans(ex["input_ids"], ex["labels"])] == ["assistant: yo" + EOS]
+    assert trainer.args.assistant_only_loss is False  # TRL gets the mask with the tokens
+    # with train_on_prompt everything is supervised, EOS included
     trainer, tok, _ = trainer_for(recipe_for(tmp_path, {"path": path, "chat_template": plain,
                                                         "train_on_prompt": True}))
     ex = trainer.train_dataset[0]
