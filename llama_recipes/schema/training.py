@@ -84,6 +84,13 @@ class _TrainingBase(Section):
                              "number of epochs, or training.max_steps")
         return self
 
+    @model_validator(mode="after")
+    def _sampling(self):
+        if getattr(self, "train_sampling_strategy", "random") == "group_by_length" and getattr(self, "packing", False):
+            raise ValueError("training.train_sampling_strategy=group_by_length with training.packing: packed rows "
+                             "are all about max_length long, there is nothing to group; remove one of the two")
+        return self
+
     def sft_kwargs(self, mode: str = "python") -> dict[str, Any]:
         """Only the keys the recipe set, plus our defaults; TRL supplies the rest."""
         out = dict(OUR_DEFAULTS)
