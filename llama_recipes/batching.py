@@ -135,7 +135,7 @@ class PackedRowsMixin:
         if before is not None and model.training and "position_ids" in inputs and "attention_mask" not in inputs:
             from llama_recipes.runtime import collectives
 
-            local = packed_real_tokens(inputs, self.data_collator.pad_token_id)
+            local = packed_real_tokens(inputs, self.packed_pad_token_id)
             self._total_train_tokens = before + int(collectives.all_sum([float(local)])[0])
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         return out
@@ -156,3 +156,4 @@ def install_packed_collator(trainer) -> None:
     """
     old = trainer.data_collator
     trainer.data_collator = PackedRowCollator(old.pad_token_id, old.pad_to_multiple_of)
+    trainer.packed_pad_token_id = old.pad_token_id
