@@ -23,6 +23,8 @@ No torch at the top: this module is imported when a recipe is validated or estim
 """
 from __future__ import annotations
 
+from llama_recipes.runtime import collectives
+
 IGNORE_INDEX = -100
 
 
@@ -133,8 +135,6 @@ class PackedRowsMixin:
         before = getattr(self, "_total_train_tokens", None)
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if before is not None and model.training and "position_ids" in inputs and "attention_mask" not in inputs:
-            from llama_recipes.runtime import collectives
-
             local = packed_real_tokens(inputs, self.packed_pad_token_id)
             self._total_train_tokens = before + int(collectives.all_sum([float(local)])[0])
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]

@@ -27,10 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from llama_recipes import data, modeling
+from llama_recipes import data, measure, modeling
 from llama_recipes.errors import UserError
 from llama_recipes.log import get_logger, is_main_process
 from llama_recipes.paths import PREFIX
+from llama_recipes.runtime import collectives
 from llama_recipes.schema.model import ModelConfig
 
 log = get_logger(__name__)
@@ -123,8 +124,6 @@ def head_loss(model, logits, labels):
 
 def why_not_cached(model, lora, args) -> str:
     """'' when training on cached features computes what training the whole model computes; else why not."""
-    from llama_recipes.runtime import collectives
-
     if lora is not None:
         return "method.lora trains the base"
     head = model.head if isinstance(model, MLPHeadClassifier) else getattr(model, "score", None)
@@ -208,8 +207,6 @@ class CachedFeaturesMixin:
     _feature_rows = None
 
     def get_train_dataloader(self):
-        from llama_recipes import measure
-
         if self._feature_rows is None:
             log.info("method.cache_features: computing the frozen base's features of %d examples once",
                      len(self.train_dataset))
