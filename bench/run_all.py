@@ -26,6 +26,7 @@ BENCHES = {
     "peer": ("bench_peer.py", [], ["--steps", "4", "--warmup", "1", "--rounds", "3"]),
     "startup": ("bench_startup.py", [], ["--repeat", "1"]),
     "time_to_quality": ("bench_time_to_quality.py", [], ["--rows", "512"]),
+    "head_cache": ("bench_head_cache.py", [], ["--epochs", "2", "--rounds", "1"]),
 }
 
 
@@ -55,6 +56,12 @@ def table(r: dict) -> list[tuple[str, str, str]]:
                  ("time to quality: eval loss ours / TRL default / TRL packing",
                   " / ".join(fmt(t["sides"][s]["eval_loss"], 4) for s in ("ours", "trl_default", "trl_packing")),
                   "ours <= TRL")]
+    if "head_cache" in r:
+        h = r["head_cache"]
+        rows += [(f"head cache: {h['method']} {h['epochs']:g} epochs, uncached ÷ cached time", fmt(h["speedup_median"]),
+                  ""),
+                 ("head cache: final loss cached / uncached",
+                  f"{fmt(h['final_loss_cached'], 4)} / {fmt(h['final_loss_uncached'], 4)}", "equal")]
     if "memory" in r:
         m = r["memory"]
         rows += [("memory: LoRA ÷ full, RSS growth during training", fmt(m["lora_over_full_train_peak"]), ""),

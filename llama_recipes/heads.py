@@ -20,6 +20,7 @@ the same lifecycle as every method (pipeline.train; methods/heads.py says how).
 This module imports torch at the top: it is only imported after the recipe is validated.
 """
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,13 +206,16 @@ class CachedFeaturesMixin:
     """
 
     _feature_rows = None
+    feature_seconds = 0.0
 
     def get_train_dataloader(self):
         if self._feature_rows is None:
-            log.info("method.cache_features: computing the frozen base's features of %d examples once",
-                     len(self.train_dataset))
+            started = time.perf_counter()
             self._feature_rows = compute_features(self.model, self.train_dataset, self.data_collator,
                                                   self.args.per_device_eval_batch_size, measure.autocast(self.args))
+            self.feature_seconds = time.perf_counter() - started  # outside the Trainer's train_runtime
+            log.info("method.cache_features: the frozen base ran once over %d examples (%.1f s); the head trains "
+                     "on their features", len(self.train_dataset), self.feature_seconds)
         return self._get_dataloader(dataset=self._feature_rows, description="Training",
                                     batch_size=self._train_batch_size, sampler_fn=self._get_train_sampler,
                                     is_training=True)
