@@ -73,6 +73,7 @@ def test_group_by_length_resumed_mid_epoch_trains_the_same_batches(tmp_path):
 
 @pytest.mark.parametrize("section,expect", [
     ({"training": {"packing": True, "train_sampling_strategy": "group_by_length"}}, "nothing to group"),
+    ({"training": {"group_by_length": True}}, "train_sampling_strategy: group_by_length"),
     ({"method": {"name": "mlp_head", "lora": {"r": 4}, "cache_features": True},
       "data": {"path": "builtin:classify", "format": "classification"}}, "cache_features needs a frozen base"),
 ])
