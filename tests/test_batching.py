@@ -21,6 +21,11 @@ def test_packed_row_collator_layout():
     assert b["labels"].tolist() == [[-100, 6, -100, 8, 9], [-100, 2, 3, -100, -100]]
     assert "attention_mask" not in b  # transformers derives the block-diagonal mask from position_ids only then
     assert b["cu_seq_lens_q"].tolist() == [0, 2, 5, 8, 10] and b["max_length_q"] == 3
+    # what transformers' flash-attention path would derive from the flattened position ids itself
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    (cu, _), (longest, _) = prepare_fa_kwargs_from_position_ids(b["position_ids"].reshape(1, -1))
+    assert cu.tolist() == b["cu_seq_lens_q"].tolist() and int(longest) == b["max_length_q"]
     assert batching.packed_real_tokens(b, pad_token_id=0) == 8
     # pad_to_multiple_of widens every row; unpacked rows (eval) get the usual padded batch with a mask
     assert batching.PackedRowCollator(0, pad_to_multiple_of=4)(rows)["input_ids"].shape == (2, 8)
