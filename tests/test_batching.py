@@ -22,7 +22,9 @@ def test_packed_row_collator_layout():
     assert "attention_mask" not in b  # transformers derives the block-diagonal mask from position_ids only then
     assert b["cu_seq_lens_q"].tolist() == [0, 2, 5, 8, 10] and b["max_length_q"] == 3
     # what transformers' flash-attention path would derive from the flattened position ids itself
-    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+    from transformers.modeling_flash_attention_utils import (
+        prepare_fa_kwargs_from_position_ids,
+    )
 
     (cu, _), (longest, _) = prepare_fa_kwargs_from_position_ids(b["position_ids"].reshape(1, -1))
     assert cu.tolist() == b["cu_seq_lens_q"].tolist() and int(longest) == b["max_length_q"]
