@@ -529,13 +529,6 @@ def finish_report(recipe, trainer, stats: dict) -> dict:
     stats["padded_efficiency"] = round(padded_fraction(lengths, padded_batch), 4)
     if packing:
         max_length = t.max_length
-        if batch > 1 and recipe.model.attn_implementation in ("sdpa", "eager"):
-            # The collator flattens a batch's packed rows into one row; sdpa/eager then attend over
-            # (batch * max_length)^2 with a block-diagonal mask (~2.3x slower than padded here).
-            log.warning("data: packing with %s flattens the %d packed rows of a batch into one row: attention "
-                        "costs %dx more than needed; prefer per_device_train_batch_size: 1 with "
-                        "gradient_accumulation_steps (or flash_attention_2 on GPU)",
-                        recipe.model.attn_implementation, batch, batch)
         real = sum(sum(r) for r in ds["seq_lengths"])
         stats["packed_rows"] = len(ds)
         stats["packing_efficiency"] = round(real / (len(ds) * max_length), 4)

@@ -343,3 +343,18 @@ def test_bf16_fsdp2_reduces_in_fp32():
     distributed._reduce_in_fp32(plugin)
     policy = plugin.mixed_precision_policy
     assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_with_packed_rows_match_one_rank(tmp_path):
+    """Packed rows (batching.PackedRowCollator) under DDP: 2 ranks x 2 rows = 1 rank x 4 rows."""
+    packed = ("training.packing=true", "training.max_length=256")
+    ref = one_process(tmp_path / "one", *packed, "training.per_device_train_batch_size=4")
+    run = two_processes("cpu_ddp_2proc.yaml", tmp_path / "two", *packed, "training.per_device_train_batch_size=2")
+    assert_two_ranks(run, "MULTI_CPU")
+    assert_same_losses(run, ref)
+    # the logged token count is the real tokens of both ranks' rows; TRL's count (one row's width per
+    # rank and step) could not exceed 2 ranks x 4 steps x 256
+    tokens = [h["num_tokens"] for h in run.metrics["log_history"] if "num_tokens" in h]
+    assert tokens == [h["num_tokens"] for h in ref.metrics["log_history"] if "num_tokens" in h]
+    assert tokens[-1] > 2 * 4 * 256, tokens
