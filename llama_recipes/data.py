@@ -495,8 +495,7 @@ def _apply_chat_template_choice(recipe, tokenizer, sample=None):
     """Install data.chat_template on the tokenizer (so the saved artifact renders chats the same way) and check
     that assistant turns can be found in it (chat.py)."""
     template = recipe.data.chat_template
-    is_file = bool(template) and "{" not in template and "
-" not in template  # as the schema reads it
+    is_file = bool(template) and "{" not in template and "\n" not in template  # as the schema reads it
     if is_file:  # read here: UTF-8 (or UTF-16 with its BOM) and not empty, else a clear error naming the file
         tokenizer.chat_template = _template_file(Path(template))
     chat.install_template(tokenizer, None if is_file else template)
