@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from pydantic import ConfigDict, Field, create_model, model_validator
+from pydantic import ConfigDict, Field, create_model, field_validator, model_validator
 
 from llama_recipes.schema.base import Section
 
@@ -88,6 +88,13 @@ class _TrainingBase(Section):
                     and "bool" not in fields[k]["kinds"] and "str" in fields[k]["kinds"] else v
                     for k, v in data.items()}
         return data
+
+    @field_validator("pad_to_multiple_of", check_fields=False)
+    @classmethod
+    def _pad_multiple(cls, v):
+        if v is not None and v != "auto" and (isinstance(v, str) or v <= 0):
+            raise ValueError("must be a positive number of tokens, auto, or null")
+        return v
 
     @model_validator(mode="after")
     def _trains_something(self):
