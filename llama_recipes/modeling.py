@@ -3,7 +3,7 @@ from pathlib import Path
 
 from llama_recipes.errors import UserError
 from llama_recipes.log import get_logger
-from llama_recipes.paths import is_local, resolve
+from llama_recipes.paths import is_local, model_path, tokenizer_path
 from llama_recipes.runtime.hardware import limit_bnb_cpu_packing
 from llama_recipes.schema.model import ModelConfig
 
@@ -20,7 +20,7 @@ def _hub_hint(ref: str) -> str:
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    ref = resolve(cfg.tokenizer or cfg.name_or_path, "model")
+    ref = tokenizer_path(cfg)
     if ref.startswith((".", "/", "~")) and not Path(ref).expanduser().exists():
         raise UserError(f"model path {ref} does not exist",
                         "point model.name_or_path at a directory with config.json, tokenizer files and "
@@ -47,7 +47,11 @@ def load_model(cfg: ModelConfig, auto_class: str = "AutoModelForCausalLM", **kwa
     """Load the base model with the recipe's dtype and attention kernel."""
     import transformers
 
-    ref = resolve(cfg.name_or_path, "model")
+    ref = model_path(cfg)
+    if cfg.gguf_file and kwargs.get("quantization_config") is not None:
+        log.warning("quantizing the dequantized GGUF %s again for this method: its weights are rounded twice "
+                    "(GGUF, then bitsandbytes); compare with --eval-only --base, which loads it the same way",
+                    cfg.gguf_file)
     if cfg.trust_remote_code:
         log.warning("trust_remote_code is on: running Python code shipped with %s", ref)
     cls = getattr(transformers, auto_class)
