@@ -111,6 +111,15 @@ def test_missing_gguf_file_is_a_clear_error(tmp_path):
         paths.model_path(ModelConfig(name_or_path=str(tmp_path), gguf_file="nope.gguf"))
 
 
+def test_not_a_gguf_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv(builtin_models.CACHE_ENV, str(tmp_path / "cache"))
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file" * 100)
+    with pytest.raises(UserError, match="cannot read the GGUF file .*junk.gguf"):
+        paths.model_path(ModelConfig(name_or_path=str(tmp_path), gguf_file="junk.gguf"))
+    dest = builtin_models.converted_dir(tmp_path / "junk.gguf")
+    assert not dest.exists() and not list(dest.parent.glob(".*.tmp-*"))  # the failed temp dir is gone
+
+
 @pytest.mark.parametrize("section, message", [
     ({"name_or_path": "d", "gguf_file": "m.bin"}, "not a .gguf file"),
     ({"name_or_path": "d", "gguf_file": "sub/m.gguf"}, "give the file name"),
