@@ -143,8 +143,7 @@ def cpu_line() -> str:
     bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
     name = next((ln.split(":", 1)[1].strip() for ln in flags.splitlines() if ln.startswith("model name")),
                 platform.processor() or "?")
-    return (f"{name}, {torch.get_num_threads()} threads, torch CPU capability "
-            f"{torch.backends.cpu.get_cpu_capability()}{' (native bf16)' if bf16 else ''}")
+    return f"{name}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}{' (native bf16)' if bf16 else ''}"
 
 
 def main() -> int:
