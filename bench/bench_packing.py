@@ -1,14 +1,20 @@
-"""2. Packing: real-token fraction and tokens/s, padded batches versus TRL packing (bfd).
+"""2. Packing and length grouping: real-token fraction and tokens/s, side by side in one run.
 
 Same model, data (Alpaca-like lengths, see common.ALPACA_LENGTHS), batch size and max_length;
-only `training.packing` differs. Padded batches pad to the longest row of the batch (TRL's
-default collator). Packed batches are bfd-packed rows of up to max_length, which TRL runs
-padding-free (rows concatenated, position ids restart per sample): no pad is computed at all.
-`fill` = real tokens ÷ (batch × max_length): how full the packed rows are.
+only the batching differs:
+  padded   TRL's collator: each batch padded to its longest example (random order).
+  grouped  `training.train_sampling_strategy: group_by_length`: batches of similar lengths
+           (seeded per epoch, batching.SeededLengthGroupedSampler), padded to their longest.
+  packed   `training.packing: true`: bfd-packed rows of up to max_length kept as a [batch, width]
+           tensor, each sample attending only to itself (batching.PackedRowCollator).
+`real fraction` = real tokens ÷ positions computed (batch × width); `fill` = real tokens ÷
+(batch × max_length). Rounds alternate padded, grouped, packed; ratios are medians over rounds.
 """
 import argparse
 
 import common
+
+SIDES = {"padded": {}, "grouped": {"train_sampling_strategy": "group_by_length"}, "packed": {"packing": True}}
 
 
 def main(argv=None):
@@ -22,26 +28,33 @@ def main(argv=None):
     common.quiet()
     common.set_threads()
     work = common.make_workdir(n_rows=1024)
-    runs = {"padded": [], "packed": []}
+    runs = {side: [] for side in SIDES}
     for r in range(a.rounds):
-        for side in ("padded", "packed"):
+        for side, training in SIDES.items():
             m = common.Meter(warmup=a.warmup)
             rec = common.recipe_dict(work, work / f"out-{side}", "lora", steps=a.steps, batch=a.batch,
-                                     max_length=a.max_length, packing=side == "packed")
+                                     max_length=a.max_length, **training)
             common.run_pipeline(rec, m)
             res = m.result()
             res["fill"] = res["real_tokens"] / (res["timed_steps"] * a.batch * a.max_length)
             runs[side].append(res)
             print(f"[packing {side} round {r}] {res['tokens_per_s']:.0f} tok/s, real fraction "
                   f"{res['real_fraction']:.3f}, fill {res['fill']:.3f}", flush=True)
+
+    def speed(side):
+        return [x["tokens_per_s"] for x in runs[side]]
+
     out = {"steps": a.steps, "warmup": a.warmup, "batch": a.batch, "max_length": a.max_length,
-           "padded_real_fraction": runs["padded"][0]["real_fraction"],
-           "packed_real_fraction": runs["packed"][0]["real_fraction"],
-           "packed_fill": runs["packed"][0]["fill"],
-           "speedup_median": common.median_ratio([x["tokens_per_s"] for x in runs["packed"]],
-                                                 [x["tokens_per_s"] for x in runs["padded"]]),
-           "padded_tokens_per_s": [round(x["tokens_per_s"], 1) for x in runs["padded"]],
-           "packed_tokens_per_s": [round(x["tokens_per_s"], 1) for x in runs["packed"]]}
+           **{f"{side}_real_fraction": round(runs[side][0]["real_fraction"], 4) for side in SIDES},
+           "packed_fill": round(runs["packed"][0]["fill"], 4),
+           "speedup_median": common.median_ratio(speed("packed"), speed("padded")),
+           "grouped_speedup_median": common.median_ratio(speed("grouped"), speed("padded")),
+           **{f"{side}_tokens_per_s": [round(x, 1) for x in speed(side)] for side in SIDES}}
+    print(f"\n| batching | tokens/s (median of {a.rounds}) | ÷ padded | real-token fraction |\n|---|---|---|---|")
+    for side in SIDES:
+        ratio = common.median_ratio(speed(side), speed("padded"))
+        print(f"| {side} | {sorted(speed(side))[len(speed(side)) // 2]:.0f} | {ratio:.2f} | "
+              f"{out[side + '_real_fraction']:.3f} |")
     return common.save("packing", out)
 
 

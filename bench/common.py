@@ -135,11 +135,15 @@ def recipe_dict(work: Path, out: Path, method: str = "lora", steps: int = 8, bat
     }
 
 
-def real_tokens(batch: dict) -> int:
-    """Non-pad tokens in a collated batch (padding-free batches carry no pad at all)."""
+def real_tokens(batch: dict, pad_token_id: int | None = None) -> int:
+    """Non-pad tokens in a collated batch: padded (attention mask), our packed rows (pad tails), TRL padding-free."""
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
-    return int(batch["input_ids"].numel())
+    if "position_ids" in batch and batch["input_ids"].shape[0] > 1 and pad_token_id is not None:
+        from llama_recipes.batching import packed_real_tokens
+
+        return packed_real_tokens(batch, pad_token_id)
+    return int(batch["input_ids"].numel())  # one padding-free row: no pad (unless pad_to_multiple_of)
 
 
 class Meter:
@@ -157,10 +161,11 @@ class Meter:
         from transformers import TrainerCallback
 
         meter, collate = self, trainer.data_collator
+        pad_id = getattr(collate, "pad_token_id", None)
 
         def counting(features):
             batch = collate(features)
-            meter.tokens.append(real_tokens(batch))
+            meter.tokens.append(real_tokens(batch, pad_id))
             meter.positions.append(int(batch["input_ids"].numel()))
             if len(meter.batches) < meter.keep:
                 meter.batches.append({k: v.clone() for k, v in batch.items() if hasattr(v, "clone")})

@@ -21,13 +21,14 @@ def to_prompt_completion(row):
     return {"prompt": template.format(**row), "completion": row["output"]}
 
 
-def build_trainer(model_dir, data_file, out_dir, max_steps=8, peft_config=None, **overrides):
+def build_trainer(model_dir, data_file, out_dir, max_steps=8, peft_config=None, batch=8, max_length=256,
+                  **overrides):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     dataset = load_dataset("json", data_files=data_file, split="train")
     dataset = dataset.map(to_prompt_completion, remove_columns=dataset.column_names)
-    args = SFTConfig(output_dir=out_dir, max_steps=max_steps, per_device_train_batch_size=8, learning_rate=1e-3,
-                     max_length=256, bf16=False, gradient_checkpointing=False, logging_steps=1,
+    args = SFTConfig(output_dir=out_dir, max_steps=max_steps, per_device_train_batch_size=batch, learning_rate=1e-3,
+                     max_length=max_length, bf16=False, gradient_checkpointing=False, logging_steps=1,
                      save_strategy="no", report_to=[], seed=42, dataloader_drop_last=True, **overrides)
     return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                       peft_config=peft_config)

@@ -264,6 +264,21 @@ def save_artifact(trainer, tokenizer, out: Path) -> None:
         # The Trainer also pickles its arguments; the artifact is safetensors + JSON only
         # (recipe.yaml already records every setting).
         (out / "training_args.bin").unlink(missing_ok=True)
+        _check_not_empty(out)
+
+
+def _check_not_empty(out: Path) -> None:
+    """An artifact whose weights file holds no tensor is a failed save, not a result.
+
+    (A wrapper that hides module names from PEFT once wrote a 40-byte adapter and exited 0.)
+    """
+    from safetensors import safe_open
+
+    for f in sorted(out.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            if not list(sf.keys()):
+                raise RuntimeError(f"{f} holds no tensors: the save lost the trained weights "
+                                   "(the checkpoints in the output directory still hold them)")
 
 
 # -- reading --------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The command line: one parser, one subcommand per task.
 
-    llama-recipes run RECIPE [overrides] [--overwrite] [--validate]     train
+    llama-recipes run RECIPE [overrides] [--overwrite] [--validate [--config CONFIG]]   train
     llama-recipes eval RECIPE [overrides] [--checkpoint DIR | --base]   = run_recipe.py --eval-only
     llama-recipes estimate RECIPE [--gpus N --gpu-memory 80GB ...]      = run_recipe.py --estimate-memory
     llama-recipes dry-run RECIPE [overrides]                            = run_recipe.py --dry-run
@@ -18,6 +18,7 @@ import sys
 
 from llama_recipes import __version__
 from llama_recipes.errors import UserError
+from llama_recipes.log import is_main_process
 
 OVERRIDES_HELP = "Overrides use dotted keys: training.learning_rate=1e-4 method.r=16 data.max_samples=100"
 
@@ -31,7 +32,14 @@ def _add_recipe(p) -> None:
 
 def _add_train(p) -> None:
     p.add_argument("--overwrite", action="store_true", help="write into an output_dir that holds another run")
-    p.add_argument("--validate", action="store_true", help="only validate the recipe and print it resolved")
+    p.add_argument("--validate", action="store_true",
+                   help="only validate the recipe and print it resolved; with --config, every launch-time check "
+                        "of the pair and the resolved settings")
+
+
+def _add_config(p) -> None:
+    p.add_argument("--config", metavar="FILE",
+                   help="the accelerate config the run will be launched with (read by --validate and --estimate-memory)")
 
 
 def _add_debug(p) -> None:
@@ -46,7 +54,6 @@ def _add_eval_target(p, when: str = "") -> None:
 def _add_estimate(p) -> None:
     p.add_argument("--gpus", type=int, metavar="N", help="number of GPUs to estimate for (default: from --config or 1)")
     p.add_argument("--gpu-memory", metavar="SIZE", help="memory per GPU, e.g. 80GB or 24GiB")
-    p.add_argument("--config", metavar="FILE", help="accelerate config the run will use (sharding, precision)")
     p.add_argument("--compare", action="store_true", help="estimate every method side by side")
 
 
@@ -72,6 +79,7 @@ def build_parser(prog: str = "run_recipe.py") -> argparse.ArgumentParser:
                                 epilog=OVERRIDES_HELP)
     _add_recipe(p)
     _add_train(p)
+    _add_config(p)
     _add_debug(p)
     ev = p.add_argument_group("evaluation (--eval-only)")
     ev.add_argument("--eval-only", action="store_true", help="evaluate the recipe's artifact instead of training")
@@ -86,11 +94,11 @@ def build_parser(prog: str = "run_recipe.py") -> argparse.ArgumentParser:
 
 # name: (one-line help, the arguments it takes)
 COMMANDS = {
-    "run": ("train a model from a recipe", (_add_recipe, _add_train, _add_debug)),
+    "run": ("train a model from a recipe", (_add_recipe, _add_train, _add_config, _add_debug)),
     "eval": ("evaluate the recipe's artifact, another artifact (--checkpoint) or the base model (--base)",
              (_add_recipe, _add_eval_target, _add_debug)),
     "estimate": ("per-device memory estimate and a fits/does-not-fit verdict (reads only the model config)",
-                 (_add_recipe, _add_estimate, _add_debug)),
+                 (_add_recipe, _add_estimate, _add_config, _add_debug)),
     "dry-run": ("train a few steps, save, reload and eval in a scratch directory; PASS/FAIL per stage",
                 (_add_recipe, _add_debug)),
     "export": ("merge a LoRA/DoRA/QLoRA/IA3 adapter into its base model", (_add_export,)),
@@ -134,15 +142,25 @@ def _recipe_command(args, command: str | None) -> int:
     from llama_recipes.schema import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    if getattr(args, "validate", False):
+    validate = getattr(args, "validate", False)
+    if validate and getattr(args, "config", None):
+        from llama_recipes import launchcheck
+
+        return launchcheck.main(recipe, args)
+    if validate:
         import yaml
 
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
         return 0
     command = command or _command_from_flags(args)
+    if getattr(args, "config", None) and command != "estimate":
+        raise UserError("--config is read by --validate and --estimate-memory only",
+                        f"to train under it: accelerate launch --config_file {args.config} run_recipe.py {args.recipe}")
     if command == "estimate":
-        from llama_recipes import memory
+        from llama_recipes import launchcheck, memory
 
+        if args.config:  # the pair's conflicts are errors here too, as under --validate and at launch
+            launchcheck.check(recipe, args.config, args.recipe)
         return memory.main(recipe, args)
     if command == "dry-run":
         from llama_recipes import dryrun
@@ -193,7 +211,10 @@ def _guarded(command, args) -> int:
         if getattr(args, "debug", False):
             raise
         code = getattr(e, "exit_code", 2)
-        print(f"{'error: ' if code else ''}{e}", file=sys.stderr)
+        # Under a launcher every rank validates the same recipe and meets the same error: rank 0
+        # says it, every rank exits with the code (the launcher then stops the others).
+        if is_main_process():
+            print(f"{'error: ' if code else ''}{e}", file=sys.stderr)
         return code
 
 

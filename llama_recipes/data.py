@@ -4,14 +4,16 @@
     naming file, row and column, or skip and count) -> render -> split eval -> count lengths
 
 Rendered shapes: prompt/completion (alpaca, prompt_completion, summarization: TRL supervises the
-completion only), `messages` (chat: TRL supervises assistant turns through the template's
-{% generation %} markers), `text` (plain LM), text + ClassLabel `label` (classification, for
-head methods). TRL appends EOS to text and completions; for chat the template supplies it.
+completion only), `messages` (chat: tokenized here by chat.py into input_ids + assistant_masks
+derived from the template, which TRL turns into labels), `text` (plain LM), text + ClassLabel
+`label` (classification, for head methods). TRL appends EOS to text and completions; for chat
+the template supplies it.
 Every `map`/`filter` here goes through `datasets`, so a second run loads it from the cache.
 """
 import bisect
 from pathlib import Path
 
+from llama_recipes import chat
 from llama_recipes.errors import UserError
 from llama_recipes.log import get_logger
 from llama_recipes.paths import resolve
@@ -193,6 +195,9 @@ def _row_problem(row: dict, fmt: str, label_ids: dict | None) -> str:
                     return f"column `messages`: message {j} has unknown role {m.get('role')!r} (known: {sorted(ROLES)})"
             if not any(m["role"] == "assistant" and m["content"].strip() for m in value):
                 return "column `messages`: no non-empty assistant message to learn from"
+            order = chat.role_problem(value)
+            if order:
+                return f"column `messages`: {order}"
         elif value is None:
             if col in required:
                 return f"column `{col}`: missing value"
@@ -423,50 +428,26 @@ def sft_overrides(recipe, train_ds) -> dict:
     if family == "classification":
         raise UserError("classification data (text + label) cannot train a causal LM with SFTTrainer",
                         "use a classification-head method, or format: text for plain language modelling")
+    # Chat rows reach TRL tokenized, with assistant_masks (data.prepare): TRL's own assistant_only_loss would
+    # need {% generation %} markers in the template.
     out = {"dataset_text_field": "text",
            "completion_only_loss": family == "prompt_completion" and not recipe.data.train_on_prompt,
-           "assistant_only_loss": family == "chat" and not recipe.data.train_on_prompt}
+           "assistant_only_loss": False}
     if getattr(recipe.training, "packing", False) and "eval_packing" not in recipe.training.model_fields_set:
         out["eval_packing"] = False  # eval loss per example, comparable across runs with and without packing
     return out
 
 
-def _apply_chat_template_choice(recipe, tokenizer):
-    """Install data.chat_template on the tokenizer (so the saved artifact renders chats the same way)."""
-    template = recipe.data.chat_template
-    if template:
-        path = Path(template)
-        tokenizer.chat_template = path.read_text() if len(template) < 500 and path.is_file() else template
-    if not tokenizer.chat_template:
-        raise UserError("chat data needs a chat template, and the tokenizer has none",
-                        "set data.chat_template (inline Jinja or a .jinja file)")
-    if recipe.data.train_on_prompt:
-        return
-    from trl.chat_template_utils import (
-        has_generation_markers,
-        is_chat_template_stop_token_trained,
-    )
-
-    if not has_generation_markers(tokenizer.chat_template):
-        # TRL knows patched templates for a few model families; anything else we refuse rather than guess.
-        from trl.chat_template_utils import get_training_chat_template
-
-        try:
-            patched = get_training_chat_template(tokenizer)
-        except Exception:  # noqa: BLE001 - TRL raises for templates it does not know
-            patched = None
-        if patched is None:
-            raise UserError("assistant-only loss needs {% generation %} markers in the chat template, and this "
-                            "tokenizer's template has none (and TRL has no training variant of it)",
-                            "set data.chat_template to a copy of the template with assistant content wrapped in "
-                            "{% generation %}...{% endgeneration %}, or data.train_on_prompt: true")
-        # Installed on the tokenizer (not only used by TRL for tokenizing), so our length count and the saved
-        # artifact render chats exactly as training did; TRL's training variants are prefix-preserving.
-        tokenizer.chat_template = patched
-        log.info("data: chat template has no generation markers; using TRL's training variant of it")
-    if not is_chat_template_stop_token_trained(tokenizer):
-        raise UserError("the chat template leaves the end-of-turn token outside {% generation %}: the model "
-                        "would never learn to stop", "move the EOS/end-of-turn token inside the generation block")
+def _apply_chat_template_choice(recipe, tokenizer, sample=None):
+    """Install data.chat_template on the tokenizer (so the saved artifact renders chats the same way) and check
+    that assistant turns can be found in it (chat.py)."""
+    chat.install_template(tokenizer, recipe.data.chat_template)
+    try:
+        chat.check_template(tokenizer, only_assistant=not recipe.data.train_on_prompt, sample=sample)
+    except UserError as e:  # name the template: the recipe's, or the model's own
+        where = "data.chat_template" if recipe.data.chat_template else \
+            f"chat template of {recipe.model.tokenizer or recipe.model.name_or_path}"
+        raise type(e)(e.problem, e.fix, e.where or where) from None
 
 
 def _lengths(ds, tokenizer):
@@ -476,9 +457,10 @@ def _lengths(ds, tokenizer):
     eos = tokenizer.eos_token
     family = _family(ds.column_names)
 
+    if family == "chat":  # tokenized by prepare (chat.tokenize_dataset)
+        return [len(ids) for ids in ds["input_ids"]]
+
     def count(row):
-        if family == "chat":
-            return {"n": len(_tokenize(tokenizer, row["messages"])["input_ids"])}
         text = row["prompt"] + row["completion"] if family == "prompt_completion" else row["text"]
         return {"n": len(_tokenize(tokenizer, text if text.endswith(eos) else text + eos)["input_ids"])}
 
@@ -493,7 +475,10 @@ def prepare(recipe, tokenizer, built):
     if family == "classification":
         return train, eval_ds, stats
     if family == "chat":
-        _apply_chat_template_choice(recipe, tokenizer)
+        _apply_chat_template_choice(recipe, tokenizer, sample=train[0]["messages"] if len(train) else None)
+        only_assistant = not recipe.data.train_on_prompt
+        train = chat.tokenize_dataset(train, tokenizer, only_assistant)
+        eval_ds = chat.tokenize_dataset(eval_ds, tokenizer, only_assistant) if eval_ds is not None else None
     max_length = getattr(recipe.training, "max_length", None)
     for name, ds in (("train", train), ("eval", eval_ds)):
         if ds is None:
@@ -544,13 +529,6 @@ def finish_report(recipe, trainer, stats: dict) -> dict:
     stats["padded_efficiency"] = round(padded_fraction(lengths, padded_batch), 4)
     if packing:
         max_length = t.max_length
-        if batch > 1 and recipe.model.attn_implementation in ("sdpa", "eager"):
-            # The collator flattens a batch's packed rows into one row; sdpa/eager then attend over
-            # (batch * max_length)^2 with a block-diagonal mask (~2.3x slower than padded here).
-            log.warning("data: packing with %s flattens the %d packed rows of a batch into one row: attention "
-                        "costs %dx more than needed; prefer per_device_train_batch_size: 1 with "
-                        "gradient_accumulation_steps (or flash_attention_2 on GPU)",
-                        recipe.model.attn_implementation, batch, batch)
         real = sum(sum(r) for r in ds["seq_lengths"])
         stats["packed_rows"] = len(ds)
         stats["packing_efficiency"] = round(real / (len(ds) * max_length), 4)

@@ -185,6 +185,9 @@ def run(recipe) -> Report:
         if not weights:
             return report
 
+        # Reload as trained: the recipe after the launch config's decisions (precision, the CPU
+        # stand-in's fp32), not as written.
+        dry = result.recipe
         batch = _probe_batch(result)
         trained = _logits(result.model, batch)
         try:

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from llama_recipes import artifacts, data, modeling
+from llama_recipes import artifacts, chat, data, modeling
 from llama_recipes.errors import UserError
 
 # The measurements themselves live in measure.py (training uses them too); re-exported here
@@ -134,6 +134,8 @@ def evaluate_target(recipe, target: Target) -> tuple[dict, list[dict]]:
 
     t = time.time()
     tokenizer, model = load_for_eval(recipe, target)
+    if "messages" in eval_raw.column_names:  # the template training used (a --base tokenizer lacks it)
+        chat.install_template(tokenizer, recipe.data.chat_template)
     if not getattr(model, "is_quantized", False) and not getattr(model, "hf_device_map", None):
         model.to(device)
     seconds["load"] = time.time() - t
@@ -162,11 +164,11 @@ def _evaluate_loaded(recipe, target, cfg, eval_raw, fmt, tokenizer, model, colla
     predictions: list[dict] = []
     pairs = generation_pairs(eval_raw, tokenizer) if cfg.generate and cfg.metrics else None
     if pairs:
-        prompts, refs, special = pairs
+        prompts, refs, special, stop = pairs
         t = time.time()
         mine = list(range(rank, len(prompts), world))
         preds = generate(model, tokenizer, [prompts[i] for i in mine], cfg.max_new_tokens, cfg.batch_size,
-                         add_special_tokens=special, progress=True)
+                         add_special_tokens=special, progress=True, stop_ids=stop)
         gathered = dict(kv for part in collectives.all_gather_object(list(zip(mine, preds))) for kv in part)
         preds = [gathered[i] for i in range(len(prompts))]
         seconds["generate"] = time.time() - t

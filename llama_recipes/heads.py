@@ -20,6 +20,7 @@ the same lifecycle as every method (pipeline.train; methods/heads.py says how).
 This module imports torch at the top: it is only imported after the recipe is validated.
 """
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from llama_recipes import data, modeling
+from llama_recipes import data, measure, modeling
 from llama_recipes.errors import UserError
 from llama_recipes.log import get_logger, is_main_process
 from llama_recipes.paths import PREFIX
+from llama_recipes.runtime import collectives
 from llama_recipes.schema.model import ModelConfig
 
 log = get_logger(__name__)
@@ -79,14 +81,155 @@ class MLPHeadClassifier(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
         from transformers.modeling_outputs import SequenceClassifierOutput
 
-        out = self.base(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=self.layer != -1)
-        hidden = out.last_hidden_state if self.layer == -1 else out.hidden_states[self.layer]
-        logits = self.head(pool(hidden, attention_mask, self.pooling).float())
-        loss = nn.functional.cross_entropy(logits, labels.to(logits.device)) if labels is not None else None
+        logits = head_logits(self, pooled_features(self, input_ids, attention_mask))
+        loss = head_loss(self, logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
     def activation_checkpointing_enable(self, **kwargs):  # the Trainer calls this when asked to checkpoint
         self.base.activation_checkpointing_enable(**kwargs)
+
+
+# -- a head = features of the base (pooled) -> head layers --------------------------------------
+# The two halves of both heads' forward, so that training on cached features computes exactly what
+# the full forward computes.
+
+def pooled_features(model, input_ids, attention_mask):
+    """(batch, hidden) in the base's output dtype: what the head layers read."""
+    if isinstance(model, MLPHeadClassifier):
+        out = model.base(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=model.layer != -1)
+        hidden = out.last_hidden_state if model.layer == -1 else out.hidden_states[model.layer]
+        return pool(hidden, attention_mask, model.pooling)
+    # AutoModelForSequenceClassification (transformers 5.24 GenericForSequenceClassification.forward):
+    # `score` on the rightmost token that is not the pad token (by id, not by the attention mask).
+    hidden = getattr(model, model.base_model_prefix)(input_ids, attention_mask=attention_mask).last_hidden_state
+    pad = model.config.get_text_config().pad_token_id
+    non_pad = (input_ids != pad).to(hidden.device, torch.int32)
+    last = (torch.arange(input_ids.shape[-1], device=hidden.device, dtype=torch.int32) * non_pad).argmax(-1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def head_logits(model, features):
+    """Logits (fp32) of the head layers on pooled features."""
+    if isinstance(model, MLPHeadClassifier):
+        return model.head(features.float())
+    return model.score(features)  # a pre-hook casts the input to the fp32 head's dtype
+
+
+def head_loss(model, logits, labels):
+    if isinstance(model, MLPHeadClassifier):
+        return nn.functional.cross_entropy(logits, labels.to(logits.device))
+    return model.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=model.config)
+
+
+# -- frozen base: compute the features once ------------------------------------------------------
+
+def why_not_cached(model, lora, args) -> str:
+    """'' when training on cached features computes what training the whole model computes; else why not."""
+    if lora is not None:
+        return "method.lora trains the base"
+    head = model.head if isinstance(model, MLPHeadClassifier) else getattr(model, "score", None)
+    if head is None:
+        return "unknown head"
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    if trainable - {id(p) for p in head.parameters()}:
+        return "parameters of the base train"
+    base = model.base if isinstance(model, MLPHeadClassifier) else getattr(model, model.base_model_prefix)
+    # The Trainer runs the whole model in train mode; the cached features come from eval mode. The
+    # two agree only when the base has no active dropout.
+    dropouts = [f"{name}={v}" for name, v in vars(base.config.get_text_config()).items()
+                if "dropout" in name and isinstance(v, float) and v > 0]
+    dropouts += [n for n, m in base.named_modules() if isinstance(m, nn.Dropout) and m.p > 0][:1]
+    if dropouts:
+        return f"the base has dropout ({dropouts[0]}): its features differ from step to step"
+    if collectives.rank_world()[1] > 1:
+        return "several processes (the head would train outside the DDP/FSDP-wrapped forward)"
+    if args.train_sampling_strategy not in ("random", "sequential"):
+        return f"training.train_sampling_strategy={args.train_sampling_strategy}"
+    return ""
+
+
+class FeatureRows:
+    """Cached pooled features and labels, one row per training example, in the dataset's order."""
+
+    def __init__(self, features, labels):
+        self.features, self.labels = features, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"features": self.features[i], "labels": self.labels[i]}
+
+
+def compute_features(model, dataset, collator, batch_size: int, autocast) -> FeatureRows:
+    """Pooled features of every row of a tokenized dataset, base in eval mode, no grad, once."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    lengths = [len(x) for x in dataset["input_ids"]]
+    order = sorted(range(len(dataset)), key=lambda i: -lengths[i])  # longest first: less padding
+    features = [None] * len(dataset)
+    try:
+        with torch.no_grad(), autocast:
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                batch = collator([dataset[i] for i in idx])
+                pooled = pooled_features(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+                for i, f in zip(idx, pooled.cpu()):
+                    features[i] = f
+    finally:
+        model.train(was_training)
+    return FeatureRows(torch.stack(features), torch.as_tensor(dataset["label"]))
+
+
+class HeadCollator:
+    """Tokenized rows -> a padded batch (transformers' DataCollatorWithPadding); cached feature rows -> stacked."""
+
+    def __init__(self, tokenizer):
+        from transformers import DataCollatorWithPadding
+
+        self.pad = DataCollatorWithPadding(tokenizer)
+
+    def __call__(self, rows):
+        if "features" in rows[0]:
+            return {"features": torch.stack([r["features"] for r in rows]),
+                    "labels": torch.as_tensor([int(r["labels"]) for r in rows])}
+        return self.pad(rows)
+
+
+class CachedFeaturesMixin:
+    """Mixed into the head's Trainer when the base is frozen: the base runs once, the head trains on its output.
+
+    The features are computed when training starts (the first `get_train_dataloader`) and kept in
+    memory for the run. Steps see the rows in the same order as without the cache (same length,
+    same sampler), and the head computes exactly what the full forward computes after the base.
+    """
+
+    _feature_rows = None
+    feature_seconds = 0.0
+
+    def get_train_dataloader(self):
+        if self._feature_rows is None:
+            started = time.perf_counter()
+            self._feature_rows = compute_features(self.model, self.train_dataset, self.data_collator,
+                                                  self.args.per_device_eval_batch_size, measure.autocast(self.args))
+            self.feature_seconds = time.perf_counter() - started  # outside the Trainer's train_runtime
+            log.info("method.cache_features: the frozen base ran once over %d examples (%.1f s); the head trains "
+                     "on their features", len(self.train_dataset), self.feature_seconds)
+        return self._get_dataloader(dataset=self._feature_rows, description="Training",
+                                    batch_size=self._train_batch_size, sampler_fn=self._get_train_sampler,
+                                    is_training=True)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "features" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        m = self.accelerator.unwrap_model(model)
+        logits = head_logits(m, inputs["features"])
+        loss = head_loss(m, logits, inputs["labels"])
+        return (loss, SequenceClassifierOutput(loss=loss, logits=logits)) if return_outputs else loss
 
 
 # -- building the model ------------------------------------------------------------------------

@@ -8,9 +8,10 @@ import hashlib
 import json
 import math
 
+from llama_recipes import chat
 from llama_recipes.log import is_main_process
 from llama_recipes.metrics import generation_scores
-from llama_recipes.runtime import collectives
+from llama_recipes.runtime import collectives, distributed
 from llama_recipes.schema.training import sft_fields
 
 
@@ -97,8 +98,9 @@ def eval_loss(model, dataset, collator, batch_size: int = 16, shard: bool = Fals
 
 # -- generation --------------------------------------------------------------------------------
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16,
-             add_special_tokens: bool = True, progress: bool = False) -> list[str]:
-    """Greedy, batched, left-padded generation that stops at EOS; returns only the new text.
+             add_special_tokens: bool = True, progress: bool = False, stop_ids: list[int] | None = None) -> list[str]:
+    """Greedy, batched, left-padded generation that stops at EOS (or any of `stop_ids`: a chat template's
+    end-of-turn token); returns only the new text.
 
     Prompts are batched by length (less padding) and returned in the input order.
     """
@@ -112,14 +114,14 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, bat
     outputs: dict[int, str] = {}
     starts = range(0, len(order), batch_size)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), distributed.full_params_for_generate(model):
             for start in _progress(starts, len(starts), "generate", progress):
                 idx = order[start:start + batch_size]
                 enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
                                 add_special_tokens=add_special_tokens).to(device)
                 out = model.generate(
                     **enc, max_new_tokens=max_new_tokens, do_sample=False,
-                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=stop_ids or tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                 )
                 new = out[:, enc["input_ids"].shape[1]:]
                 outputs.update(zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)))
@@ -129,14 +131,18 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, bat
 
 
 def evaluate_lm(model, tokenizer, tokenized_eval, raw_eval, collator, cfg) -> dict:
-    """Before/after numbers of a training run: loss/perplexity on TRL's tokenized eval set and,
-    for prompt/completion data, the recipe's generation metrics."""
+    """Before/after numbers of a training run: loss/perplexity on TRL's tokenized eval set and, for
+    prompt/completion data and chats ending in an assistant turn, the recipe's generation metrics
+    (generated as --eval-only does: generation_pairs)."""
     n = min(len(tokenized_eval), cfg.limit or len(tokenized_eval))
     result = eval_loss(model, tokenized_eval.select(range(n)), collator, cfg.batch_size)
-    if cfg.generate and cfg.metrics and raw_eval is not None and "prompt" in raw_eval.column_names:
-        rows = raw_eval.select(range(min(n, len(raw_eval))))
-        preds = generate(model, tokenizer, rows["prompt"], cfg.max_new_tokens, cfg.batch_size)
-        result.update(generation_scores(preds, rows["completion"], cfg.metrics))
+    pairs = generation_pairs(raw_eval.select(range(min(n, len(raw_eval)))), tokenizer) \
+        if cfg.generate and cfg.metrics and raw_eval is not None else None
+    if pairs:
+        prompts, refs, special, stop = pairs
+        preds = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, add_special_tokens=special,
+                         stop_ids=stop)
+        result.update(generation_scores(preds, refs, cfg.metrics))
         result["examples"] = len(preds)
     return result
 
@@ -151,14 +157,15 @@ def tokenize_like_trl(ds, tokenizer, recipe):
     """input_ids + labels per row, as TRL 1.16's SFTTrainer prepares them (no packing).
 
     prompt/completion: EOS appended to the completion, loss only on completion tokens unless
-    training.completion_only_loss is false; text: EOS appended, loss on every token; chat: the
-    chat template, loss on assistant tokens when training.assistant_only_loss. Truncated to
-    training.max_length (keep_start); rows left without a supervised token are dropped.
+    data.train_on_prompt; text: EOS appended, loss on every token; chat: chat.tokenize, as
+    data.prepare hands it to TRL (loss on assistant turns through their end-of-turn token unless
+    data.train_on_prompt). Truncated to training.max_length (training.truncation_mode); rows left
+    without a supervised token are dropped.
     """
     eos = tokenizer.eos_token
-    only_completion = _training_setting(recipe, "completion_only_loss")
-    only_assistant = bool(_training_setting(recipe, "assistant_only_loss"))
+    only_prompted = not recipe.data.train_on_prompt  # data.sft_overrides: the one switch for both families
     max_length = _training_setting(recipe, "max_length")
+    keep_end = _training_setting(recipe, "truncation_mode") == "keep_end"
     text_field = _training_setting(recipe, "dataset_text_field") or "text"
 
     def one(ex):
@@ -169,41 +176,41 @@ def tokenize_like_trl(ds, tokenizer, recipe):
             k = 0
             while k < min(len(prompt_ids), len(ids)) and prompt_ids[k] == ids[k]:
                 k += 1
-            mask = [i >= k for i in range(len(ids))] if only_completion is not False else [True] * len(ids)
+            mask = [i >= k for i in range(len(ids))] if only_prompted else [True] * len(ids)
         elif "messages" in ex:
-            out = tokenizer.apply_chat_template(ex["messages"], tokenize=True, return_dict=True,
-                                                return_assistant_tokens_mask=only_assistant)
-            ids = list(out["input_ids"])
-            mask = [bool(b) for b in out["assistant_masks"]] if only_assistant else [True] * len(ids)
+            out = chat.tokenize(tokenizer, ex["messages"], only_assistant=only_prompted)
+            ids, mask = out["input_ids"], [bool(b) for b in out["assistant_masks"]]
         else:
             text = ex[text_field] if ex[text_field].endswith(eos) else ex[text_field] + eos
             ids = tokenizer(text=text)["input_ids"]
             mask = [True] * len(ids)
         labels = [t if m else -100 for t, m in zip(ids, mask)]
         if max_length is not None:
-            ids, labels = ids[:max_length], labels[:max_length]
+            cut = slice(-max_length, None) if keep_end else slice(None, max_length)
+            ids, labels = ids[cut], labels[cut]
         return {"input_ids": ids, "labels": labels}
 
     ds = ds.map(one, remove_columns=ds.column_names)
     return ds.filter(lambda ex: any(x != -100 for x in ex["labels"]))
 
 
-def generation_pairs(raw, tokenizer) -> tuple[list[str], list[str], bool] | None:
-    """(prompts, references, add_special_tokens) for generation, or None if the data has no answers.
+def generation_pairs(raw, tokenizer) -> tuple[list[str], list[str], bool, list[int] | None] | None:
+    """(prompts, references, add_special_tokens, stop ids) for generation, or None if the data has no answers.
 
-    prompt/completion rows: the prompt as trained on. Chat rows ending in an assistant turn: the
-    conversation before it rendered with the generation prompt (the template adds BOS itself).
+    prompt/completion rows: the prompt as trained on, stopping at EOS. Chat rows ending in an assistant
+    turn: the conversation before it rendered with the model's generation prompt (the template adds BOS
+    itself), stopping at the template's end-of-turn token (the one training supervises) or EOS.
     """
     cols = raw.column_names
     if "prompt" in cols and "completion" in cols:
-        return list(raw["prompt"]), list(raw["completion"]), True
+        return list(raw["prompt"]), list(raw["completion"]), True, None
     if "messages" in cols and getattr(tokenizer, "chat_template", None):
         prompts, refs = [], []
         for msgs in raw["messages"]:
             if msgs and msgs[-1]["role"] == "assistant":
                 prompts.append(tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True))
                 refs.append(msgs[-1]["content"])
-        return (prompts, refs, False) if prompts else None
+        return (prompts, refs, False, chat.stop_token_ids(tokenizer, raw[0]["messages"])) if prompts else None
     return None
 
 

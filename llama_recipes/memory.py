@@ -73,6 +73,8 @@ class ModelShape:
     head_dim: int
     vocab: int
     dtype: str  # the checkpoint's dtype (what dtype: auto loads)
+    module_classes: set[str] = field(default_factory=set)  # class names of every module (FSDP wrap checks)
+    no_split: list[str] = field(default_factory=list)  # the model's _no_split_modules (FSDP's layer class)
 
     @property
     def total(self) -> int:
@@ -138,6 +140,8 @@ def model_shape(cfg) -> ModelShape:
         hidden=cfg.hidden_size, intermediate=getattr(cfg, "intermediate_size", 4 * cfg.hidden_size),
         heads=heads, kv_heads=getattr(cfg, "num_key_value_heads", None) or heads, head_dim=head_dim,
         vocab=cfg.vocab_size, dtype=str(dtype).replace("torch.", ""),
+        module_classes={type(m).__name__ for m in model.modules()},
+        no_split=list(getattr(model, "_no_split_modules", None) or []),
     )
 
 
@@ -158,6 +162,7 @@ class Setup:
     gpus: int = 1
     sharding: str = "none"  # none | full_shard | shard_grad_op | no_shard (FSDP) ; DDP is none with gpus>1
     offload: bool = False  # FSDP CPU offload of params, grads and optimizer states
+    backend: str = "none"  # fsdp | deepspeed | none: who shards, and so in which dtypes state is kept
     gpu_memory: float | None = None  # bytes
 
     @property
@@ -199,6 +204,7 @@ def setup_from_recipe(recipe, gpus=None, config=None, gpu_memory=None) -> Setup:
     )
     if isinstance(getattr(t, "fsdp", None), str) and t.fsdp:
         _apply_fsdp_string(s, t.fsdp)
+        s.backend = "fsdp"
     if config:
         _apply_accelerate_config(s, config)
     if gpus:
@@ -228,6 +234,7 @@ def _apply_accelerate_config(s: Setup, path: str) -> None:
     if cfg.get("mixed_precision") in ("bf16", "fp16"):
         s.mixed = cfg["mixed_precision"]
     if kind == "FSDP":
+        s.backend = "fsdp"
         f = cfg.get("fsdp_config", {}) or {}
         strategy = str(f.get("fsdp_sharding_strategy", "FULL_SHARD")).upper()
         if int(f.get("fsdp_version", 1) or 1) == 2:
@@ -239,6 +246,7 @@ def _apply_accelerate_config(s: Setup, path: str) -> None:
         if str(f.get("fsdp_activation_checkpointing", False)).lower() == "true":
             s.checkpointing = True
     elif kind == "DEEPSPEED":
+        s.backend = "deepspeed"
         d = cfg.get("deepspeed_config", {}) or {}
         stage = int(d.get("zero_stage", 0) or 0)
         s.sharding = {3: "full_shard", 2: "shard_grad_op"}.get(stage, "none")
@@ -374,19 +382,38 @@ def estimate(shape: ModelShape, s: Setup, label: str | None = None) -> Estimate:
     # bf16 on a quantized base (QLoRA), except DoRA's magnitude vector.
     adapter_bytes = {n: (2 if s.quantized and "magnitude" not in n else 4) for n in extra}
     quant_targets = {n for n in shape.linears if not n.endswith("lm_head")} if s.quantized else set()
+    # Bytes of a trained base parameter, of its gradient, and what the optimizer keeps per parameter.
+    # FSDP with mixed precision: accelerate upcasts every trainable parameter to fp32 (its master
+    # copy, whatever model.dtype says) and computes in bf16 on the gathered unit.
+    # DeepSpeed ZeRO-3 with mixed precision: 16-bit weights and gradients, and an fp32 master copy
+    # inside the optimizer state.
+    tw = tg = w
+    master = 0
+    if s.backend == "fsdp" and s.mixed:
+        tw = tg = 4
+    elif s.backend == "deepspeed" and s.mixed:
+        tw = tg = 2
+        master = 4
+    trained = set(base_trained)
     weights = 0.0
     for n, sh in shape.params.items():
         k = math.prod(sh)
         mod = n.rsplit(".", 1)[0]
         if mod in quant_targets and n.endswith("weight"):
             weights += k * NF4_BYTES
+        elif n in trained:
+            weights += k * tw
         else:
             weights += k * (comp_bytes(s) if s.quantized else w)
     weights += sum(k * adapter_bytes[n] for n, k in extra.items())
-    n_train = sum(math.prod(shape.params[n]) for n in base_trained) + sum(extra.values())
-    grad_bytes = sum(math.prod(shape.params[n]) for n in base_trained) * w + sum(k * adapter_bytes[n] for n, k in extra.items())
-    optim = sum(math.prod(shape.params[n]) * optimizer_bytes_per_param(s.optim, w) for n in base_trained) + \
+    n_base = sum(math.prod(shape.params[n]) for n in base_trained)
+    n_train = n_base + sum(extra.values())
+    grad_bytes = n_base * tg + sum(k * adapter_bytes[n] for n, k in extra.items())
+    optim = n_base * (master + optimizer_bytes_per_param(s.optim, max(tw, master))) + \
         sum(k * optimizer_bytes_per_param(s.optim, adapter_bytes[n]) for n, k in extra.items())
+    if tw == 4 and w < 4 and n_base:
+        notes.append("FSDP mixed precision keeps the trained parameters in fp32 (accelerate upcasts them), "
+                     "whatever model.dtype says")
 
     m = s.section() if s.base_name == "lora" else {}
     targets = linear_targets(shape, m.get("target_modules")) if m else []
@@ -474,7 +501,7 @@ def options(shape: ModelShape, s: Setup) -> list[tuple[str, Estimate]]:
                     add(f"FSDP full shard {where} (an FSDP accelerate config, --config) with activation "
                         "checkpointing: same result, some communication cost", cand)
                     break
-    if s.mixed and s.weight_dtype == "float32" and n_trainable_base(shape, s):
+    if s.mixed and s.weight_dtype == "float32" and n_trainable_base(shape, s) and s.backend != "fsdp":
         add("pure bf16 weights (model.dtype=bfloat16): half the state, but no fp32 master copy, so updates "
             "below bf16 resolution are lost", replace(s, weight_dtype="bfloat16", checkpointing=True))
     if s.base_name == "full" and not s.freeze_train:
@@ -505,6 +532,10 @@ def _g(x: float) -> str:
 def precision_text(s: Setup) -> str:
     if s.quantized:
         return "NF4 4-bit base, bf16 compute"
+    if s.mixed and s.backend == "fsdp":
+        return f"{s.mixed} mixed precision (trained parameters fp32 under FSDP, frozen ones {s.weight_dtype})"
+    if s.mixed and s.backend == "deepspeed":
+        return f"{s.mixed} weights and gradients, fp32 master copy in the optimizer (DeepSpeed)"
     if s.mixed and s.weight_dtype in ("float32",):
         return f"{s.mixed} mixed precision (fp32 weights)"
     if s.mixed:
@@ -515,7 +546,10 @@ def precision_text(s: Setup) -> str:
 def sharding_text(s: Setup) -> str:
     if s.sharding == "none":
         return "DDP" if s.gpus > 1 else "single device"
-    t = {"full_shard": "FSDP full shard", "shard_grad_op": "FSDP shard-grad-op", "no_shard": "FSDP no shard"}[s.sharding]
+    if s.backend == "deepspeed":
+        t = {"full_shard": "DeepSpeed ZeRO-3", "shard_grad_op": "DeepSpeed ZeRO-2"}.get(s.sharding, "DeepSpeed")
+    else:
+        t = {"full_shard": "FSDP full shard", "shard_grad_op": "FSDP shard-grad-op", "no_shard": "FSDP no shard"}[s.sharding]
     return t + (" + CPU offload" if s.offload else "")
 
 

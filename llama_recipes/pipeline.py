@@ -23,6 +23,7 @@ class Run:
     tokenizer: Any
     output_dir: Path
     eval_raw: Any = None  # the held-out rows before tokenization (what methods measure on)
+    recipe: Any = None  # the recipe as trained: launch-config conflicts resolved, bf16 auto decided
 
     @property
     def model(self):
@@ -104,4 +105,4 @@ def _train_and_save(recipe, method, out: Path, overwrite: bool, callbacks, start
     if before and after:
         log.info("\n%s", method.before_after_table(before, after))
     log.info("done in %.0f s; artifacts in %s", metrics["wall_seconds"], out)
-    return Run(metrics, trainer, tokenizer, out, eval_raw)
+    return Run(metrics, trainer, tokenizer, out, eval_raw, recipe)

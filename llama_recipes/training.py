@@ -1,5 +1,5 @@
 """Build TRL's SFTTrainer from the recipe: SFTConfig from `training:`, the model, the datasets."""
-from llama_recipes import data
+from llama_recipes import batching, data
 from llama_recipes.log import get_logger
 from llama_recipes.runtime.hardware import has_accelerator, recipe_bf16
 
@@ -33,14 +33,23 @@ def device_kwargs(recipe, kwargs: dict) -> dict:
 
 
 def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, callbacks=None):
-    """SFTTrainer over an already-built model (PEFT wrapping and freezing are done by then)."""
+    """SFTTrainer over an already-built model (PEFT wrapping and freezing are done by then).
+
+    With packing, the batches are isolated packed rows (batching.PackedRowCollator) rather than
+    TRL's one flattened row; `group_by_length` sampling is seeded per epoch (batching).
+    """
     from trl import SFTTrainer
 
-    return SFTTrainer(
+    args = sft_config(recipe, data.sft_overrides(recipe, train_ds))
+    packed = bool(args.packing) and args.packing_strategy in ("bfd", "bfd_split")
+    trainer = batching.trainer_class(SFTTrainer, packed=packed)(
         model=model,
-        args=sft_config(recipe, data.sft_overrides(recipe, train_ds)),
+        args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    if packed:
+        batching.install_packed_collator(trainer)
+    return trainer

@@ -1,4 +1,4 @@
-"""Forward+backward time of the tiny Llama: padded vs padding-free packed layouts (docs/data.md).
+"""Forward+backward time of the tiny Llama: padded vs packed layouts (docs/data.md).
 
     OMP_NUM_THREADS=1 python tests/data_packing_speed.py
 """
@@ -22,5 +22,7 @@ def step_seconds(**inputs) -> float:
 
 
 print("padded 4x512", step_seconds(input_ids=ids.view(4, 512), attention_mask=torch.ones(4, 512, dtype=torch.long)))
-print("packed, batch 4 (one row of 2048)", step_seconds(input_ids=ids, position_ids=pos))
+print("packed, batch 4 flattened (TRL padding-free: one row of 2048)", step_seconds(input_ids=ids, position_ids=pos))
+print("packed rows, batch 4 x 512 (ours: batching.PackedRowCollator)",
+      step_seconds(input_ids=ids.view(4, 512), position_ids=pos.view(4, 512)))
 print("packed, batch 1 x 512, x4 accumulation", 4 * step_seconds(input_ids=ids[:, :512], position_ids=pos[:, :512]))

@@ -37,6 +37,9 @@ def test_real_tokens_counts_non_pad_and_padding_free():
     assert common.real_tokens(padded) == 8
     packed = {"input_ids": torch.ones(1, 7, dtype=torch.long), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2, 3]])}
     assert common.real_tokens(packed) == 7
+    # our packed rows: [batch, width]; the second row ends in a pad tail of 2 (pad id 0)
+    rows = {"input_ids": torch.tensor([[5, 6, 7, 8], [5, 6, 0, 0]]), "position_ids": torch.tensor([[0, 1, 0, 1], [0, 1, 0, 1]])}
+    assert common.real_tokens(rows, pad_token_id=0) == 6
 
 
 def test_meter_excludes_warmup_steps():
@@ -53,3 +56,7 @@ def test_table_has_goal_rows():
     assert ("fsdp 2 ranks: per-rank bytes ÷ (single / 2)", "1.000", "<= 1.1") in rows
     assert ("overhead full: ours ÷ plain loop tokens/s", "0.97", ">= 0.95") in rows
     assert "goal" in run_all.render(rows)
+    ttq = {"speedup_vs_trl_default": 1.5, "speedup_vs_trl_packing": 1.1,
+           "sides": {k: {"eval_loss": 2.0} for k in ("ours", "trl_default", "trl_packing")}}
+    rows = run_all.table({"time_to_quality": ttq})
+    assert ("time to quality: TRL default wall ÷ ours", "1.50", ">= 1.45") in rows

@@ -1,4 +1,5 @@
 """Data: formats, loss masks token by token, EOS, packing without leaks, truncation, bad rows, sources."""
+import itertools
 import json
 import os
 import time
@@ -118,14 +119,18 @@ def test_text_supervises_all_tokens_and_appends_eos(tmp_path):
     assert ex["input_ids"][-1] == tok.eos_token_id
 
 
-def test_chat_template_without_generation_markers_is_refused(tmp_path):
+def test_chat_template_without_generation_markers_trains_assistant_only(tmp_path):
+    # Masks come from the template itself (llama_recipes/chat.py, tests/test_chat.py): no markers needed.
     path = write_jsonl(tmp_path / "d" / "train.jsonl",
                        [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}])
     plain = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] + eos_token }}\n{% endfor %}"
-    recipe = recipe_for(tmp_path, {"path": path, "chat_template": plain})
-    with pytest.raises(UserError, match="generation"):
-        trainer_for(recipe)
-    # with train_on_prompt the same template is fine: everything is supervised, EOS included
+    trainer, tok, _ = trainer_for(recipe_for(tmp_path, {"path": path, "chat_template": plain}))
+    ex = trainer.train_dataset[0]
+    assert ex["input_ids"] == tok("user: hi" + EOS + "\nassistant: yo" + EOS + "\n", add_special_tokens=False)["input_ids"]
+    # no generation prompt in this template: the model writes "assistant: " itself, so it is supervised
+    assert [tok.decode(s) for s in spans(ex["input_ids"], ex["labels"])] == ["assistant: yo" + EOS]
+    assert trainer.args.assistant_only_loss is False  # TRL gets the mask with the tokens
+    # with train_on_prompt everything is supervised, EOS included
     trainer, tok, _ = trainer_for(recipe_for(tmp_path, {"path": path, "chat_template": plain,
                                                         "train_on_prompt": True}))
     ex = trainer.train_dataset[0]
@@ -137,26 +142,42 @@ def test_chat_template_without_generation_markers_is_refused(tmp_path):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_losses_equal_each_sample_alone(tmp_path, attn):
+    """Packed rows stay a [batch, width] tensor (batching.PackedRowCollator); every sample of every
+    row has the logits and loss it has when run alone."""
     import torch
 
     recipe = recipe_for(tmp_path, {"path": "builtin:demo", "max_samples": 48},
-                        {"packing": True, "max_length": 256, "per_device_train_batch_size": 2},
+                        {"packing": True, "max_length": 256, "per_device_train_batch_size": 3},
                         {"attn_implementation": attn})
     trainer, _, _ = trainer_for(recipe)
     model = trainer.model.eval()
-    batch = next(iter(trainer.get_train_dataloader()))
-    pos, ids, labels = batch["position_ids"][0], batch["input_ids"], batch["labels"]
-    starts = (pos == 0).nonzero().flatten().tolist() + [ids.shape[1]]
-    assert len(starts) - 1 >= 6, "the packed batch should hold several samples"
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])  # what the train dataloader collates
+    rows = trainer.train_dataset[:3]["seq_lengths"]
+    ids, labels, pos = batch["input_ids"], batch["labels"], batch["position_ids"]
+    assert ids.shape == (3, max(map(sum, rows))) and "attention_mask" not in batch
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
-        packed = model(**inputs, use_cache=False).logits[0]  # what SFTTrainer.compute_loss runs
-        for a, b in zip(starts, starts[1:]):
-            seg_ids, seg_labels = ids[0, a:b], labels[0, a:b]
-            alone = model(input_ids=seg_ids[None]).logits[0]
-            lp = torch.nn.functional.cross_entropy(packed[a:b - 1], seg_labels[1:], ignore_index=-100)
-            la = torch.nn.functional.cross_entropy(alone[:-1], seg_labels[1:], ignore_index=-100)
-            assert torch.isfinite(lp) and abs(lp.item() - la.item()) < 1e-5, (a, b, lp.item(), la.item())
+        packed = model(**inputs, use_cache=False).logits  # what SFTTrainer.compute_loss runs
+        samples = 0
+        for r, lengths in enumerate(rows):
+            starts = [sum(lengths[:k]) for k in range(len(lengths) + 1)]
+            assert pos[r, :starts[-1]].tolist() == [p for n in lengths for p in range(n)]
+            for a, b in itertools.pairwise(starts):
+                seg_ids, seg_labels = ids[r, a:b], labels[r, a:b]
+                assert seg_labels[0] == -100  # the first token is never predicted from the previous sample
+                alone = model(input_ids=seg_ids[None]).logits[0]
+                # fp32: the packed row's matmuls have other shapes, so they sum in another order (~1e-5)
+                torch.testing.assert_close(packed[r, a:b], alone, rtol=0, atol=1e-4)
+                lp = torch.nn.functional.cross_entropy(packed[r, a:b - 1], seg_labels[1:], ignore_index=-100)
+                la = torch.nn.functional.cross_entropy(alone[:-1], seg_labels[1:], ignore_index=-100)
+                assert torch.isfinite(lp) and abs(lp.item() - la.item()) < 1e-5, (r, a, b, lp.item(), la.item())
+                samples += 1
+    assert samples >= 9, "the packed rows should hold several samples each"
+    # The check can fail: with an attention mask (a plain padded collator), samples see their predecessors.
+    with torch.no_grad():
+        leaky = model(**inputs, attention_mask=torch.ones_like(ids), use_cache=False).logits
+    second = slice(rows[0][0], sum(rows[0][:2]))
+    assert (leaky[0, second] - packed[0, second]).abs().max() > 1e-2
 
 
 def test_packing_efficiency_on_demo_data(tmp_path):

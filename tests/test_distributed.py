@@ -224,7 +224,24 @@ def _setup(monkeypatch, env: dict, *overrides: str):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("WORLD_SIZE", raising=False)  # one process: no shim is installed
-    return distributed.setup(_recipe(*overrides))
+    # The recipe-by-config decisions every rank makes (setup's first step, and --validate's);
+    # on this GPU-less machine setup would then apply the CPU stand-in (tested below).
+    return distributed.resolve(_recipe(*overrides))
+
+
+def test_cpu_stand_in_runs_a_gpu_launch_in_fp32(monkeypatch):
+    from llama_recipes.runtime import distributed
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "False")  # a GPU config, as accelerate launch hands it over
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    r = distributed.setup(_recipe("model.dtype=bfloat16", "training.bf16=true"))
+    assert r.training.bf16 is False and r.training.fp16 is False and r.model.dtype == "float32"
+    assert os.environ["ACCELERATE_MIXED_PRECISION"] == "no"
+    # a CPU config (use_cpu: true) is not a stand-in: the recipe's precision stands
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    assert distributed.setup(_recipe("training.bf16=true")).training.bf16 is True
 
 
 def test_activation_checkpointing_from_one_place(monkeypatch):
@@ -326,3 +343,18 @@ def test_bf16_fsdp2_reduces_in_fp32():
     distributed._reduce_in_fp32(plugin)
     policy = plugin.mixed_precision_policy
     assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_with_packed_rows_match_one_rank(tmp_path):
+    """Packed rows (batching.PackedRowCollator) under DDP: 2 ranks x 2 rows = 1 rank x 4 rows."""
+    packed = ("training.packing=true", "training.max_length=256")
+    ref = one_process(tmp_path / "one", *packed, "training.per_device_train_batch_size=4")
+    run = two_processes("cpu_ddp_2proc.yaml", tmp_path / "two", *packed, "training.per_device_train_batch_size=2")
+    assert_two_ranks(run, "MULTI_CPU")
+    assert_same_losses(run, ref)
+    # the logged token count is the real tokens of both ranks' rows; TRL's count (one row's width per
+    # rank and step) could not exceed 2 ranks x 4 steps x 256
+    tokens = [h["num_tokens"] for h in run.metrics["log_history"] if "num_tokens" in h]
+    assert tokens == [h["num_tokens"] for h in ref.metrics["log_history"] if "num_tokens" in h]
+    assert tokens[-1] > 2 * 4 * 256, tokens

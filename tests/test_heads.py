@@ -161,3 +161,45 @@ def test_eval_only_cli_on_a_head_artifact_reports_what_training_measured(classif
     want = classifier.metrics["eval_after"]
     assert got["metrics"]["accuracy"] == pytest.approx(want["accuracy"])
     assert got["metrics"]["macro_f1"] == pytest.approx(want["macro_f1"])
+
+
+@pytest.mark.parametrize("name", ["tiny_classifier_head", "tiny_mlp_head"])
+def test_cached_base_features_train_the_same_head(tmp_path, monkeypatch, name):
+    """A frozen base runs once (method.cache_features, the default): the per-step losses and the
+    trained head equal those of running the base on every step, fp32; the artifact loads the same way."""
+    from llama_recipes import methods, pipeline
+
+    calls, runs = {}, {}
+    for cache in (True, False):
+        r = recipe(name, tmp_path / str(cache), "training.max_steps=12", "training.logging_steps=1",
+                   "data.max_samples=96", "eval.before_after=false", "training.bf16=false",
+                   "training.per_device_eval_batch_size=32", f"method.cache_features={str(cache).lower()}")
+        method = methods.get(r.method.name)
+        original = method.build_trainer
+
+        def build(*a, _original=original, _cache=cache, **kw):
+            trainer = _original(*a, **kw)
+            model = trainer.model
+            base = model.base if isinstance(model, heads.MLPHeadClassifier) else model.model
+            calls[_cache] = 0
+            base.register_forward_pre_hook(lambda *_: calls.__setitem__(_cache, calls[_cache] + 1))
+            return trainer
+
+        monkeypatch.setattr(method, "build_trainer", build)
+        runs[cache] = pipeline.train(r)
+        monkeypatch.undo()
+    losses = {c: [h["loss"] for h in runs[c].trainer.state.log_history if "loss" in h] for c in runs}
+    assert len(losses[True]) == 12
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=0, atol=1e-5)
+    assert losses[True][-1] < losses[True][0]
+    # 12 steps of 32 rows = 4 epochs of 96 rows; cached: one pass over the 96 in batches of 32
+    assert calls == {True: 3, False: 12}, calls
+    state = {c: heads.head_state(runs[c].trainer.model) for c in runs}
+    for k in state[False]:
+        torch.testing.assert_close(state[True][k], state[False][k], rtol=0, atol=1e-5)
+    # the saved head is today's artifact: it reloads and predicts as the trained model does
+    texts = runs[True].eval_raw["text"][:16] if runs[True].eval_raw is not None else ["a", "b"]
+    loaded = heads.load(runs[True].output_dir)
+    torch.testing.assert_close(loaded.logits(texts), heads.batch_logits(runs[True].trainer.model,
+                                                                         runs[True].tokenizer, texts, 8, 64))
+    check_base_frozen(runs[True].trainer.model, base_weights())

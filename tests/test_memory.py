@@ -235,3 +235,40 @@ def test_fsdp_two_ranks_per_rank_bytes(tmp_path, train):
     for rank in ranks:
         for measured, est in zip(rank["measured"], rank["estimate"]):
             assert est == pytest.approx(measured, rel=0.05), rank
+
+
+def test_launch_config_estimates_match_hand_arithmetic():
+    """Full 7B under fsdp_4gpu: FSDP mixed precision keeps trained parameters in fp32 (accelerate
+    upcasts them), so 16 B/param ÷ 4 whatever model.dtype says; LoRA 7B on one GPU: bf16 base +
+    fp32 adapters. Both computed here by hand, and the numbers docs/memory.md quotes."""
+    from llama_recipes.schema import load_recipe
+
+    GIB = 2**30
+    n7b, n_lora = 6_738_415_616, 39_976_960
+    full = load_recipe(ROOT / "recipes/full_alpaca.yaml", ["model.name_or_path=meta-llama/Llama-2-7b-hf"])
+    shape, s, e = memory.estimate_recipe(full, config=str(ROOT / "accelerate_configs/fsdp_4gpu.yaml"),
+                                         gpu_memory="24GB")
+    assert shape.total == n7b and s.backend == "fsdp"
+    assert e.weights == n7b * 4 / 4 and e.gradients == n7b * 4 / 4 and e.optimizer == n7b * 8 / 4
+    assert not memory.fits(e, s)
+    assert not any("pure bf16" in text for text, _ in memory.options(shape, s)), "FSDP upcasts: unreachable"
+    lora = load_recipe(ROOT / "recipes/lora_alpaca.yaml")
+    _, s2, e2 = memory.estimate_recipe(lora, config=str(ROOT / "accelerate_configs/single_gpu.yaml"),
+                                       gpu_memory="24GB")
+    assert e2.trainable == n_lora
+    assert e2.weights == n7b * 2 + n_lora * 4 and e2.gradients == n_lora * 4 and e2.optimizer == n_lora * 8
+    assert memory.fits(e2, s2)
+    doc = (ROOT / "docs" / "memory.md").read_text()
+    for value in (e.weights, e.optimizer, e.total, e2.weights, e2.gradients, e2.optimizer, e2.total):
+        assert f"{value / GIB:.2f}" in doc, f"docs/memory.md must quote {value / GIB:.2f}"
+
+
+def test_deepspeed_is_labelled_as_deepspeed():
+    from llama_recipes.schema import load_recipe
+
+    full = load_recipe(ROOT / "recipes/full_alpaca.yaml")
+    shape, s, e = memory.estimate_recipe(full, config=str(ROOT / "accelerate_configs/deepspeed_zero3.yaml"))
+    assert memory.sharding_text(s) == "DeepSpeed ZeRO-3"
+    assert "DeepSpeed" in memory.precision_text(s)
+    # 16-bit weights and gradients, fp32 master + AdamW m, v in the optimizer: 16 B per param, ÷4
+    assert e.weights + e.gradients + e.optimizer == shape.total * 16 / 4

@@ -176,7 +176,7 @@ def test_llama_adapter_trains_with_plain_trainer(trained):
     import trl
 
     _, run = trained("llama_adapter")
-    assert type(run.trainer) is transformers.Trainer and not isinstance(run.trainer, trl.SFTTrainer)
+    assert isinstance(run.trainer, transformers.Trainer) and not isinstance(run.trainer, trl.SFTTrainer)
     _, lora = trained("lora")
     assert isinstance(lora.trainer, trl.SFTTrainer)
 

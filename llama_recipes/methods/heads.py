@@ -6,7 +6,7 @@ resume, guards, FSDP, dry run and eval included.
 """
 from __future__ import annotations
 
-from llama_recipes import heads, training
+from llama_recipes import batching, heads, training
 from llama_recipes.log import get_logger
 from llama_recipes.methods.base import Method
 from llama_recipes.paths import model_path
@@ -38,7 +38,7 @@ class Head(Method):
         return heads.tokenize(train_ds, tokenizer, recipe.training.max_length), eval_ds, dict(built.stats)
 
     def build_trainer(self, recipe, model, tokenizer, train_ds, eval_raw, callbacks=None):
-        from transformers import DataCollatorWithPadding, Trainer
+        from transformers import Trainer
 
         args = training.sft_config(recipe)  # an SFTConfig is a TrainingArguments: one `training:` section
         args.remove_unused_columns = False
@@ -48,9 +48,16 @@ class Head(Method):
             log.info("training.activation_checkpointing: off (the base is frozen, only the head trains)")
             args.activation_checkpointing = False
         eval_tok = heads.tokenize(eval_raw, tokenizer, recipe.training.max_length) if eval_raw is not None else None
-        return Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_tok,
-                       data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
-                       callbacks=callbacks)
+        cls = batching.trainer_class(Trainer)
+        if recipe.method.cache_features:
+            why_not = heads.why_not_cached(model, recipe.method.lora, args)
+            if why_not:
+                if recipe.method.lora is None:
+                    log.info("method.cache_features: off (%s); the base runs on every step", why_not)
+            else:
+                cls = type(cls.__name__, (heads.CachedFeaturesMixin, cls), {"__module__": heads.__name__})
+        return cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_tok,
+                   data_collator=heads.HeadCollator(tokenizer), processing_class=tokenizer, callbacks=callbacks)
 
     def evaluate(self, model, tokenizer, trainer, eval_raw, cfg):
         if eval_raw is None:

@@ -10,6 +10,7 @@ import math
 import re
 from contextlib import contextmanager
 
+from llama_recipes import batching
 from llama_recipes.errors import UserError
 from llama_recipes.log import get_logger
 from llama_recipes.methods.lm import LMMethod
@@ -176,9 +177,10 @@ class LlamaAdapter(PeftMethod):
         from transformers import Trainer
 
         sft = super().build_trainer(recipe, model, tokenizer, train_ds, eval_raw, callbacks)
-        return Trainer(model=sft.model, args=dataclasses.replace(sft.args, remove_unused_columns=False),
-                       train_dataset=sft.train_dataset, eval_dataset=sft.eval_dataset,
-                       data_collator=sft.data_collator, processing_class=sft.processing_class, callbacks=callbacks)
+        return batching.trainer_class(Trainer)(
+            model=sft.model, args=dataclasses.replace(sft.args, remove_unused_columns=False),
+            train_dataset=sft.train_dataset, eval_dataset=sft.eval_dataset,
+            data_collator=sft.data_collator, processing_class=sft.processing_class, callbacks=callbacks)
 
     def estimate_params(self, shape, m):
         layers = shape.num_layers if m.get("adapter_layers") is None else min(int(m["adapter_layers"]), shape.num_layers)

@@ -16,6 +16,7 @@ The CPU FSDP shim (`_install_cpu_fsdp_shim`) is test and laptop support only; se
 """
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from llama_recipes.errors import UserError
@@ -57,20 +58,46 @@ def setup(recipe):
     Raises UserError for a conflict that has no safe resolution. Installs the CPU FSDP shim
     only when FSDP was asked for, several processes run and no accelerator device exists.
     """
-    recipe = _resolve_activation_checkpointing(recipe)
-    recipe = _resolve_mixed_precision(recipe)
+    # Order matters: conflicts are judged against the launch config as written (the same error
+    # on a laptop as on the GPU node), and only then does the CPU stand-in replace what a CPU
+    # cannot run; `auto` decides last, only what nobody else decided.
+    recipe = resolve(recipe)
+    if not has_accelerator():
+        recipe = _cpu_stand_in(recipe)
     recipe = _resolve_auto_bf16(recipe)
-    if world_size() > 1 and not has_accelerator():
-        # Several processes and no GPU: without this, accelerate gives each rank its own
-        # single-process run (distributed_type NO) and they silently train side by side.
-        os.environ["ACCELERATE_USE_CPU"] = "true"
-        if fsdp_requested():
-            _install_cpu_fsdp_shim()
     if world_size() > 1:
         kind = f"FSDP{fsdp_version()}" if fsdp_requested() else (
             "DeepSpeed" if _env_flag("ACCELERATE_USE_DEEPSPEED") else "DDP")
         log.info("distributed: %s over %d processes, mixed_precision=%s", kind, world_size(), launch_precision())
     return recipe
+
+
+def resolve(recipe):
+    """The recipe-by-config decisions every rank makes, read from the launch environment only.
+
+    Shared by the launch (`setup`) and `--validate --config` (launchcheck.py), so a pair that
+    validates is a pair that launches.
+    """
+    recipe = _resolve_activation_checkpointing(recipe)
+    recipe = _resolve_mixed_precision(recipe)
+    _check_qlora_under_fsdp(recipe)
+    return recipe
+
+
+def _check_qlora_under_fsdp(recipe) -> None:
+    """FSDP shards floating tensors of one dtype: a 4-bit base must be stored in the model's dtype."""
+    m = recipe.method
+    if not fsdp_requested() or m.name != "qlora":
+        return
+    if m.bits == 8:
+        raise UserError("method.bits: 8 (LLM.int8) cannot be sharded by FSDP",
+                        "use method.bits: 4 with method.quant_storage_dtype: bfloat16, or a DDP/single-GPU config")
+    want = recipe.model.dtype if recipe.model.dtype in ("bfloat16", "float16", "float32") else "bfloat16"
+    if m.quant_storage_dtype != want:
+        raise UserError(
+            f"QLoRA under FSDP needs the 4-bit weights stored in the other parameters' dtype ({want}), and "
+            f"method.quant_storage_dtype is {m.quant_storage_dtype or 'unset (uint8)'}",
+            f"set method.quant_storage_dtype: {want} (accelerate_configs/fsdp_qlora.yaml explains why)")
 
 
 def _set_training(recipe, **values):
@@ -91,6 +118,11 @@ def _resolve_activation_checkpointing(recipe):
     if not (fsdp_requested() and _env_flag("FSDP_ACTIVATION_CHECKPOINTING")):
         return recipe
     t = recipe.training
+    if recipe.method.name == "prefix":
+        raise UserError(
+            "method prefix cannot run with activation checkpointing (the prefix is passed as a KV cache), and the "
+            "accelerate config checkpoints every layer (fsdp_activation_checkpointing: true)",
+            "launch with a copy of the config that sets fsdp_activation_checkpointing: false, or with a DDP config")
     if "activation_checkpointing" in t.model_fields_set and not t.activation_checkpointing:
         raise UserError(
             "activation checkpointing is set twice and disagrees: training.activation_checkpointing: false in the "
@@ -150,8 +182,56 @@ def _resolve_mixed_precision(recipe):
 
 
 # ---------------------------------------------------------------------------------------------
-# CPU FSDP shim (tests and laptops only)
+# CPU STAND-IN: a GPU launch config run on a machine without GPUs (laptops, CI, tests)
 # ---------------------------------------------------------------------------------------------
+# Everything that differs from the GPU launch lives below this line; the recipe-by-config logic
+# above runs unchanged, so a user's exact launch line (`accelerate launch --config_file
+# accelerate_configs/fsdp_4gpu.yaml --num_processes 2 run_recipe.py RECIPE --dry-run ...`) is a
+# smoke test of what the GPU node will do.
+
+def gpu_launch() -> bool:
+    """True under `accelerate launch` with a config meant for GPUs (use_cpu: false)."""
+    return "ACCELERATE_MIXED_PRECISION" in os.environ and not _env_flag("ACCELERATE_USE_CPU")
+
+
+def _cpu_stand_in(recipe):
+    """Make a GPU launch runnable on CPU processes over gloo, saying in one line what changed.
+
+    - precision (only under a GPU launch config): bf16/fp16, from the config or the recipe's
+      training and model.dtype, runs as fp32. torch's FSDP2 bf16 policy fails on CPU, fp16 has
+      no CPU autocast, and a bf16 trained model cannot be compared with its reload to fp32
+      tolerance; fp32 answers the stand-in's question: does this pair train, save and reload.
+    - several processes: accelerate would give each rank its own single-process run
+      (distributed_type NO) and they would silently train side by side, so it is told to use
+      the CPU; FSDP goes through the shim below, FSDP1 without sync_module_states/RAM-efficient
+      loading (they broadcast from a GPU; here every rank loads the same checkpoint).
+    """
+    if gpu_launch():
+        t, changed = recipe.training, []
+        if launch_precision() in ("bf16", "fp16"):
+            changed.append(f"mixed_precision: {launch_precision()} (launch config)")
+            os.environ["ACCELERATE_MIXED_PRECISION"] = "no"
+        changed += [f"training.{k}: true" for k in ("bf16", "fp16") if getattr(t, k) is True
+                    and f"mixed_precision: {k}" not in " ".join(changed)]
+        if recipe.model.dtype in ("bfloat16", "float16"):
+            changed.append(f"model.dtype: {recipe.model.dtype}")
+            recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"dtype": "float32"})})
+        if changed:
+            log.info("CPU stand-in: no GPU here, so fp32 in place of %s", ", ".join(changed))
+            recipe = _set_training(recipe, bf16=False, fp16=False)
+    if world_size() > 1:
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+        if fsdp_requested():
+            if fsdp_version() == 1:
+                os.environ["FSDP_SYNC_MODULE_STATES"] = "false"
+                os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
+            if _env_flag("FSDP_OFFLOAD_PARAMS"):
+                log.info("CPU stand-in: fsdp_offload_params off (the shards already live in host memory, and "
+                         "torch's CPU offload policy needs an accelerator)")
+                os.environ["FSDP_OFFLOAD_PARAMS"] = "false"
+            _install_cpu_fsdp_shim()
+    return recipe
+
 
 def _install_cpu_fsdp_shim() -> None:
     """TEST/LAPTOP SUPPORT ONLY: let accelerate's real FSDP preparation run on CPU over gloo.
@@ -163,6 +243,7 @@ def _install_cpu_fsdp_shim() -> None:
     so everything downstream (Trainer, accelerate's fully_shard path) is the real code.
     Installed only when FSDP was asked for, WORLD_SIZE > 1 and no accelerator exists.
     """
+    import torch
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
@@ -179,6 +260,9 @@ def _install_cpu_fsdp_shim() -> None:
             self.distributed_type = DistributedType.FSDP
             self.fsdp_plugin = plugin
             PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            # MULTI_CPU names the device cpu:0; FSDP1 checks its device_id against the current
+            # device, which is plain "cpu".
+            self.device = PartialState._shared_state["device"] = torch.device("cpu")
 
     __init__._llama_recipes_cpu_fsdp = True
     AcceleratorState.__init__ = __init__
@@ -210,16 +294,19 @@ def finish_fsdp_plugin(plugin, model) -> None:
 
 
 def _check_fsdp1_orig_params(plugin, model) -> None:
+    check_fsdp1_orig_params(plugin.fsdp_version, plugin.use_orig_params,
+                            [n for n, p in model.named_parameters() if not p.requires_grad])
+
+
+def check_fsdp1_orig_params(version: int, use_orig_params: bool, frozen: list[str]) -> None:
     """FSDP1 flattens parameters: mixed requires_grad (adapters, freezing, heads) needs use_orig_params."""
-    if plugin.fsdp_version != 1 or plugin.use_orig_params:
+    if version != 1 or use_orig_params or not frozen:
         return
-    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-    if frozen:
-        raise UserError(
-            f"FSDP1 with frozen parameters ({len(frozen)}, e.g. {frozen[0]}) needs use_orig_params, "
-            "and the accelerate config sets fsdp_use_orig_params: false",
-            "set fsdp_use_orig_params: true in the accelerate config (accelerate_configs/fsdp1.yaml does), "
-            "or use FSDP2 (fsdp_version: 2), which handles mixed requires_grad")
+    raise UserError(
+        f"FSDP1 with frozen parameters ({len(frozen)}, e.g. {frozen[0]}) needs use_orig_params, "
+        "and the accelerate config sets fsdp_use_orig_params: false",
+        "set fsdp_use_orig_params: true in the accelerate config (accelerate_configs/fsdp1.yaml does), "
+        "or use FSDP2 (fsdp_version: 2), which handles mixed requires_grad")
 
 
 def wrap_class_names(model) -> list[str]:
@@ -231,31 +318,37 @@ def wrap_class_names(model) -> list[str]:
 
 
 def _set_wrap_classes(plugin, model) -> None:
-    """Transformer-based wrapping on the model's own layer class unless the config names one.
-
-    A config that names a class this model lacks (LlamaDecoderLayer on Qwen2) is an error
-    that says which classes the model has, instead of accelerate's bare ValueError.
-    """
+    """Transformer-based wrapping on the model's own layer class unless the config names one."""
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
     if plugin.auto_wrap_policy is not transformer_auto_wrap_policy:
         return
-    present = {type(m).__name__ for m in model.modules()}
-    derived = wrap_class_names(model)
     named = plugin.transformer_cls_names_to_wrap
+    classes = wrap_classes(named, wrap_class_names(model), {type(m).__name__ for m in model.modules()},
+                           type(model).__name__)
+    if not named:
+        plugin.transformer_cls_names_to_wrap = classes
+        log.info("FSDP wraps %s (from the model's _no_split_modules)", ", ".join(classes))
+
+
+def wrap_classes(named: list[str] | None, derived: list[str], present: set[str], model_name: str) -> list[str]:
+    """The layer classes FSDP wraps: the config's, else the model's `_no_split_modules`.
+
+    A config that names a class this model lacks (LlamaDecoderLayer on Qwen2) is an error
+    that says which classes the model has, instead of accelerate's bare ValueError.
+    """
     if not named:
         if not derived:
-            raise UserError(f"cannot derive the FSDP wrap class: {type(model).__name__} has no _no_split_modules",
+            raise UserError(f"cannot derive the FSDP wrap class: {model_name} has no _no_split_modules",
                             "set fsdp_transformer_layer_cls_to_wrap (the decoder layer class) in the accelerate config")
-        plugin.transformer_cls_names_to_wrap = derived
-        log.info("FSDP wraps %s (from the model's _no_split_modules)", ", ".join(derived))
-        return
+        return list(derived)
     missing = [n for n in named if n not in present]
     if missing:
         raise UserError(
-            f"the accelerate config wraps {', '.join(missing)}, which {type(model).__name__} does not contain",
+            f"the accelerate config wraps {', '.join(missing)}, which {model_name} does not contain",
             f"remove fsdp_transformer_layer_cls_to_wrap from the config (derived from the model: "
             f"{', '.join(derived) or 'none'}) or name this model's decoder layer class")
+    return list(named)
 
 
 def _reduce_in_fp32(plugin) -> None:
@@ -270,6 +363,24 @@ def _reduce_in_fp32(plugin) -> None:
     plugin.mixed_precision_policy = MixedPrecisionPolicy(
         param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=policy.output_dtype,
         cast_forward_inputs=policy.cast_forward_inputs)
+
+
+@contextmanager
+def full_params_for_generate(model):
+    """`model.generate` on an FSDP1 model: the whole parameters, gathered for the duration.
+
+    FSDP1 gathers a unit's parameters in its wrapper's forward, but `generate` is reached
+    through the wrapper's attribute forwarding and calls the inner model directly, which then
+    sees flattened shards ("'weight' must be 2-D"). FSDP2 hooks the modules themselves, and an
+    unsharded model needs nothing: both pass through.
+    """
+    if type(model).__name__ != "FullyShardedDataParallel":
+        yield model
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with FullyShardedDataParallel.summon_full_params(model, writeback=False):
+        yield model
 
 
 def is_sharded(model) -> bool:
@@ -376,8 +487,47 @@ def save_sharded_model(trainer, out: Path) -> None:
     )
 
     model = trainer.model
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # Without an accelerator the tensors already live in host memory, and FSDP1's CPU-offload
+    # gather segfaults there (torch 2.13): every rank gathers the (small, stand-in) model instead.
+    offload = has_accelerator()
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
     if is_main_process():
         unwrapped = trainer.accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(str(out), state_dict=state)
+        with _plain_module_names(unwrapped):
+            unwrapped.save_pretrained(str(out), state_dict=state)
     trainer.accelerator.wait_for_everyone()
+
+
+@contextmanager
+def _plain_module_names(model):
+    """While an artifact is written: the modules named as in the plain model.
+
+    FSDP puts wrappers around layers: FSDP1's FullyShardedDataParallel (`_fsdp_wrapped_module`)
+    and, with activation checkpointing, torch's CheckpointWrapper (`_checkpoint_wrapped_module`),
+    so module names read `layers.0._checkpoint_wrapped_module.self_attn...`. The gathered state
+    dict already uses the plain names (torch strips the wrappers), but PEFT picks the adapter's
+    entries by the model's module names: with the wrappers in place it matches none and writes an
+    empty adapter. The wrappers are put back afterwards; no tensor is touched.
+    """
+    inner = {"CheckpointWrapper": "_checkpoint_wrapped_module", "FullyShardedDataParallel": "_fsdp_wrapped_module"}
+
+    def wrapped(module):
+        return next((getattr(module, attr) for cls in type(module).__mro__
+                     if (attr := inner.get(cls.__name__)) and hasattr(module, attr)), None)
+
+    swapped = []
+    changed = True
+    while changed:  # wrappers can nest (FSDP1 around a CheckpointWrapper)
+        changed = False
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                plain = wrapped(child)
+                if plain is not None:
+                    parent._modules[name] = plain
+                    swapped.append((parent, name, child))
+                    changed = True
+    try:
+        yield model
+    finally:
+        for parent, name, child in reversed(swapped):
+            parent._modules[name] = child

@@ -73,8 +73,8 @@ class DataConfig(SourceFields):
         "and assistant turns only, prompt tokens labelled -100)."
     )
     chat_template: str | None = Field(
-        None, description="Jinja chat template (inline, or a path to a .jinja file) replacing the tokenizer's; "
-        "wrap assistant content in {% generation %}...{% endgeneration %} for assistant-only loss."
+        None, description="Jinja chat template (inline, or a path to a .jinja file) replacing the tokenizer's "
+        "(saved with the artifact). Any template works: assistant tokens are derived from it, no markers needed."
     )
     @field_validator("chat_template")
     @classmethod

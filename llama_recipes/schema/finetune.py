@@ -7,7 +7,7 @@
 """
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from llama_recipes.schema.base import Section
 
@@ -35,6 +35,17 @@ class BaseLora(Section):
 
 class _Head(Section):
     lora: BaseLora | None = Field(None, description="LoRA on the base instead of a frozen base: {r, alpha, dropout, target_modules}.")
+    cache_features: bool = Field(
+        True, description="Frozen base only (no lora): run the base once over the training examples, keep each "
+        "one's pooled features in memory and train the head on them (the same numbers; epochs after the first "
+        "skip the base). false runs the base on every step.")
+
+    @model_validator(mode="after")
+    def _cache_needs_frozen_base(self):
+        if self.lora is not None and self.cache_features and "cache_features" in self.model_fields_set:
+            raise ValueError("method.cache_features needs a frozen base: with method.lora the base changes every "
+                             "step; remove cache_features or method.lora")
+        return self
 
 
 class ClassifierHeadMethod(_Head):

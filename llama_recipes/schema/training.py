@@ -21,6 +21,8 @@ RESERVED = {
     "gradient_checkpointing": "use `training.activation_checkpointing` (its transformers 5 name)",
     "gradient_checkpointing_kwargs": "use `training.activation_checkpointing_kwargs` (its transformers 5 name)",
     "resume_from_checkpoint": "set `resume:` at the top level (auto, never, or a checkpoint path)",
+    # transformers 5 replaced the flag by a sampling strategy (ours is seeded per epoch: llama_recipes/batching.py)
+    "group_by_length": "use `training.train_sampling_strategy: group_by_length` (its transformers 5 name)",
     # Distribution is the launch's business: one accelerate config per cluster shape.
     "fsdp": "FSDP is set by the accelerate config: launch with accelerate_configs/fsdp_*.yaml (docs/distributed.md)",
     "fsdp_config": "FSDP options live in the accelerate config's fsdp_config: (accelerate_configs/fsdp_*.yaml)",
@@ -82,6 +84,13 @@ class _TrainingBase(Section):
         if steps == -1 and epochs is not None and epochs <= 0:
             raise ValueError(f"training.num_train_epochs={epochs} with max_steps -1 trains nothing: set a positive "
                              "number of epochs, or training.max_steps")
+        return self
+
+    @model_validator(mode="after")
+    def _sampling(self):
+        if getattr(self, "train_sampling_strategy", "random") == "group_by_length" and getattr(self, "packing", False):
+            raise ValueError("training.train_sampling_strategy=group_by_length with training.packing: packed rows "
+                             "are all about max_length long, there is nothing to group; remove one of the two")
         return self
 
     def sft_kwargs(self, mode: str = "python") -> dict[str, Any]:
