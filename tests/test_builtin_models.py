@@ -151,7 +151,7 @@ def test_concurrent_conversions_convert_once(tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_from_gguf_file_then_eval_and_plain_peft(tmp_path):
+def test_lora_from_gguf_file_then_eval_and_plain_peft(tmp_path, monkeypatch):
     """model.gguf_file end to end: train, `--eval-only` finds the base, plain PEFT loads the adapter."""
     import torch
     from peft import PeftModel
@@ -159,6 +159,7 @@ def test_lora_from_gguf_file_then_eval_and_plain_peft(tmp_path):
 
     gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
     env = {builtin_models.CACHE_ENV: str(tmp_path / "cache")}
+    monkeypatch.setenv(builtin_models.CACHE_ENV, env[builtin_models.CACHE_ENV])
     out = tmp_path / "run"
     over = [f"model.name_or_path={tmp_path}", f"model.gguf_file={gguf.name}", f"output_dir={out}", *FAST]
     r = run_cli(str(ROOT / "recipes/demo/tiny_lora.yaml"), *over, env=env)
@@ -167,7 +168,7 @@ def test_lora_from_gguf_file_then_eval_and_plain_peft(tmp_path):
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
     assert yaml.safe_load((out / "recipe.yaml").read_text())["model"]["gguf_file"] == gguf.name
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["eval_after"]["eval_loss"] < metrics["eval_before"]["eval_loss"]
+    assert metrics["eval_after"]["loss"] < metrics["eval_before"]["loss"]
     r = run_cli(str(ROOT / "recipes/demo/tiny_lora.yaml"), *over, "--eval-only", env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     # The same adapter on the original tiny model and on the converted one: identical logits.
@@ -209,7 +210,7 @@ def test_smollm2_lora_learns_and_reloads_in_plain_peft(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     losses = [h["loss"] for h in metrics["log_history"] if "loss" in h]
     assert len(losses) == 6 and min(losses[-2:]) < losses[0]
-    assert metrics["eval_after"]["eval_loss"] < metrics["eval_before"]["eval_loss"]
+    assert metrics["eval_after"]["loss"] < metrics["eval_before"]["loss"]
     # The adapter on a plain base loaded from the converted directory: the logits of the trained
     # model as our own loader rebuilds it.
     base_dir = paths.model_path(load_recipe(recipe).model)
