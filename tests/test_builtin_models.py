@@ -177,6 +177,12 @@ def test_lora_from_gguf_file_then_eval_and_plain_peft(tmp_path, monkeypatch):
         a = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(TINY)), str(out))(ids).logits
         b = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir)), str(out))(ids).logits
     assert torch.equal(a, b)
+    # llama-recipes export finds the converted base through the run's recipe.yaml
+    from llama_recipes.export import max_logit_difference, merge_and_export
+
+    merged = merge_and_export(out, tmp_path / "merged")
+    assert "quantization_config" not in json.loads((merged / "config.json").read_text())
+    assert max_logit_difference(out, merged) < 1e-4
 
 
 def test_estimate_memory_of_gguf_file(tmp_path, monkeypatch, capsys):
