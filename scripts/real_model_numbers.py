@@ -60,9 +60,11 @@ def examples_of(name: str) -> list[dict]:
     from llama_recipes import artifacts, data, measure
 
     _, eval_raw, _ = data.build_datasets(recipe.data)  # rendered as training saw them
-    rows = eval_raw.select(range(N_EXAMPLES))
     tok, _ = artifacts.load(recipe, ROOT / recipe.output_dir)
-    prompts, refs, special = measure.generation_pairs(rows, tok)
+    _, all_refs, _, _ = measure.generation_pairs(eval_raw, tok)
+    picked = [i for i, r in enumerate(all_refs) if r not in all_refs[:i]][:N_EXAMPLES]  # distinct answers
+    rows = eval_raw.select(picked)
+    prompts, refs, special, stop = measure.generation_pairs(rows, tok)
     if "messages" in rows.column_names:
         shown = [r["messages"][-2]["content"] for r in rows]  # the user turn
     else:  # the alpaca prompt: show its input
@@ -72,7 +74,7 @@ def examples_of(name: str) -> list[dict]:
         tok, model = artifacts.load(recipe, path)
         model.eval()
         for row, pred in zip(out, measure.generate(model, tok, prompts, recipe.eval.max_new_tokens,
-                                                             add_special_tokens=special)):
+                                                             add_special_tokens=special, stop_ids=stop)):
             row[tag] = pred.strip()
     return out
 
