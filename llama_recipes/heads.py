@@ -255,7 +255,8 @@ def _lora_config(lora, task_type: str):
 def head_config(recipe, labels: list[str], pad_token_id: int, hidden_size: int) -> dict:
     m, model = recipe.method, recipe.model
     cfg = {"format_version": 1, "method": m.name, "base_model": _base_ref(model.name_or_path),
-           "base_revision": model.revision, "dtype": model.dtype, "attn_implementation": model.attn_implementation,
+           "base_gguf_file": model.gguf_file, "base_revision": model.revision, "dtype": model.dtype,
+           "attn_implementation": model.attn_implementation,
            "labels": list(labels), "num_labels": len(labels), "pad_token_id": pad_token_id,
            "hidden_size": hidden_size, "max_length": getattr(recipe.training, "max_length", None),
            "lora": m.lora.model_dump() if m.lora else None}
@@ -267,7 +268,8 @@ def head_config(recipe, labels: list[str], pad_token_id: int, hidden_size: int) 
 
 def _load_base(cfg: dict):
     """The base model a head sits on, with every parameter frozen."""
-    mcfg = ModelConfig(name_or_path=cfg["base_model"], revision=cfg["base_revision"], dtype=cfg["dtype"],
+    mcfg = ModelConfig(name_or_path=cfg["base_model"], gguf_file=cfg.get("base_gguf_file"),
+                       revision=cfg["base_revision"], dtype=cfg["dtype"],
                        attn_implementation=cfg["attn_implementation"])
     from transformers.utils import logging as hf_logging
 

@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from llama_recipes import methods
+from llama_recipes import builtin_models, methods
 from llama_recipes.errors import UserError
 from llama_recipes.freeze import rule_matches
 from llama_recipes.methods.peft import Lora, linear_targets
@@ -630,7 +630,9 @@ def estimate_for_config(cfg, method: str = "full", activation_checkpointing: boo
 
 def estimate_recipe(recipe, gpus=None, config=None, gpu_memory=None):
     """(shape, setup, estimate) for a validated recipe."""
-    cfg = load_config(recipe.model.name_or_path, recipe.model.revision, recipe.model.trust_remote_code)
+    # A GGUF (model.gguf_file, builtin:smollm2-135m-instruct): its config from the file's metadata
+    cfg = builtin_models.gguf_config(recipe.model) or load_config(recipe.model.name_or_path, recipe.model.revision,
+                                                                  recipe.model.trust_remote_code)
     shape = model_shape(cfg, recipe.model.trust_remote_code)
     s = setup_from_recipe(recipe, gpus, config, gpu_memory)
     return shape, s, estimate(shape, s)

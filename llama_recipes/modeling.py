@@ -3,7 +3,7 @@ from pathlib import Path
 
 from llama_recipes.errors import UserError
 from llama_recipes.log import get_logger
-from llama_recipes.paths import is_local, resolve
+from llama_recipes.paths import is_local, model_path, resolve, tokenizer_path
 from llama_recipes.runtime.hardware import limit_bnb_cpu_packing
 from llama_recipes.schema.model import ModelConfig
 
@@ -75,7 +75,7 @@ def load_tokenizer(cfg: ModelConfig):
 
     warn_remote_code(cfg)  # before: a custom tokenizer or config class runs its code while loading
     key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
-    ref = resolve(cfg.tokenizer or cfg.name_or_path, "model")
+    ref = tokenizer_path(cfg)
     check_local(ref, key, need="")
     if Path(ref).is_dir() and not any(Path(ref).iterdir()):
         raise UserError(f"{key} {ref} is an empty directory",
@@ -117,9 +117,13 @@ def load_model(cfg: ModelConfig, auto_class: str = "AutoModelForCausalLM", **kwa
     """Load the base model with the recipe's dtype and attention kernel."""
     import transformers
 
-    ref = resolve(cfg.name_or_path, "model")
+    ref = model_path(cfg)
     warn_remote_code(cfg)
     check_local(ref)
+    if cfg.gguf_file and kwargs.get("quantization_config") is not None:
+        log.warning("quantizing the dequantized GGUF %s again for this method: its weights are rounded twice "
+                    "(GGUF, then bitsandbytes); compare with --eval-only --base, which loads it the same way",
+                    cfg.gguf_file)
     cls = getattr(transformers, auto_class)
     try:
         model = cls.from_pretrained(

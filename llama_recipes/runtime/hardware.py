@@ -10,7 +10,7 @@ import os
 from functools import lru_cache
 
 from llama_recipes.log import get_logger
-from llama_recipes.paths import resolve
+from llama_recipes.paths import model_path
 
 log = get_logger(__name__)
 
@@ -87,7 +87,7 @@ def hidden_size_of(model_cfg) -> int | None:
     try:
         from transformers import AutoConfig
 
-        cfg = AutoConfig.from_pretrained(resolve(model_cfg.name_or_path, "model"), revision=model_cfg.revision,
+        cfg = AutoConfig.from_pretrained(model_path(model_cfg), revision=model_cfg.revision,
                                          trust_remote_code=model_cfg.trust_remote_code)
         return getattr(cfg.get_text_config(), "hidden_size", None)
     except Exception:  # a hub id offline, a typo: the model load reports it properly later

