@@ -92,12 +92,17 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def make_workdir(n_rows: int = 512, seed: int = 0) -> Path:
-    """Temp dir with model/ (random ~10M Llama + the tiny tokenizer) and data/train.jsonl."""
+def make_workdir(n_rows: int = 512, seed: int = 0, model: str | None = None) -> Path:
+    """Temp dir with model/ (random ~10M Llama + the tiny tokenizer, or a link to `model`, a real
+    model directory) and data/train.jsonl."""
     import torch
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
     work = Path(tempfile.mkdtemp(prefix="llr-bench-"))
+    if model:
+        (work / "model").symlink_to(Path(model).resolve())
+        write_jsonl(alpaca_like_rows(n_rows, seed), work / "data" / "train.jsonl")
+        return work
     cfg = AutoConfig.from_pretrained(TINY)
     for k, v in MODEL_10M.items():
         setattr(cfg, k, v)
@@ -229,3 +234,19 @@ def set_threads():
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+
+def peak_matmul_flops(dtype: str = "float32", n: int = 2048, reps: int = 8) -> float:
+    """Measured peak of this machine: FLOP/s of an n x n matmul in `dtype` (best of `reps`), the
+    denominator of MFU, measured in the same run and with the same threads as the training."""
+    import torch
+
+    dt = getattr(torch, dtype)
+    a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best

@@ -209,7 +209,9 @@ def _adapters(args) -> int:
 def _guarded(command, args) -> int:
     """Run a command; a UserError becomes `error: ...` on stderr and its exit code (2), no traceback."""
     try:
-        return command(args)
+        code = command(args)
+        _leave_process_group()
+        return code
     except UserError as e:
         if getattr(args, "debug", False):
             raise
@@ -219,6 +221,16 @@ def _guarded(command, args) -> int:
         if is_main_process():
             print(f"{'error: ' if code else ''}{e}", file=sys.stderr)
         return code
+
+
+def _leave_process_group() -> None:
+    """Leave torch.distributed's process group before the interpreter exits: gloo's threads can
+    otherwise abort one rank's exit after a successful run ("terminate called without an active
+    exception", SIGABRT), and the launcher then reports the whole run as failed."""
+    if "torch.distributed" in sys.modules:
+        from llama_recipes.runtime import collectives
+
+        collectives.destroy()
 
 
 def run_command(name: str, argv: list[str] | None = None, prog: str | None = None) -> int:
