@@ -12,7 +12,8 @@ environment (ACCELERATE_*, FSDP_*); this module reads them to
 - write the final artifact from a sharded model without gathering it on every rank
   (`save_sharded_model`).
 
-The CPU FSDP shim (`_install_cpu_fsdp_shim`) is test and laptop support only; see its docstring.
+The CPU stand-in (`_cpu_stand_in`, with the FSDP shim) runs a GPU launch line on CPU processes
+(laptops, CI, tests); everything it changes is below its marker line.
 """
 import json
 import os
@@ -208,11 +209,11 @@ def _cpu_stand_in(recipe):
     """
     if gpu_launch():
         t, changed = recipe.training, []
-        if launch_precision() in ("bf16", "fp16"):
+        if launch_precision() in ("bf16", "fp16"):  # the recipe agrees or is silent (resolve checked)
             changed.append(f"mixed_precision: {launch_precision()} (launch config)")
             os.environ["ACCELERATE_MIXED_PRECISION"] = "no"
-        changed += [f"training.{k}: true" for k in ("bf16", "fp16") if getattr(t, k) is True
-                    and f"mixed_precision: {k}" not in " ".join(changed)]
+        else:
+            changed += [f"training.{k}: true" for k in ("bf16", "fp16") if getattr(t, k) is True]
         if recipe.model.dtype in ("bfloat16", "float16"):
             changed.append(f"model.dtype: {recipe.model.dtype}")
             recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"dtype": "float32"})})
