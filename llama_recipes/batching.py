@@ -23,6 +23,7 @@ No torch at the top: this module is imported when a recipe is validated or estim
 """
 from __future__ import annotations
 
+from llama_recipes.measure import pad_collate
 from llama_recipes.runtime import collectives
 
 IGNORE_INDEX = -100
@@ -50,23 +51,19 @@ class PackedRowCollator:
 
         width = self._width(rows)
         packed = "seq_lengths" in rows[0]
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        batch = pad_collate(rows, self.pad_token_id, width)
+        if not packed:
+            return batch
+        ids, labels = batch["input_ids"], batch["labels"]
         positions = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
             n = len(r["input_ids"])
-            ids[i, :n] = torch.as_tensor(r["input_ids"])
-            labels[i, :n] = torch.as_tensor(r.get("labels", r["input_ids"]))
-            attention[i, :n] = 1
-            lengths = list(r["seq_lengths"]) if packed else [n]
+            lengths = list(r["seq_lengths"])
             if sum(lengths) != n:
                 raise ValueError(f"packed row {i}: seq_lengths sum to {sum(lengths)}, the row has {n} tokens")
             if width > n:
                 lengths.append(width - n)  # the pad tail: a segment of its own, attending only to itself
             positions[i] = torch.cat([torch.arange(k) for k in lengths])
-        if not packed:
-            return {"input_ids": ids, "attention_mask": attention, "labels": labels}
         labels[positions == 0] = IGNORE_INDEX
         # Sequence boundaries over the flattened batch, for the varlen flash-attention kernels
         # (computed here on CPU, as TRL's collator does, instead of from position ids in every layer).

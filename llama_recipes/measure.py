@@ -39,11 +39,12 @@ def autocast(args):
 
 
 # -- loss and perplexity -----------------------------------------------------------------------
-def pad_collate(rows: list[dict], pad_token_id: int) -> dict:
-    """Right-pad input_ids/labels rows into a batch (what TRL's collator does without packing)."""
+def pad_collate(rows: list[dict], pad_token_id: int, width: int | None = None) -> dict:
+    """Right-pad input_ids/labels rows into a batch (what TRL's collator does without packing),
+    to the longest row or to `width`."""
     import torch
 
-    width = max(len(r["input_ids"]) for r in rows)
+    width = width or max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
