@@ -5,8 +5,9 @@
 - `first_step`: `run_recipe.py recipes/demo/tiny_lora.yaml` (through first_step_probe.py, which
   exits at the end of step 1), as shipped (eval before training included) and with
   eval.before_after=false.
-- `--help`, a validation error (unknown key), `--estimate-memory` (when llama_recipes/memory.py
-  exists): these must stay off the heavy imports.
+- `--help`, a validation error (unknown key), `--estimate-memory` on the demo recipe and on the
+  headline recipe (Llama-2-7B, lora_alpaca.yaml, --gpu-memory 24GB): these must stay off the
+  heavy imports (the estimate reads config.json; run with HF_HUB_OFFLINE=1 where there is no network).
 Each is the median of --repeat runs.
 """
 import argparse
@@ -55,6 +56,9 @@ def main(argv=None):
     }
     if (common.ROOT / "llama_recipes" / "memory.py").exists():
         out["estimate_memory_s"] = med([timed([PY, "run_recipe.py", DEMO, "--estimate-memory"])[0] for _ in R])
+        headline = str(common.ROOT / "recipes" / "lora_alpaca.yaml")  # Llama-2-7B: the shipped config.json
+        out["estimate_memory_headline_s"] = med([timed([PY, "run_recipe.py", headline, "--estimate-memory",
+                                                        "--gpu-memory", "24GB"], 0)[0] for _ in R])
     else:
         out["estimate_memory_s"] = None
         out["estimate_memory_note"] = "llama_recipes/memory.py not on this branch yet"

@@ -17,16 +17,16 @@ The artifact never copies the base. OUTPUT_DIR holds:
 
 Heads train with the plain `transformers.Trainer` (TRL's SFTTrainer is for causal LM), through
 the same lifecycle as every method (pipeline.train; methods/heads.py says how).
-This module imports torch at the top: it is only imported after the recipe is validated.
+torch is imported inside the functions, and the MLP head's nn.Module class is built on first use
+(`mlp_head_class`): the method registry imports this module, and `--estimate-memory` imports the
+registry, so importing it must not import torch (1 s of the estimate's 2 s budget).
 """
+import functools
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import torch
-from torch import nn
 
 from llama_recipes import data, measure, modeling
 from llama_recipes.errors import UserError, damaged_weights, read_json
@@ -39,7 +39,6 @@ log = get_logger(__name__)
 
 HEAD_CONFIG = "head_config.json"
 HEAD_WEIGHTS = "head.safetensors"
-_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 
 # -- the MLP head ------------------------------------------------------------------------------
@@ -48,6 +47,8 @@ def pool(hidden, attention_mask, how: str):
     """(batch, seq, hidden) -> (batch, hidden): the last non-pad position, or the mean over non-pad ones.
 
     Works for right and left padding (the last position whose mask is 1)."""
+    import torch
+
     if attention_mask is None:
         attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
     mask = attention_mask.to(hidden.device)
@@ -59,38 +60,57 @@ def pool(hidden, attention_mask, how: str):
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
-def build_mlp(in_features: int, num_labels: int, hidden_sizes, activation: str, dropout: float) -> nn.Sequential:
+def build_mlp(in_features: int, num_labels: int, hidden_sizes, activation: str, dropout: float):
+    """nn.Sequential: (dropout, linear, activation) per hidden size, then dropout and the output linear."""
+    from torch import nn
+
+    act = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}[activation]
     layers: list[nn.Module] = []
     width = in_features
     for h in hidden_sizes:
-        layers += [nn.Dropout(dropout), nn.Linear(width, h), _ACTIVATIONS[activation]()]
+        layers += [nn.Dropout(dropout), nn.Linear(width, h), act()]
         width = h
     layers += [nn.Dropout(dropout), nn.Linear(width, num_labels)]
     return nn.Sequential(*layers)
 
 
-class MLPHeadClassifier(nn.Module):
-    """base (AutoModel: hidden states) -> pool -> MLP (fp32) -> logits; loss = cross-entropy on `labels`."""
+@functools.cache
+def mlp_head_class() -> type:
+    """The MLP head's nn.Module class (one class per process, built on first use: see the module docstring)."""
+    from torch import nn
 
-    def __init__(self, base, cfg: dict):
-        super().__init__()
-        self.base = base
-        self.pooling, self.layer = cfg["pooling"], cfg["layer"]
-        n = base.config.num_hidden_layers  # hidden_states holds the embeddings and one entry per layer
-        if not -(n + 1) <= self.layer <= n:
-            raise UserError(f"method.layer={self.layer}: this model has {n} layers, so the hidden states are "
-                            f"0 (embeddings) to {n} (or -1 to -{n + 1} from the end)", f"set method.layer in -{n + 1}..{n}")
-        self.head = build_mlp(cfg["hidden_size"], cfg["num_labels"], cfg["hidden_sizes"], cfg["activation"], cfg["dropout"])
+    class MLPHeadClassifier(nn.Module):
+        """base (AutoModel: hidden states) -> pool -> MLP (fp32) -> logits; loss = cross-entropy on `labels`."""
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
-        from transformers.modeling_outputs import SequenceClassifierOutput
+        def __init__(self, base, cfg: dict):
+            super().__init__()
+            self.base = base
+            self.pooling, self.layer = cfg["pooling"], cfg["layer"]
+            n = base.config.num_hidden_layers  # hidden_states holds the embeddings and one entry per layer
+            if not -(n + 1) <= self.layer <= n:
+                raise UserError(f"method.layer={self.layer}: this model has {n} layers, so the hidden states are "
+                                f"0 (embeddings) to {n} (or -1 to -{n + 1} from the end)",
+                                f"set method.layer in -{n + 1}..{n}")
+            self.head = build_mlp(cfg["hidden_size"], cfg["num_labels"], cfg["hidden_sizes"], cfg["activation"],
+                                  cfg["dropout"])
 
-        logits = head_logits(self, pooled_features(self, input_ids, attention_mask))
-        loss = head_loss(self, logits, labels) if labels is not None else None
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+            from transformers.modeling_outputs import SequenceClassifierOutput
 
-    def activation_checkpointing_enable(self, **kwargs):  # the Trainer calls this when asked to checkpoint
-        self.base.activation_checkpointing_enable(**kwargs)
+            logits = head_logits(self, pooled_features(self, input_ids, attention_mask))
+            loss = head_loss(self, logits, labels) if labels is not None else None
+            return SequenceClassifierOutput(loss=loss, logits=logits)
+
+        def activation_checkpointing_enable(self, **kwargs):  # the Trainer calls this when asked to checkpoint
+            self.base.activation_checkpointing_enable(**kwargs)
+
+    MLPHeadClassifier.__module__ = __name__
+    return MLPHeadClassifier
+
+
+def is_mlp_head(model) -> bool:
+    """True for the MLP head (base + FC layers), False for AutoModelForSequenceClassification."""
+    return isinstance(model, mlp_head_class())
 
 
 # -- a head = features of the base (pooled) -> head layers --------------------------------------
@@ -99,7 +119,9 @@ class MLPHeadClassifier(nn.Module):
 
 def pooled_features(model, input_ids, attention_mask):
     """(batch, hidden) in the base's output dtype: what the head layers read."""
-    if isinstance(model, MLPHeadClassifier):
+    import torch
+
+    if is_mlp_head(model):
         out = model.base(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=model.layer != -1)
         hidden = out.last_hidden_state if model.layer == -1 else out.hidden_states[model.layer]
         return pool(hidden, attention_mask, model.pooling)
@@ -114,13 +136,15 @@ def pooled_features(model, input_ids, attention_mask):
 
 def head_logits(model, features):
     """Logits (fp32) of the head layers on pooled features."""
-    if isinstance(model, MLPHeadClassifier):
+    if is_mlp_head(model):
         return model.head(features.float())
     return model.score(features)  # a pre-hook casts the input to the fp32 head's dtype
 
 
 def head_loss(model, logits, labels):
-    if isinstance(model, MLPHeadClassifier):
+    if is_mlp_head(model):
+        from torch import nn
+
         return nn.functional.cross_entropy(logits, labels.to(logits.device))
     return model.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=model.config)
 
@@ -131,17 +155,19 @@ def why_not_cached(model, lora, args) -> str:
     """'' when training on cached features computes what training the whole model computes; else why not."""
     if lora is not None:
         return "method.lora trains the base"
-    head = model.head if isinstance(model, MLPHeadClassifier) else getattr(model, "score", None)
+    head = model.head if is_mlp_head(model) else getattr(model, "score", None)
     if head is None:
         return "unknown head"
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     if trainable - {id(p) for p in head.parameters()}:
         return "parameters of the base train"
-    base = model.base if isinstance(model, MLPHeadClassifier) else getattr(model, model.base_model_prefix)
+    base = model.base if is_mlp_head(model) else getattr(model, model.base_model_prefix)
     # The Trainer runs the whole model in train mode; the cached features come from eval mode. The
     # two agree only when the base has no active dropout.
     dropouts = [f"{name}={v}" for name, v in vars(base.config.get_text_config()).items()
                 if "dropout" in name and isinstance(v, float) and v > 0]
+    from torch import nn
+
     dropouts += [n for n, m in base.named_modules() if isinstance(m, nn.Dropout) and m.p > 0][:1]
     if dropouts:
         return f"the base has dropout ({dropouts[0]}): its features differ from step to step"
@@ -167,6 +193,8 @@ class FeatureRows:
 
 def compute_features(model, dataset, collator, batch_size: int, autocast) -> FeatureRows:
     """Pooled features of every row of a tokenized dataset, base in eval mode, no grad, once."""
+    import torch
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -195,6 +223,8 @@ class HeadCollator:
         self.pad = DataCollatorWithPadding(tokenizer)
 
     def __call__(self, rows):
+        import torch
+
         if "features" in rows[0]:
             return {"features": torch.stack([r["features"] for r in rows]),
                     "labels": torch.as_tensor([int(r["labels"]) for r in rows])}
@@ -292,6 +322,8 @@ def _load_base(cfg: dict):
 
 
 def _cast_inputs_to_weight(module, args):
+    import torch
+
     return tuple(a.to(module.weight.dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
@@ -311,12 +343,12 @@ def build(cfg: dict, lora=None):
         from peft import get_peft_model
 
         base = get_peft_model(base, _lora_config(lora, "FEATURE_EXTRACTION"))
-    return MLPHeadClassifier(base, cfg)
+    return mlp_head_class()(base, cfg)
 
 
 def head_state(model) -> dict:
     """The head's weights (what head.safetensors holds). Collective under FSDP2: call on every rank."""
-    prefix, module = ("head", model.head) if isinstance(model, MLPHeadClassifier) else ("score", model.score)
+    prefix, module = ("head", model.head) if is_mlp_head(model) else ("score", model.score)
 
     def full(v):  # an FSDP2-sharded parameter is a DTensor: gather it whole
         return (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().contiguous().cpu()
@@ -404,8 +436,8 @@ def _load_weights(model, cfg: dict, path: Path):
 
             model.base = PeftModel.from_pretrained(model.base, str(path))
         state = load_file(str(path / HEAD_WEIGHTS))
-        target = model.head if isinstance(model, MLPHeadClassifier) else model.score
-        prefix = "head." if isinstance(model, MLPHeadClassifier) else "score."
+        target = model.head if is_mlp_head(model) else model.score
+        prefix = "head." if is_mlp_head(model) else "score."
         target.load_state_dict({k.removeprefix(prefix): v for k, v in state.items()}, strict=True)
     return model
 
@@ -418,6 +450,8 @@ def tokenize(ds, tokenizer, max_length: int | None):
 
 def batch_logits(model, tokenizer, texts: list[str], batch_size: int = 32, max_length: int | None = None):
     """(len(texts), num_labels) fp32 logits; right padding, truncation to max_length."""
+    import torch
+
     model.eval()
     device = next(model.parameters()).device
     out = []

@@ -177,7 +177,7 @@ def _model_checks(recipe, env: dict[str, str], version: int) -> dict[str, str]:
 def _architecture(name: str, revision: str | None, trust_remote_code: bool):
     """(config, meta-device shape) of a model; cached, since a table checks one model under many configs."""
     cfg = memory.load_config(name, revision, trust_remote_code)
-    return cfg, memory.model_shape(cfg)
+    return cfg, memory.meta_shape(cfg)  # the module classes too: the wrap checks need them
 
 
 def render(c: Check) -> str:

@@ -2,9 +2,10 @@
 
     python run_recipe.py RECIPE --estimate-memory [--gpus N] [--gpu-memory 80GB] [--config ACCEL.yaml] [--compare]
 
-Reads only the model config (the model is built on the meta device, so every parameter is
-counted exactly and no weight is loaded) and the recipe. Never imports trl, peft or
-bitsandbytes. Per device, in bytes:
+Reads only the model's config.json and the recipe; no weight is loaded. Llama-family models
+(llama, mistral, qwen2, qwen3) are counted from config.json alone, without importing torch or
+transformers; any other architecture is built on the meta device. Either way every parameter is
+counted exactly. Never imports trl, peft or bitsandbytes. Per device, in bytes:
 
   weights      every parameter at its storage dtype (QLoRA: 4-bit NF4 + quantization constants)
   gradients    trainable parameters, at the parameter dtype
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from llama_recipes import builtin_models, methods
-from llama_recipes.errors import UserError
+from llama_recipes.errors import UserError, read_json
 from llama_recipes.freeze import rule_matches
 from llama_recipes.methods.peft import Lora, linear_targets
 from llama_recipes.paths import resolve, shipped_config
@@ -98,31 +99,124 @@ class ModelShape:
         return per + [rest]
 
 
-def load_config(ref: str, revision: str | None = None, trust_remote_code: bool = False):
-    from transformers import AutoConfig
-
+def config_file(ref: str, revision: str | None = None) -> Path:
+    """The model's config.json, found without importing transformers: a local directory (or
+    builtin:), the HF cache, the package's copy for the models shipped recipes name (their
+    published config.json: shapes do not change between revisions), else downloaded from the hub
+    (config.json only). The cache and the shipped copy come first so that an estimate never waits
+    on the network (offline, huggingface_hub retries for ~23 s before it gives up)."""
     path = resolve(ref, "model")
-    if trust_remote_code:
-        print(f"warning: trust_remote_code is on: running Python code shipped with {path}", file=sys.stderr)
+    local = Path(path).expanduser()
+    if local.exists() or path.startswith((".", "/", "~")):
+        if not (local / "config.json").is_file():
+            raise UserError(f"{ref}: no config.json in {local}", "point model.name_or_path at a model directory "
+                            "(the one save_pretrained wrote)")
+        return local / "config.json"
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError
+
+    cached = try_to_load_from_cache(path, "config.json", revision=revision)
+    if isinstance(cached, str):
+        return Path(cached)
+    shipped = shipped_config(path)
+    if shipped is not None and revision is None:
+        return shipped / "config.json"
     try:
-        return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        if "trust_remote_code" in str(e):
-            raise UserError(f"{ref} ships its own Python code (auto_map in its config), and model.trust_remote_code "
-                            "is false", "read that code; if you trust its authors set model.trust_remote_code: "
-                            "true") from None
-        shipped = shipped_config(ref)
-        if shipped is not None:  # offline: the published config.json shipped for the recipes' models
-            print(f"note: {ref} is not reachable; using the package's copy of its published config.json",
-                  file=sys.stderr)
-            return AutoConfig.from_pretrained(str(shipped))
+        return Path(hf_hub_download(path, "config.json", revision=revision))
+    except (OSError, ValueError, EntryNotFoundError) as e:  # offline, gated, no such repo or file, a malformed id
         raise UserError(f"cannot read the model config of {ref!r}: {str(e).splitlines()[0]}",
                         "point model.name_or_path at a local directory with config.json, or go online once "
                         "for a hub id (only config.json is read)") from None
 
 
-def model_shape(cfg, trust_remote_code: bool = False) -> ModelShape:
-    """Build the model on the meta device (no memory, no weights) and record its parameters."""
+def load_config(ref: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The transformers config object of a model (for the meta-device shape)."""
+    from transformers import AutoConfig
+
+    if trust_remote_code:
+        print(f"warning: trust_remote_code is on: running Python code shipped with {ref}", file=sys.stderr)
+        source = resolve(ref, "model")  # the remote code is fetched next to config.json
+    else:
+        source = str(config_file(ref, revision).parent)
+    try:
+        return AutoConfig.from_pretrained(source, revision=revision if trust_remote_code else None,
+                                          trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e):
+            raise UserError(f"{ref} ships its own Python code (auto_map in its config), and model.trust_remote_code "
+                            "is false", "read that code; if you trust its authors set model.trust_remote_code: "
+                            "true") from None
+        raise UserError(f"cannot read the model config of {ref!r}: {str(e).splitlines()[0]}",
+                        "point model.name_or_path at a local directory with config.json, or go online once "
+                        "for a hub id (only config.json is read)") from None
+
+
+# Architectures whose parameters follow from config.json alone (no torch, no transformers): the
+# Llama layout. Per family: transformers 5.24's class defaults for keys a config.json may omit,
+# whether q/k/v (and o) carry a bias, and per-head q/k norms (Qwen3). tests/test_memory.py checks
+# every family against the meta-device model, with these defaults and with every key explicit.
+_LLAMA_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "tie_word_embeddings")
+FAMILIES: dict[str, dict] = {
+    "llama": {"defaults": (32000, 4096, 11008, 32, 32, None, None, False), "qkv_bias": "attention_bias",
+              "o_bias": "attention_bias", "mlp_bias": "mlp_bias", "qk_norm": False},
+    "mistral": {"defaults": (32000, 4096, 14336, 32, 32, 8, None, False), "qkv_bias": False, "o_bias": False,
+                "mlp_bias": False, "qk_norm": False},
+    "qwen2": {"defaults": (151936, 4096, 22016, 32, 32, 32, None, False), "qkv_bias": True, "o_bias": False,
+              "mlp_bias": False, "qk_norm": False},
+    "qwen3": {"defaults": (151936, 4096, 22016, 32, 32, 32, 128, False), "qkv_bias": "attention_bias",
+              "o_bias": "attention_bias", "mlp_bias": False, "qk_norm": True},
+}
+
+
+def config_shape(raw: dict) -> ModelShape | None:
+    """The shape of a Llama-family model from its config.json contents, or None for another architecture."""
+    family = FAMILIES.get(raw.get("model_type"))
+    if family is None or "auto_map" in raw:
+        return None
+    c = {k: raw.get(k, d) for k, d in zip(_LLAMA_KEYS, family["defaults"])}
+    heads, hidden, inter = c["num_attention_heads"], c["hidden_size"], c["intermediate_size"]
+    kv = c["num_key_value_heads"] or heads
+    hd = c["head_dim"] or hidden // heads
+
+    def flag(v):  # a family's fixed choice, or the config key that decides it (default False)
+        return v if isinstance(v, bool) else bool(raw.get(v, False))
+
+    linears = {"q_proj": (hidden, heads * hd), "k_proj": (hidden, kv * hd), "v_proj": (hidden, kv * hd),
+               "o_proj": (heads * hd, hidden)}
+    mlp = {"gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+    params: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c["vocab_size"], hidden)}
+    shape_linears: dict[str, tuple[int, int]] = {}
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        for name, (fin, fout) in linears.items():
+            shape_linears[f"{p}self_attn.{name}"] = (fin, fout)
+            params[f"{p}self_attn.{name}.weight"] = (fout, fin)
+            if flag(family["o_bias"] if name == "o_proj" else family["qkv_bias"]):
+                params[f"{p}self_attn.{name}.bias"] = (fout,)
+        if family["qk_norm"]:
+            params[f"{p}self_attn.q_norm.weight"] = (hd,)
+            params[f"{p}self_attn.k_norm.weight"] = (hd,)
+        for name, (fin, fout) in mlp.items():
+            shape_linears[f"{p}mlp.{name}"] = (fin, fout)
+            params[f"{p}mlp.{name}.weight"] = (fout, fin)
+            if flag(family["mlp_bias"]):
+                params[f"{p}mlp.{name}.bias"] = (fout,)
+        params[f"{p}input_layernorm.weight"] = (hidden,)
+        params[f"{p}post_attention_layernorm.weight"] = (hidden,)
+    params["model.norm.weight"] = (hidden,)
+    if not c["tie_word_embeddings"]:  # tied, lm_head's weight is embed_tokens' (counted once)
+        params["lm_head.weight"] = (c["vocab_size"], hidden)
+    shape_linears["lm_head"] = (hidden, c["vocab_size"])
+    dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+    return ModelShape(params=params, linears=shape_linears, layer_prefix="model.layers.",
+                      num_layers=c["num_hidden_layers"], hidden=hidden, intermediate=inter, heads=heads, kv_heads=kv,
+                      head_dim=hd, vocab=c["vocab_size"], dtype=str(dtype).replace("torch.", ""))
+
+
+def meta_shape(cfg, trust_remote_code: bool = False) -> ModelShape:
+    """Build the model on the meta device (no memory, no weights) and record its parameters, and
+    the module classes FSDP's wrap checks need. Any architecture transformers builds."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -149,6 +243,34 @@ def model_shape(cfg, trust_remote_code: bool = False) -> ModelShape:
         module_classes={type(m).__name__ for m in model.modules()},
         no_split=list(getattr(model, "_no_split_modules", None) or []),
     )
+
+
+def model_shape(cfg, trust_remote_code: bool = False) -> ModelShape:
+    """The shape of a model config (a transformers config object): from its keys alone for the
+    Llama family, else on the meta device."""
+    if not trust_remote_code:
+        shape = config_shape(cfg.to_dict())
+        if shape is not None:
+            return shape
+    return meta_shape(cfg, trust_remote_code)
+
+
+def recipe_shape(m) -> ModelShape:
+    """The shape of a recipe's `model:` section. Llama-family models are counted from config.json
+    without importing torch or transformers (the estimate answers in about a second); other
+    architectures, remote code and a GGUF not yet converted are built on the meta device."""
+    src = builtin_models.gguf_source(m)
+    ref, revision = m.name_or_path, m.revision
+    if src is not None:
+        done = builtin_models.converted_dir(src)
+        if not builtin_models.is_converted(done):  # the GGUF's metadata, read by transformers
+            return meta_shape(builtin_models.gguf_config(m))
+        ref, revision = str(done), None
+    if not m.trust_remote_code:
+        shape = config_shape(read_json(config_file(ref, revision), "restore the model's config.json"))
+        if shape is not None:
+            return shape
+    return meta_shape(load_config(ref, revision, m.trust_remote_code), m.trust_remote_code)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -631,9 +753,7 @@ def estimate_for_config(cfg, method: str = "full", activation_checkpointing: boo
 def estimate_recipe(recipe, gpus=None, config=None, gpu_memory=None):
     """(shape, setup, estimate) for a validated recipe."""
     # A GGUF (model.gguf_file, builtin:smollm2-135m-instruct): its config from the file's metadata
-    cfg = builtin_models.gguf_config(recipe.model) or load_config(recipe.model.name_or_path, recipe.model.revision,
-                                                                  recipe.model.trust_remote_code)
-    shape = model_shape(cfg, recipe.model.trust_remote_code)
+    shape = recipe_shape(recipe.model)
     s = setup_from_recipe(recipe, gpus, config, gpu_memory)
     return shape, s, estimate(shape, s)
 

@@ -61,6 +61,23 @@ def test_estimate_memory_subprocess_offline():
     assert check_report(proc.stdout) == PUBLISHED["meta-llama/Llama-2-7b-hf"]
 
 
+def test_estimate_memory_imports_neither_torch_nor_transformers():
+    """Every shipped recipe on a Llama-family config.json (all but a GGUF not yet converted) estimates
+    from config.json alone, in one process that never imports torch or transformers: the reason
+    the estimate answers in well under 2 s (docs/benchmarks.md)."""
+    import subprocess
+    import sys
+
+    paths = [str(p) for p in RECIPES if "gguf" not in p.read_text() and "smollm2" not in p.read_text()]
+    code = ("import sys; from llama_recipes.cli import main; rcs = [main([p, '--estimate-memory']) for p in sys.argv[1:]]; "
+            "print('RC', rcs); print('HEAVY', sorted({'torch', 'transformers', 'trl', 'peft'} & set(sys.modules)))")
+    r = subprocess.run([sys.executable, "-c", code, *paths], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert f"RC {[0] * len(paths)}" in r.stdout, r.stderr[-3000:]
+    assert "HEAVY []" in r.stdout
+    assert len(paths) >= 20
+
+
 def test_every_recipe_is_covered():
     from llama_recipes.paths import shipped_config
 

@@ -190,7 +190,7 @@ def test_cached_base_features_train_the_same_head(tmp_path, monkeypatch, name):
         def build(*a, _original=original, _cache=cache, **kw):
             trainer = _original(*a, **kw)
             model = trainer.model
-            base = model.base if isinstance(model, heads.MLPHeadClassifier) else model.model
+            base = model.base if heads.is_mlp_head(model) else model.model
             calls[_cache] = 0
             base.register_forward_pre_hook(lambda *_: calls.__setitem__(_cache, calls[_cache] + 1))
             return trainer

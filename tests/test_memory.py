@@ -178,6 +178,47 @@ def test_estimate_equals_bytes_after_optimizer_step(tmp_path, model, method, fre
     assert e.optimizer == pytest.approx(o, rel=0.05)
 
 
+# Config variants per family: the class defaults alone (every optional key omitted, as
+# save_pretrained may write it), a small one with every key explicit, and the switches that change
+# parameter shapes (tied embeddings, biases, explicit head_dim, num_key_value_heads: null).
+SMALL_KEYS = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
+              "num_attention_heads": 4, "num_key_value_heads": 2}
+VARIANTS = {
+    "defaults": {},
+    "small": SMALL_KEYS,
+    "tied": {**SMALL_KEYS, "tie_word_embeddings": True, "torch_dtype": "bfloat16"},
+    "biases": {**SMALL_KEYS, "attention_bias": True, "mlp_bias": True},
+    "head_dim": {**SMALL_KEYS, "head_dim": 24, "dtype": "float16"},
+    "kv_null": {**SMALL_KEYS, "num_key_value_heads": None, "head_dim": None},
+}
+# transformers 5.24 refuses null num_key_value_heads/head_dim except in LlamaConfig: no such config loads
+CASES = [(f, v) for f in sorted(memory.FAMILIES) for v in VARIANTS if v != "kv_null" or f == "llama"]
+
+
+@pytest.mark.parametrize("family,variant", CASES)
+def test_config_shape_equals_the_meta_model(family, variant):
+    """The torch-free shape (config.json alone) is the meta-device model's, name for name and shape
+    for shape, for every family it claims: so --estimate-memory can skip torch and transformers."""
+    from transformers import AutoConfig
+
+    raw = {"model_type": family, **VARIANTS[variant]}
+    fast = memory.config_shape(raw)
+    meta = memory.meta_shape(AutoConfig.for_model(**raw))
+    assert fast.params == meta.params
+    assert fast.linears == meta.linears
+    for field in ("layer_prefix", "num_layers", "hidden", "intermediate", "heads", "kv_heads", "head_dim", "vocab",
+                  "dtype"):
+        assert getattr(fast, field) == getattr(meta, field), field
+    assert fast.total == meta.total > 0
+
+
+def test_other_architectures_and_remote_code_use_the_meta_model():
+    assert memory.config_shape({"model_type": "gpt2"}) is None
+    assert memory.config_shape({"model_type": "llama", "auto_map": {"AutoModelForCausalLM": "m.M"}}) is None
+    gpt2 = memory.model_shape(__import__("transformers").AutoConfig.for_model("gpt2", n_layer=2, n_embd=64, n_head=4))
+    assert gpt2.num_layers == 2 and gpt2.module_classes  # built on the meta device
+
+
 def test_estimate_memory_fits_in_process(tmp_path, capsys):
     import argparse
 
@@ -193,7 +234,8 @@ def test_estimate_memory_fits_in_process(tmp_path, capsys):
 
 def test_cli_does_not_fit_with_options_and_no_heavy_imports(tmp_path):
     """The real entry point, full fine-tuning of Llama-2-7B on one 80 GB GPU: exit 1, ranked options,
-    the --compare table, and neither trl, peft nor bitsandbytes imported."""
+    the --compare table, and nothing heavy imported: not even torch or transformers (a Llama is
+    counted from config.json, memory.config_shape)."""
     import subprocess
     import sys
 
@@ -203,7 +245,7 @@ def test_cli_does_not_fit_with_options_and_no_heavy_imports(tmp_path):
                       "data: {path: builtin:demo}\nmethod: {name: full}\n"
                       "training: {bf16: true, per_device_train_batch_size: 1, max_length: 512}\n")
     code = ("import sys; from llama_recipes.cli import main; rc = main(sys.argv[1:]); "
-            "heavy = {'trl', 'peft', 'bitsandbytes'} & set(sys.modules); "
+            "heavy = {'trl', 'peft', 'bitsandbytes', 'torch', 'transformers'} & set(sys.modules); "
             "print('HEAVY', sorted(heavy)); sys.exit(rc)")
     r = subprocess.run([sys.executable, "-c", code, str(recipe), "--estimate-memory", "--gpu-memory", "80GB",
                         "--compare"], cwd=ROOT, capture_output=True, text=True, timeout=300,
