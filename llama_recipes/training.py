@@ -42,7 +42,8 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, callbacks=None):
 
     args = sft_config(recipe, data.sft_overrides(recipe, train_ds))
     packed = bool(args.packing) and args.packing_strategy in ("bfd", "bfd_split")
-    trainer = batching.trainer_class(SFTTrainer, packed=packed)(
+    base = SFTTrainer if has_accelerator() else type("SFTTrainer", (LogitsLossMixin, SFTTrainer), {"__module__": __name__})
+    trainer = batching.trainer_class(base, packed=packed)(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -53,3 +54,48 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, callbacks=None):
     if packed:
         batching.install_packed_collator(trainer)
     return trainer
+
+
+class LogitsLossMixin:
+    """Mixed into SFTTrainer on CPU: the loss from the model's own logits, not TRL's fused LM head.
+
+    TRL 1.16 patches the model with a fused LM head that never holds the [batch, seq, vocab]
+    logits: it projects in chunks and projects again in backward. On a GPU that saves memory at
+    long sequences. On CPU, where a batch's logits are small and the output projection is a large
+    share of the FLOPs (49k x 576 of SmolLM2-135M's 134.5M parameters), the second projection cost
+    ~15% of every step (docs/benchmarks.md, "Real model"). The loss is the same token-weighted
+    cross-entropy (transformers' own, through Trainer.compute_loss: label smoothing and the
+    gradient-accumulation normalisation as there). TRL's logged metrics are kept: entropy and
+    mean_token_accuracy over the supervised positions (without grad), and num_tokens.
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        import torch
+        from transformers import Trainer
+
+        inputs["use_cache"] = False
+        labels = inputs.get("labels")
+        loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        with torch.no_grad():
+            logits = outputs.logits
+            if labels.shape[1] < logits.shape[1]:  # prompt tuning: logits include the virtual tokens first
+                labels = torch.nn.functional.pad(labels, (logits.shape[1] - labels.shape[1], 0), value=-100)
+            target = labels[:, 1:].to(logits.device)
+            mask = target != -100
+            chosen = logits[:, :-1][mask].float()
+            logp = torch.log_softmax(chosen, dim=-1)
+            valid = self.accelerator.gather_for_metrics(mask.sum()).sum()
+            entropy = self.accelerator.gather_for_metrics(-(logp.exp() * logp).sum()).sum()
+            correct = self.accelerator.gather_for_metrics((chosen.argmax(-1) == target[mask]).sum()).sum()
+        self._metrics[mode]["entropy"].append((entropy / valid).item() if valid > 0 else 0.0)
+        self._metrics[mode]["mean_token_accuracy"].append((correct / valid).item() if valid > 0 else 0.0)
+        if mode == "train":  # as TRL counts them (batching.PackedRowsMixin corrects packed rows)
+            if "attention_mask" in inputs:
+                local = inputs["attention_mask"].sum()
+            else:
+                local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+            self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item() // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return (loss, outputs) if return_outputs else loss
