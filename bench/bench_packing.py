@@ -11,6 +11,7 @@ only the batching differs:
 (batch × max_length). Rounds alternate padded, grouped, packed; ratios are medians over rounds.
 """
 import argparse
+from pathlib import Path
 
 import common
 
@@ -24,10 +25,13 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--model", default=None,
+                    help="a real model directory (e.g. SmolLM2-135M converted by builtin:smollm2-135m-instruct); "
+                         "default: the random ~10M Llama. Results go to packing_<dir name>.json")
     a = ap.parse_args(argv)
     common.quiet()
     common.set_threads()
-    work = common.make_workdir(n_rows=1024)
+    work = common.make_workdir(n_rows=1024, model=a.model)
     runs = {side: [] for side in SIDES}
     for r in range(a.rounds):
         for side, training in SIDES.items():
@@ -44,7 +48,7 @@ def main(argv=None):
     def speed(side):
         return [x["tokens_per_s"] for x in runs[side]]
 
-    out = {"steps": a.steps, "warmup": a.warmup, "batch": a.batch, "max_length": a.max_length,
+    out = {"model": a.model or "10M bench Llama", "steps": a.steps, "warmup": a.warmup, "batch": a.batch, "max_length": a.max_length,
            **{f"{side}_real_fraction": round(runs[side][0]["real_fraction"], 4) for side in SIDES},
            "packed_fill": round(runs["packed"][0]["fill"], 4),
            "speedup_median": common.median_ratio(speed("packed"), speed("padded")),
@@ -55,7 +59,7 @@ def main(argv=None):
         ratio = common.median_ratio(speed(side), speed("padded"))
         print(f"| {side} | {sorted(speed(side))[len(speed(side)) // 2]:.0f} | {ratio:.2f} | "
               f"{out[side + '_real_fraction']:.3f} |")
-    return common.save("packing", out)
+    return common.save("packing" if not a.model else f"packing_{Path(a.model).resolve().name}", out)
 
 
 if __name__ == "__main__":
