@@ -28,6 +28,7 @@ from llama_recipes.measure import (  # noqa: F401
     generation_pairs,
     pad_collate,
     tokenize_like_trl,
+    within_max_length,
 )
 from llama_recipes.metrics import exact_match, generation_scores, normalize_answer  # noqa: F401  (re-exported)
 from llama_recipes.paths import resolve
@@ -129,13 +130,15 @@ def evaluate_target(recipe, target: Target) -> tuple[dict, list[dict]]:
     if eval_raw is None:
         raise UserError("--eval-only needs held-out data, and data.eval_split is not set",
                         "set data.eval_split to a split name (eval) or a fraction (0.05)")
-    if cfg.limit:
-        eval_raw = eval_raw.select(range(min(cfg.limit, len(eval_raw))))
 
     t = time.time()
     tokenizer, model = load_for_eval(recipe, target)
     if "messages" in eval_raw.column_names:  # the template training used (a --base tokenizer lacks it)
         chat.install_template(tokenizer, recipe.data.chat_template)
+    # The rows training evaluates on: data.over_length: drop first (data.prepare), then the first eval.limit
+    eval_raw = eval_raw.select(within_max_length(eval_raw, tokenizer, recipe))
+    if cfg.limit:
+        eval_raw = eval_raw.select(range(min(cfg.limit, len(eval_raw))))
     if not getattr(model, "is_quantized", False) and not getattr(model, "hf_device_map", None):
         model.to(device)
     seconds["load"] = time.time() - t

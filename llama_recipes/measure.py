@@ -161,8 +161,25 @@ def tokenize_like_trl(ds, tokenizer, recipe):
     data.train_on_prompt; text: EOS appended, loss on every token; chat: chat.tokenize, as
     data.prepare hands it to TRL (loss on assistant turns through their end-of-turn token unless
     data.train_on_prompt). Truncated to training.max_length (training.truncation_mode); rows left
-    without a supervised token are dropped.
+    without a supervised token are dropped, and with data.over_length: drop so are rows longer
+    than max_length (data.prepare drops them before training sees them).
     """
+    ds = _tokenized(ds, tokenizer, recipe)
+    longest = _training_setting(recipe, "max_length") if recipe.data.over_length == "drop" else None
+    ds = ds.filter(lambda ex: any(x != -100 for x in ex["labels"]) and (longest is None or ex["length"] <= longest))
+    return ds.remove_columns("length")
+
+
+def within_max_length(ds, tokenizer, recipe) -> list[int]:
+    """Indices of the rows data.over_length: drop keeps (all rows under truncate or without max_length)."""
+    max_length = _training_setting(recipe, "max_length")
+    if recipe.data.over_length != "drop" or max_length is None:
+        return list(range(len(ds)))
+    return [i for i, n in enumerate(_tokenized(ds, tokenizer, recipe)["length"]) if n <= max_length]
+
+
+def _tokenized(ds, tokenizer, recipe):
+    """tokenize_like_trl's rows before filtering, with `length`: the row's token count before truncation."""
     eos = tokenizer.eos_token
     only_prompted = not recipe.data.train_on_prompt  # data.sft_overrides: the one switch for both families
     max_length = _training_setting(recipe, "max_length")
@@ -186,13 +203,13 @@ def tokenize_like_trl(ds, tokenizer, recipe):
             ids = tokenizer(text=text)["input_ids"]
             mask = [True] * len(ids)
         labels = [t if m else -100 for t, m in zip(ids, mask)]
+        length = len(ids)
         if max_length is not None:
             cut = slice(-max_length, None) if keep_end else slice(None, max_length)
             ids, labels = ids[cut], labels[cut]
-        return {"input_ids": ids, "labels": labels}
+        return {"input_ids": ids, "labels": labels, "length": length}
 
-    ds = ds.map(one, remove_columns=ds.column_names)
-    return ds.filter(lambda ex: any(x != -100 for x in ex["labels"]))
+    return ds.map(one, remove_columns=ds.column_names)
 
 
 def generation_pairs(raw, tokenizer) -> tuple[list[str], list[str], bool, list[int] | None] | None:

@@ -197,3 +197,20 @@ def test_eval_only_two_ranks_equals_one(trained):
         single["retain"]["builtin:retain"]["delta_loss"], rel=1e-4, abs=1e-6)
     assert (run.output_dir / "eval" / "predictions.jsonl").read_text() == preds
     assert proc.stderr.count("eval results in") == 1  # written and reported once
+
+
+def test_eval_only_drops_over_length_rows_as_training_does(tmp_path):
+    """data.over_length: drop removes over-length eval rows before training's eval takes its first
+    eval.limit rows; --eval-only selects the same rows, so it reproduces the run's numbers."""
+    from llama_recipes import pipeline
+
+    recipe = _recipe(tmp_path / "run", "data.path=builtin:demo", "data.over_length=drop", "training.max_length=56",
+                     "eval.retain=[]")
+    run = pipeline.train(recipe)
+    assert run.metrics["data"]["eval_dropped_over_length"] > 0  # some of the first 16 eval rows are too long
+    assert evaluation.eval_only(recipe, Namespace(checkpoint=None, base=False)) == 0
+    res = _results(run.output_dir / "eval")
+    after = run.metrics["eval_after"]
+    assert res["metrics"]["tokens"] == after["tokens"]
+    assert res["metrics"]["loss"] == pytest.approx(after["loss"], rel=1e-5)
+    assert res["examples"] == after.get("examples", res["examples"])
