@@ -66,13 +66,17 @@ class LogitsLossMixin:
     ~15% of every step (docs/benchmarks.md, "Real model"). The loss is the same token-weighted
     cross-entropy (transformers' own, through Trainer.compute_loss: label smoothing and the
     gradient-accumulation normalisation as there). TRL's logged metrics are kept: entropy and
-    mean_token_accuracy over the supervised positions (without grad), and num_tokens.
+    mean_token_accuracy over the supervised positions (without grad), and num_tokens. What only TRL's
+    path computes (training.loss_type: dft, a mixture-of-experts router loss) still goes through it.
     """
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         import torch
         from transformers import Trainer
 
+        if self.args.loss_type != "nll" or self.aux_loss_enabled:  # only TRL's own path computes these
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
         inputs["use_cache"] = False
         labels = inputs.get("labels")
         loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,

@@ -19,6 +19,8 @@ CASES = {
     "lora_accumulation": ("tiny_lora", ["training.gradient_accumulation_steps=2"]),
     "prompt_tuning": ("tiny_prompt_tuning", []),
     "full_packed": ("tiny_full", ["training.packing=true"]),
+    # DFT weights each token's loss by its probability: only TRL's path computes it, so CPU must not bypass it
+    "lora_dft": ("tiny_lora", ["training.loss_type=dft"]),
 }
 
 
