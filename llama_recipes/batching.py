@@ -138,10 +138,11 @@ class PackedRowsMixin:
         return out
 
 
-def trainer_class(base, packed: bool = False):
-    """`base` (a transformers/TRL trainer class) with our sampling, and the packed-row metric fix if packing."""
+def trainer_class(base, packed: bool = False, extra: tuple = ()):
+    """`base` (a transformers/TRL trainer class) with our sampling, the packed-row metric fix if packing,
+    and `extra` mixins nearest to `base` (their compute_loss runs under PackedRowsMixin's)."""
     mixins = (SeededSamplingMixin, PackedRowsMixin) if packed else (SeededSamplingMixin,)
-    return type(base.__name__, (*mixins, base), {"__module__": __name__})
+    return type(base.__name__, (*mixins, *extra, base), {"__module__": __name__})
 
 
 def install_packed_collator(trainer) -> None:

@@ -153,6 +153,8 @@ def head_loss(model, logits, labels):
 
 def why_not_cached(model, lora, args) -> str:
     """'' when training on cached features computes what training the whole model computes; else why not."""
+    from torch import nn
+
     if lora is not None:
         return "method.lora trains the base"
     head = model.head if is_mlp_head(model) else getattr(model, "score", None)
@@ -166,8 +168,6 @@ def why_not_cached(model, lora, args) -> str:
     # two agree only when the base has no active dropout.
     dropouts = [f"{name}={v}" for name, v in vars(base.config.get_text_config()).items()
                 if "dropout" in name and isinstance(v, float) and v > 0]
-    from torch import nn
-
     dropouts += [n for n, m in base.named_modules() if isinstance(m, nn.Dropout) and m.p > 0][:1]
     if dropouts:
         return f"the base has dropout ({dropouts[0]}): its features differ from step to step"

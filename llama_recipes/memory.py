@@ -257,7 +257,7 @@ def model_shape(cfg, trust_remote_code: bool = False) -> ModelShape:
 
 def recipe_shape(m) -> ModelShape:
     """The shape of a recipe's `model:` section. Llama-family models are counted from config.json
-    without importing torch or transformers (the estimate answers in about a second); other
+    without importing torch or transformers (the estimate answers in about 0.3 s); other
     architectures, remote code and a GGUF not yet converted are built on the meta device."""
     src = builtin_models.gguf_source(m)
     ref, revision = m.name_or_path, m.revision

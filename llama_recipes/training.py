@@ -42,8 +42,8 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, callbacks=None):
 
     args = sft_config(recipe, data.sft_overrides(recipe, train_ds))
     packed = bool(args.packing) and args.packing_strategy in ("bfd", "bfd_split")
-    base = SFTTrainer if has_accelerator() else type("SFTTrainer", (LogitsLossMixin, SFTTrainer), {"__module__": __name__})
-    trainer = batching.trainer_class(base, packed=packed)(
+    extra = () if has_accelerator() else (LogitsLossMixin,)
+    trainer = batching.trainer_class(SFTTrainer, packed=packed, extra=extra)(
         model=model,
         args=args,
         train_dataset=train_ds,

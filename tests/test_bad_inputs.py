@@ -32,11 +32,7 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 # -- setups: each gets tmp_path and the recipe dict, may create files, returns extra CLI args --------------
 
 def _body(text):
-    def setup(tmp, recipe):
-        (tmp / "r.yaml").write_text(text)
-        return []
-    setup.own_file = True
-    return setup
+    return _raw(text.encode("utf-8"))
 
 
 def _no_recipe_file(tmp, recipe):
