@@ -42,10 +42,14 @@ COLUMNS = {
     "text": (["text"], []),
     "chat": (["messages"], []),
     "classification": (["text", "label"], []),
+    # text or message lists (checked by _preference_problem); prompt optional: a conversation's is implicit
+    "preference": (["chosen", "rejected"], ["prompt"]),
+    "unpaired_preference": (["completion", "label"], ["prompt"]),
 }
 # What each format renders to; formats of one family can be mixed.
 FAMILY = {"alpaca": "prompt_completion", "prompt_completion": "prompt_completion",
-          "summarization": "prompt_completion", "chat": "chat", "text": "text", "classification": "classification"}
+          "summarization": "prompt_completion", "chat": "chat", "text": "text", "classification": "classification",
+          "preference": "preference", "unpaired_preference": "unpaired_preference"}
 _DOCUMENT_ALIASES = ("dialogue", "dialog", "article", "document")
 _PROBLEM = "__problem"
 
@@ -206,6 +210,10 @@ def _canonical(ds, src: SourceConfig, fmt_hint: str):
 
 def detect_format(columns: list[str]) -> str:
     cols = set(columns)
+    if {"chosen", "rejected"} <= cols:
+        return "preference"
+    if {"completion", "label"} <= cols:
+        return "unpaired_preference"
     if {"instruction", "output"} <= cols:
         return "alpaca"
     if {"prompt", "completion"} <= cols:
@@ -219,12 +227,76 @@ def detect_format(columns: list[str]) -> str:
     if "text" in cols:
         return "text"
     raise UserError(f"cannot detect the data format from columns {sorted(cols)}",
-                    "set data.format (alpaca, prompt_completion, chat, text, summarization, classification) "
+                    "set data.format (alpaca, prompt_completion, chat, text, summarization, classification, "
+                    "preference, unpaired_preference) "
                     "and data.columns if your column names differ")
+
+
+def _messages_problem(value, col: str, need_assistant: bool = True) -> str:
+    if not isinstance(value, list) or not value:
+        return f"column `{col}`: empty or not a list of {{role, content}} messages"
+    for j, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            return f"column `{col}`: message {j} has no string `content`"
+        if m.get("role") not in ROLES:
+            return f"column `{col}`: message {j} has unknown role {m.get('role')!r} (known: {sorted(ROLES)})"
+    if need_assistant and not any(m["role"] == "assistant" and m["content"].strip() for m in value):
+        return f"column `{col}`: no non-empty assistant message to learn from"
+    return ""
+
+
+def _side_problem(value, col: str) -> str:
+    """A side of a preference (chosen, rejected, completion): non-empty text or messages."""
+    if value is None:
+        return f"column `{col}`: missing value"
+    if isinstance(value, str):
+        return "" if value.strip() else f"column `{col}`: empty"
+    if isinstance(value, list):
+        return _messages_problem(value, col)
+    return f"column `{col}`: expected text or a list of messages, got {type(value).__name__}"
+
+
+def _preference_problem(row: dict, fmt: str) -> str:
+    """preference: prompt?/chosen/rejected; unpaired_preference: prompt?/completion/label (bool)."""
+    sides = ("chosen", "rejected") if fmt == "preference" else ("completion",)
+    for col in sides:
+        problem = _side_problem(row.get(col), col)
+        if problem:
+            return problem
+    kinds = {type(row[c]) for c in sides}
+    prompt = row.get("prompt")
+    if prompt is not None:
+        if isinstance(prompt, list):
+            problem = _messages_problem(prompt, "prompt", need_assistant=False)
+            if problem:
+                return problem
+        elif not isinstance(prompt, str):
+            return f"column `prompt`: expected text or a list of messages, got {type(prompt).__name__}"
+        kinds.add(type(prompt))
+    if len(kinds) > 1:
+        return "prompt and completions mix plain text and message lists: use one form for the whole row"
+    if fmt == "unpaired_preference":
+        if not isinstance(row.get("label"), bool):
+            return f"column `label`: expected true (desirable) or false (undesirable), got {row.get('label')!r}"
+        return ""
+    chosen, rejected = row["chosen"], row["rejected"]
+    if chosen == rejected:
+        return "chosen and rejected are the same: there is nothing to prefer"
+    if isinstance(chosen, list) and prompt is None:  # implicit prompt: the turns before the last answer
+        if chosen[:-1] != rejected[:-1]:
+            return ("chosen and rejected conversations differ before their last message (an implicit prompt must "
+                    "be the same in both)")
+        if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+            return "chosen and rejected conversations must end with the assistant's answer"
+        if len(chosen) < 2:
+            return "chosen and rejected hold only the answer: add the user turn (or a `prompt` column)"
+    return ""
 
 
 def _row_problem(row: dict, fmt: str, label_ids: dict | None) -> str:
     """'' for a good row, else 'column `X`: what is wrong'."""
+    if fmt in ("preference", "unpaired_preference"):
+        return _preference_problem(row, fmt)
     required, optional = COLUMNS[fmt]
     for col in required + optional:
         value = row.get(col)
@@ -236,15 +308,9 @@ def _row_problem(row: dict, fmt: str, label_ids: dict | None) -> str:
             if label_ids is not None and value not in label_ids:
                 return f"column `label`: {value!r} is not in the label set {sorted(label_ids, key=str)}"
         elif col == "messages":
-            if not isinstance(value, list) or not value:
-                return "column `messages`: empty or not a list of {role, content} messages"
-            for j, m in enumerate(value):
-                if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-                    return f"column `messages`: message {j} has no string `content`"
-                if m.get("role") not in ROLES:
-                    return f"column `messages`: message {j} has unknown role {m.get('role')!r} (known: {sorted(ROLES)})"
-            if not any(m["role"] == "assistant" and m["content"].strip() for m in value):
-                return "column `messages`: no non-empty assistant message to learn from"
+            problem = _messages_problem(value, col)
+            if problem:
+                return problem
             order = chat.role_problem(value)
             if order:
                 return f"column `messages`: {order}"
@@ -258,15 +324,20 @@ def _row_problem(row: dict, fmt: str, label_ids: dict | None) -> str:
     return ""
 
 
+def require_columns(rows: Rows, fmt: str) -> None:
+    """The columns format `fmt` requires are there (a clear error naming the first missing one)."""
+    required, _ = COLUMNS[fmt]
+    absent = [c for c in required if c not in rows.ds.column_names]
+    if absent:
+        raise UserError(f"{rows.origins[0][1]}: column {absent[0]!r} missing for format {fmt} "
+                        f"(columns: {rows.ds.column_names})",
+                        "map your column with data.columns (e.g. {%s: your_column}) or set data.format" % absent[0])
+
+
 def check_rows(rows: Rows, fmt: str, policy: str, label_ids: dict | None = None):
     """Drop or refuse bad rows. Returns (dataset without bad rows, number skipped)."""
     ds = rows.ds
-    required, _ = COLUMNS[fmt]
-    absent = [c for c in required if c not in ds.column_names]
-    if absent:
-        raise UserError(f"{rows.origins[0][1]}: column {absent[0]!r} missing for format {fmt} "
-                        f"(columns: {ds.column_names})",
-                        "map your column with data.columns (e.g. {%s: your_column}) or set data.format" % absent[0])
+    require_columns(rows, fmt)
     checked = ds.map(
         lambda batch: {_PROBLEM: [_row_problem({k: batch[k][i] for k in batch}, fmt, label_ids)
                                   for i in range(len(batch[_first(batch)]))]},
@@ -368,11 +439,32 @@ def render(ds, src: SourceConfig, fmt: str, label_names: list[str] | None = None
                       remove_columns=cols, desc="rendering chat")
     if fmt == "text":
         return ds.select_columns(["text"])
+    if fmt == "preference":
+        return ds.map(_render_preference, remove_columns=cols, desc="rendering preference pairs")
+    if fmt == "unpaired_preference":
+        return ds.map(lambda r: {"prompt": r.get("prompt") or ("" if isinstance(r["completion"], str) else []),
+                                 "completion": _clean(r["completion"]), "label": r["label"]},
+                      remove_columns=cols, desc="rendering unpaired preferences")
     if fmt == "classification":
         features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=label_names)})
         return ds.map(lambda r: {"text": r["text"], "label": label_ids[r["label"]]}, remove_columns=cols,
                       features=features, desc="rendering classification")
     raise UserError(f"data.format {fmt!r} is not supported")
+
+
+def _clean(value):
+    """Text as it is; messages reduced to role/content (hub sets carry extra per-message keys)."""
+    return value if isinstance(value, str) else [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _render_preference(row: dict) -> dict:
+    """TRL's explicit-prompt form: prompt, chosen, rejected (a conversation's implicit prompt split off)."""
+    chosen, rejected, prompt = _clean(row["chosen"]), _clean(row["rejected"]), row.get("prompt")
+    if prompt is None and isinstance(chosen, list):
+        prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
+    elif prompt is None:
+        prompt = ""
+    return {"prompt": _clean(prompt), "chosen": chosen, "rejected": rejected}
 
 
 # -- the whole section -----------------------------------------------------------------------------
@@ -397,8 +489,12 @@ def _mix(parts: list, weights: list[float], total: int | None, seed: int):
     return datasets.concatenate_datasets(picked).shuffle(seed=seed)
 
 
-def build_datasets(cfg: DataConfig) -> Built:
-    """(train, eval or None, format name) with `.stats`; every row checked, rendered, counted."""
+def build_datasets(cfg: DataConfig, accepted: tuple[str, ...] | None = None) -> Built:
+    """(train, eval or None, format name) with `.stats`; every row checked, rendered, counted.
+
+    `accepted`: the formats the recipe's objective trains on; a detected format outside them is refused
+    before any row is checked (an explicit data.format is already checked by the schema).
+    """
     import datasets
 
     trains, evals, fmts, weights = [], [], [], []
@@ -416,7 +512,13 @@ def build_datasets(cfg: DataConfig) -> Built:
                                 "set data.eval_split to a split name or a fraction such as 0.05")
         train.ds = _canonical(train.ds, src, src.format)
         fmt = src.format if src.format != "auto" else detect_format(train.ds.column_names)
+        if accepted and fmt not in accepted:
+            raise UserError(f"{src.path} holds {fmt} data (detected from its columns {train.ds.column_names}), and "
+                            f"the recipe's objective trains on {' or '.join(accepted)} data",
+                            "point data.path at data of that format (data.columns maps your column names), or "
+                            "change objective.name (docs/preference.md lists the formats of each objective)")
         label_ids = None
+        require_columns(train, fmt)
         if fmt == "classification":
             names = names or label_set(train.ds, cfg)
             label_ids = label_ids_for(names, train.ds)
@@ -466,6 +568,10 @@ def build_datasets(cfg: DataConfig) -> Built:
 
 def _family(columns) -> str:
     cols = set(columns)
+    if {"chosen", "rejected"} <= cols:
+        return "preference"
+    if {"completion", "label"} <= cols:
+        return "unpaired_preference"
     if "messages" in cols:
         return "chat"
     if {"prompt", "completion"} <= cols:
@@ -491,7 +597,7 @@ def sft_overrides(recipe, train_ds) -> dict:
     return out
 
 
-def _apply_chat_template_choice(recipe, tokenizer, sample=None):
+def apply_chat_template_choice(recipe, tokenizer, sample=None, assistant_spans: bool = True):
     """Install data.chat_template on the tokenizer (so the saved artifact renders chats the same way) and check
     that assistant turns can be found in it (chat.py)."""
     template = recipe.data.chat_template
@@ -502,6 +608,8 @@ def _apply_chat_template_choice(recipe, tokenizer, sample=None):
     where = template if is_file else "data.chat_template" if template else \
         f"chat template of {recipe.model.tokenizer or recipe.model.name_or_path}"
     _check_jinja(tokenizer.chat_template, where)
+    if not assistant_spans:  # preference data: TRL finds the completion where prompt and answer diverge
+        return
     try:
         chat.check_template(tokenizer, only_assistant=not recipe.data.train_on_prompt, sample=sample)
     except UserError as e:  # name the template: the recipe's, or the model's own
@@ -557,7 +665,7 @@ def prepare(recipe, tokenizer, built):
     if family == "classification":
         return train, eval_ds, stats
     if family == "chat":
-        _apply_chat_template_choice(recipe, tokenizer, sample=train[0]["messages"] if len(train) else None)
+        apply_chat_template_choice(recipe, tokenizer, sample=train[0]["messages"] if len(train) else None)
         only_assistant = not recipe.data.train_on_prompt
         train = chat.tokenize_dataset(train, tokenizer, only_assistant)
         eval_ds = chat.tokenize_dataset(eval_ds, tokenizer, only_assistant) if eval_ds is not None else None

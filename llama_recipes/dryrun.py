@@ -19,7 +19,7 @@ import time
 import traceback
 from pathlib import Path
 
-from llama_recipes import artifacts, measure, methods, pipeline
+from llama_recipes import artifacts, objectives, pipeline
 from llama_recipes.data import build_datasets
 from llama_recipes.log import get_logger, is_main_process, world_size
 from llama_recipes.measure import autocast
@@ -205,17 +205,16 @@ def run(recipe) -> Report:
         report.add("reload", diff <= tol * max(1.0, trained.abs().max().item()),
                    f"max |logits difference| {diff:.2e} over {tuple(trained.shape)}")
 
-        # The method's own measurement (loss for LMs, accuracy for heads) of the reloaded model,
-        # against what training measured on the same rows.
-        method = methods.get(dry.method.name)
-        key = method.primary_metric
+        # The objective's own measurement (loss for SFT, accuracy for heads, preference accuracy,
+        # reward accuracy) of the reloaded model, against what training measured on the same rows.
+        objective = objectives.get(dry.objective.name)
+        key = objective.primary_metric
         with autocast(result.trainer.args):
-            ev = method.evaluate(fresh, result.tokenizer, result.trainer, result.eval_raw, dry.eval)
+            ev = objective.evaluate(fresh, result.tokenizer, result.trainer, result.eval_raw, dry,
+                                    reference=result.metrics.get("eval_before"))
             rows = "eval rows"
-            if ev is None and method.kind == "lm":  # no eval split: finite loss on a few train rows
-                ds = result.trainer.train_dataset
-                ev = measure.eval_loss(fresh, ds.select(range(min(len(ds), EVAL_ROWS))),
-                                       result.trainer.data_collator, dry.eval.batch_size)
+            if ev is None:  # no eval split: e.g. a finite loss on a few train rows
+                ev = objective.fallback_eval(fresh, result.trainer, dry.eval.batch_size)
                 rows = "train rows: no eval split"
         if ev is None:
             report.add("eval", None, "no eval split to measure the reloaded model on")

@@ -126,7 +126,7 @@ def evaluate_target(recipe, target: Target) -> tuple[dict, list[dict]]:
     rank, world = collectives.rank_world()
     seconds: dict[str, float] = {}
 
-    _, eval_raw, fmt = data.build_datasets(recipe.data)
+    _, eval_raw, fmt = data.build_datasets(recipe.data, recipe.formats)
     if eval_raw is None:
         raise UserError("--eval-only needs held-out data, and data.eval_split is not set",
                         "set data.eval_split to a split name (eval) or a fraction (0.05)")

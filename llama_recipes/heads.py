@@ -524,7 +524,7 @@ def check_labels(train_ds, eval_ds, fmt: str) -> list[str]:
 def evaluate_artifact(recipe, path, limit: int | None = None) -> dict:
     """accuracy, macro_f1, confusion_matrix (+ majority_baseline) of a head artifact on the recipe's eval split."""
     head = load(path)
-    train_ds, eval_ds, fmt = data.build_datasets(recipe.data)
+    train_ds, eval_ds, fmt = data.build_datasets(recipe.data, recipe.formats)
     labels = check_labels(train_ds, eval_ds, fmt)
     if eval_ds is None:
         raise UserError("no eval split to evaluate on", "set data.eval_split (a split name or a fraction)")

@@ -12,7 +12,8 @@ from llama_recipes import chat
 from llama_recipes.log import is_main_process
 from llama_recipes.metrics import generation_scores
 from llama_recipes.runtime import collectives, distributed
-from llama_recipes.schema.training import sft_fields
+from llama_recipes.schema.objective import SPECS
+from llama_recipes.schema.trl import config_fields
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -149,9 +150,10 @@ def evaluate_lm(model, tokenizer, tokenized_eval, raw_eval, collator, cfg) -> di
 
 
 # -- tokenization for --eval-only (the same tokens and loss mask TRL's SFTTrainer trains on) ---
-def _training_setting(recipe, key: str):
-    kwargs = recipe.training.sft_kwargs()
-    return kwargs[key] if key in kwargs else sft_fields().get(key, {}).get("default")
+def training_setting(recipe, key: str):
+    """A `training:` value as the trainer sees it: the recipe's, else the default of its objective's TRL config."""
+    kwargs = recipe.training.trainer_kwargs()
+    return kwargs[key] if key in kwargs else config_fields(SPECS[recipe.objective.name].config).get(key, {}).get("default")
 
 
 def tokenize_like_trl(ds, tokenizer, recipe):
@@ -165,14 +167,14 @@ def tokenize_like_trl(ds, tokenizer, recipe):
     than max_length (data.prepare drops them before training sees them).
     """
     ds = _tokenized(ds, tokenizer, recipe)
-    longest = _training_setting(recipe, "max_length") if recipe.data.over_length == "drop" else None
+    longest = training_setting(recipe, "max_length") if recipe.data.over_length == "drop" else None
     ds = ds.filter(lambda ex: any(x != -100 for x in ex["labels"]) and (longest is None or ex["length"] <= longest))
     return ds.remove_columns("length")
 
 
 def within_max_length(ds, tokenizer, recipe) -> list[int]:
     """Indices of the rows data.over_length: drop keeps (all rows under truncate or without max_length)."""
-    max_length = _training_setting(recipe, "max_length")
+    max_length = training_setting(recipe, "max_length")
     if recipe.data.over_length != "drop" or max_length is None:
         return list(range(len(ds)))
     return [i for i, n in enumerate(_tokenized(ds, tokenizer, recipe)["length"]) if n <= max_length]
@@ -182,9 +184,9 @@ def _tokenized(ds, tokenizer, recipe):
     """tokenize_like_trl's rows before filtering, with `length`: the row's token count before truncation."""
     eos = tokenizer.eos_token
     only_prompted = not recipe.data.train_on_prompt  # data.sft_overrides: the one switch for both families
-    max_length = _training_setting(recipe, "max_length")
-    keep_end = _training_setting(recipe, "truncation_mode") == "keep_end"
-    text_field = _training_setting(recipe, "dataset_text_field") or "text"
+    max_length = training_setting(recipe, "max_length")
+    keep_end = training_setting(recipe, "truncation_mode") == "keep_end"
+    text_field = training_setting(recipe, "dataset_text_field") or "text"
 
     def one(ex):
         if "prompt" in ex:

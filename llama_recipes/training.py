@@ -1,7 +1,9 @@
-"""Build TRL's SFTTrainer from the recipe: SFTConfig from `training:`, the model, the datasets."""
+"""Build TRL's trainers from the recipe: the objective's config class from `training:` (+ `objective:`),
+the SFTTrainer for sft, and on CPU the SFT loss from the model's own logits."""
 from llama_recipes import batching, data
 from llama_recipes.log import get_logger
 from llama_recipes.runtime.hardware import has_accelerator, recipe_bf16
+from llama_recipes.schema.objective import trainer_settings
 
 log = get_logger(__name__)
 
@@ -9,9 +11,14 @@ log = get_logger(__name__)
 def sft_config(recipe, data_overrides: dict | None = None):
     from trl import SFTConfig
 
-    kwargs = {**recipe.training.sft_kwargs(), **(data_overrides or {})}  # data keys: see data.sft_overrides
+    return trl_config(recipe, SFTConfig, data_overrides)  # data keys: see data.sft_overrides
+
+
+def trl_config(recipe, config_class, extra: dict | None = None):
+    """`config_class` (SFTConfig, DPOConfig, ...) from `training:`, the objective's settings and `extra`."""
+    kwargs = {**recipe.training.trainer_kwargs(), **trainer_settings(recipe.objective), **(extra or {})}
     kwargs.update(device_kwargs(recipe, kwargs))
-    return SFTConfig(output_dir=recipe.output_dir, seed=recipe.seed, **kwargs)
+    return config_class(output_dir=recipe.output_dir, seed=recipe.seed, **kwargs)
 
 
 def device_kwargs(recipe, kwargs: dict) -> dict:

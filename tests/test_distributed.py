@@ -250,20 +250,20 @@ def test_activation_checkpointing_from_one_place(monkeypatch):
     env = {**FSDP2_ENV, "FSDP_ACTIVATION_CHECKPOINTING": "true"}
     # the same intent twice is not a conflict: FSDP does it, once (the shipped recipes x FSDP configs)
     both = _setup(monkeypatch, env, "training.activation_checkpointing=true")
-    assert both.training.sft_kwargs()["activation_checkpointing"] is False
+    assert both.training.trainer_kwargs()["activation_checkpointing"] is False
     # a real contradiction is an error naming both places
     with pytest.raises(UserError) as e:
         _setup(monkeypatch, env, "training.activation_checkpointing=false")
     assert "training.activation_checkpointing: false" in str(e.value) and "fsdp_activation_checkpointing" in str(e.value)
     # a recipe that does not mention it yields to the config (the default is on)
     silent = _setup(monkeypatch, env, "training={bf16: false}")
-    assert silent.training.sft_kwargs()["activation_checkpointing"] is False
+    assert silent.training.trainer_kwargs()["activation_checkpointing"] is False
     from llama_recipes.training import sft_config
 
     assert sft_config(silent).activation_checkpointing is False  # the default (on) is overridden
     # without FSDP checkpointing the recipe is untouched
     monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "false")
-    assert _setup(monkeypatch, {}, "training={bf16: false}").training.sft_kwargs()["activation_checkpointing"] is True
+    assert _setup(monkeypatch, {}, "training={bf16: false}").training.trainer_kwargs()["activation_checkpointing"] is True
 
 
 def test_mixed_precision_from_one_source(monkeypatch):
@@ -277,7 +277,7 @@ def test_mixed_precision_from_one_source(monkeypatch):
         _setup(monkeypatch, {"ACCELERATE_MIXED_PRECISION": "fp16"}, "training.bf16=true")
     # config silent ("no"): the recipe decides; recipe silent: the config decides
     assert _setup(monkeypatch, {"ACCELERATE_MIXED_PRECISION": "no"}, "training.bf16=true").training.bf16 is True
-    fp16 = _setup(monkeypatch, {"ACCELERATE_MIXED_PRECISION": "fp16"}, "training={max_steps: 1}").training.sft_kwargs()
+    fp16 = _setup(monkeypatch, {"ACCELERATE_MIXED_PRECISION": "fp16"}, "training={max_steps: 1}").training.trainer_kwargs()
     assert fp16["fp16"] is True and fp16["bf16"] is False
 
 

@@ -142,8 +142,16 @@ def test_confusion_matrix_is_labelled_with_label_names():
 def test_head_on_non_classification_data_is_a_user_error(tmp_path):
     from llama_recipes import pipeline
 
-    r = recipe("tiny_classifier_head", tmp_path, "data.path=builtin:demo", "data.format=alpaca")
-    with pytest.raises(UserError, match="classification data"):
+    # a format the classification objective does not train on: refused by validation, before any load
+    with pytest.raises(UserError, match="data.format alpaca cannot train objective classification"):
+        recipe("tiny_classifier_head", tmp_path, "data.path=builtin:demo", "data.format=alpaca")
+    # detected from the columns (format auto): the data check says so
+    r = recipe("tiny_classifier_head", tmp_path, "data.path=builtin:demo", "data.format=auto")
+    with pytest.raises(UserError, match="holds alpaca data .* trains on classification data"):
+        pipeline.train(r)
+    # said to be classification, without the columns: the missing column is named
+    r = recipe("tiny_classifier_head", tmp_path, "data.path=builtin:demo", "data.format=classification")
+    with pytest.raises(UserError, match="column 'text' missing for format classification"):
         pipeline.train(r)
 
 
@@ -177,15 +185,15 @@ def test_eval_only_cli_on_a_head_artifact_reports_what_training_measured(classif
 def test_cached_base_features_train_the_same_head(tmp_path, monkeypatch, name):
     """A frozen base runs once (method.cache_features, the default): the per-step losses and the
     trained head equal those of running the base on every step, fp32; the artifact loads the same way."""
-    from llama_recipes import methods, pipeline
+    from llama_recipes import objectives, pipeline
 
     calls, runs = {}, {}
     for cache in (True, False):
         r = recipe(name, tmp_path / str(cache), "training.max_steps=12", "training.logging_steps=1",
                    "data.max_samples=96", "eval.before_after=false", "training.bf16=false",
                    "training.per_device_eval_batch_size=32", f"method.cache_features={str(cache).lower()}")
-        method = methods.get(r.method.name)
-        original = method.build_trainer
+        objective = objectives.get(r.objective.name)
+        original = objective.build_trainer
 
         def build(*a, _original=original, _cache=cache, **kw):
             trainer = _original(*a, **kw)
@@ -195,7 +203,7 @@ def test_cached_base_features_train_the_same_head(tmp_path, monkeypatch, name):
             base.register_forward_pre_hook(lambda *_: calls.__setitem__(_cache, calls[_cache] + 1))
             return trainer
 
-        monkeypatch.setattr(method, "build_trainer", build)
+        monkeypatch.setattr(objective, "build_trainer", build)
         runs[cache] = pipeline.train(r)
         monkeypatch.undo()
     losses = {c: [h["loss"] for h in runs[c].trainer.state.log_history if "loss" in h] for c in runs}

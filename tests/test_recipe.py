@@ -113,16 +113,17 @@ def test_resolved_recipe_only_keeps_training_keys_that_were_set():
     assert Recipe.model_validate(yaml.safe_load(yaml.safe_dump(d))).fingerprint() == r.fingerprint()
 
 
-def test_sft_snapshot_matches_installed_trl():
+def test_trl_snapshot_matches_installed_trl():
     import subprocess
     import sys
 
     out = subprocess.run([sys.executable, "-c",
-                          "import json,sys; sys.path.insert(0,'scripts'); import snapshot_sft_fields as s; "
+                          "import json,sys; sys.path.insert(0,'scripts'); import snapshot_trl_fields as s; "
                           "print(json.dumps(s.snapshot()))"], cwd=ROOT, capture_output=True, text=True, check=True)
     live = json.loads(out.stdout)
-    saved = json.loads((ROOT / "llama_recipes/schema/sft_fields.json").read_text())["fields"]
-    assert live == saved, "TRL changed: run `python scripts/snapshot_sft_fields.py`"
+    saved = json.loads((ROOT / "llama_recipes/schema/trl_fields.json").read_text())["configs"]
+    assert set(live) == {"SFTConfig", "DPOConfig", "KTOConfig", "RewardConfig", "GRPOConfig", "ORPOConfig", "CPOConfig"}
+    assert live == saved, "TRL changed: run `python scripts/snapshot_trl_fields.py`"
 
 
 @pytest.mark.parametrize("body,expect", [

@@ -2,9 +2,9 @@
 
 A method is one object in the registry (methods/__init__.py), keyed by the schema's
 `method.name`. The schema owns the names, fields and defaults; the object owns the behaviour:
-how the base loads, how it becomes trainable, which trainer trains it, how its data is
-prepared and measured, its parameter formula for `--estimate-memory`, and what its artifact
-can do (merge, pack).
+how the base loads, how it becomes trainable, its parameter formula for `--estimate-memory`,
+and what its artifact can do (merge, pack). What it is trained FOR (the trainer, the data
+preparation, the measurement) is the objective's (llama_recipes/objectives/).
 """
 from __future__ import annotations
 
@@ -30,39 +30,14 @@ class Method:
         """Extra `from_pretrained` keyword arguments for the base (QLoRA's quantization)."""
         return {}
 
-    def build_model(self, recipe, tokenizer, built):
-        """The model to train: the base loaded as the method needs it, made trainable."""
+    def build_model(self, recipe, tokenizer, built, objective):
+        """The model to train: the base loaded as the method and the objective need it, made trainable."""
         raise NotImplementedError
 
-    # -- data, trainer, measurement -----------------------------------------------------------
-    def prepare_data(self, recipe, tokenizer, built):
-        """(train, eval_raw, stats) ready for the trainer."""
-        raise NotImplementedError
-
-    def build_trainer(self, recipe, model, tokenizer, train_ds, eval_raw, callbacks=None):
-        raise NotImplementedError
-
-    def evaluate(self, model, tokenizer, trainer, eval_raw, cfg) -> dict | None:
-        """The before/after numbers of a run (None when there is no eval split)."""
-        raise NotImplementedError
-
-    def describe(self, result: dict) -> str:
-        """One log line for an evaluate() result."""
-        return ", ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, (int, float)))
-
-    def before_after_table(self, before: dict, after: dict) -> str:
-        """The run's before/after numbers as a markdown table (logged at the end of training)."""
-        rows = ["| metric | before | after |", "|---|---|---|"]
-        for k in after:
-            if k in before and isinstance(after[k], float):
-                rows.append(f"| {k} | {before[k]:.4f} | {after[k]:.4f} |")
-        return "\n".join(rows)
-
-    def metrics_fields(self, model) -> dict:
-        """Extra fields of metrics.json for this method (heads: the label names)."""
-        return {}
-
-    primary_metric: str = "loss"  # what the dry run compares between the trained and the reloaded model
+    def wrap_trainer(self, trainer, recipe, callbacks=None):
+        """The objective's trainer, adjusted for this method (QLoRA's adapter dtype; LLaMA-Adapter's plain
+        Trainer, which gets the same `callbacks`); the same one by default."""
+        return trainer
 
     # -- memory estimate ----------------------------------------------------------------------
     def estimate_params(self, shape, m: dict) -> tuple[dict[str, int], list[str]]:

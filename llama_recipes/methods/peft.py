@@ -10,7 +10,7 @@ import math
 import re
 from contextlib import contextmanager
 
-from llama_recipes import batching
+from llama_recipes import batching, objectives
 from llama_recipes.errors import UserError
 from llama_recipes.log import get_logger
 from llama_recipes.methods.lm import LMMethod
@@ -47,15 +47,17 @@ def linear_targets(shape, targets) -> list[str]:
 class PeftMethod(LMMethod):
     peft = True
 
-    def peft_config(self, cfg, model=None, tokenizer_path: str | None = None):
+    def peft_config(self, cfg, model=None, tokenizer_path: str | None = None, task: str = "CAUSAL_LM"):
+        """The PEFT config; `task` is the objective's PEFT task type (SEQ_CLS trains a reward model's score head)."""
         raise NotImplementedError
 
     def make_trainable(self, model, recipe):
         from peft import get_peft_model
 
         tok_path = tokenizer_path(recipe.model)
+        task = objectives.get(recipe.objective.name).peft_task
         with peft_errors(model):
-            return get_peft_model(model, self.peft_config(recipe.method, model, tok_path))
+            return get_peft_model(model, self.peft_config(recipe.method, model, tok_path, task))
 
 
 class Lora(PeftMethod):
@@ -64,10 +66,10 @@ class Lora(PeftMethod):
     name = "lora"
     mergeable = True
 
-    def peft_config(self, cfg, model=None, tokenizer_path=None):
+    def peft_config(self, cfg, model=None, tokenizer_path=None, task="CAUSAL_LM"):
         from peft import LoraConfig
 
-        return LoraConfig(task_type="CAUSAL_LM", r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        return LoraConfig(task_type=task, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                           target_modules=cfg.target_modules, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
                           modules_to_save=cfg.modules_to_save or None)
 
@@ -130,7 +132,7 @@ class QLora(Lora):
             model, use_gradient_checkpointing=bool(getattr(recipe.training, "activation_checkpointing", False)))
         return super().make_trainable(model, recipe)
 
-    def build_trainer(self, recipe, model, tokenizer, train_ds, eval_raw, callbacks=None):
+    def wrap_trainer(self, trainer, recipe, callbacks=None):
         """TRL (1.16) casts the LoRA weights of a quantized model to bf16 (the QLoRA paper's choice).
 
         The recipe's method.compute_dtype is the one source of truth instead: with float32 compute
@@ -139,7 +141,6 @@ class QLora(Lora):
         """
         import torch
 
-        trainer = super().build_trainer(recipe, model, tokenizer, train_ds, eval_raw, callbacks)
         dtype = getattr(torch, recipe.method.compute_dtype)
         for _, p in trainer.model.named_parameters():
             if p.requires_grad and p.dtype != dtype:
@@ -153,7 +154,7 @@ class LlamaAdapter(PeftMethod):
     name = "llama_adapter"
     why_not_mergeable = "LLaMA-Adapter adds a gated attention path over learned prompts, not a weight delta"
 
-    def peft_config(self, cfg, model=None, tokenizer_path=None):
+    def peft_config(self, cfg, model=None, tokenizer_path=None, task="CAUSAL_LM"):
         from peft import AdaptionPromptConfig
 
         n = model.config.num_hidden_layers if model is not None else None
@@ -161,22 +162,22 @@ class LlamaAdapter(PeftMethod):
         if n is not None and layers > n:
             raise UserError(f"method.adapter_layers={layers} but the model has {n} layers",
                             f"set method.adapter_layers to at most {n} (or leave it unset for all layers)")
-        return AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=cfg.adapter_len, adapter_layers=layers)
+        return AdaptionPromptConfig(task_type=task, adapter_len=cfg.adapter_len, adapter_layers=layers)
 
-    def build_trainer(self, recipe, model, tokenizer, train_ds, eval_raw, callbacks=None):
+    def wrap_trainer(self, sft, recipe, callbacks=None):
         """A transformers.Trainer over the SFTTrainer's tokenized data, collator and arguments.
 
         LLaMA-Adapter wraps each attention layer and calls the original forward it captured, so
         TRL 1.16's fused LM-head patch (its loss reads `outputs.log_probs`) never takes effect and
         SFTTrainer fails with AttributeError. TRL still does the data preparation (tokenizing,
         EOS, completion masks); the plain Trainer takes the model's own cross-entropy `loss`, the
-        same token-mean over the supervised positions.
+        same token-mean over the supervised positions. (Only SFT trains LLaMA-Adapter: the preference
+        objectives refuse it in schema/objective.py for the same reason.)
         """
         import dataclasses
 
         from transformers import Trainer
 
-        sft = super().build_trainer(recipe, model, tokenizer, train_ds, eval_raw, callbacks)
         return batching.trainer_class(Trainer)(
             model=sft.model, args=dataclasses.replace(sft.args, remove_unused_columns=False),
             train_dataset=sft.train_dataset, eval_dataset=sft.eval_dataset,
@@ -194,13 +195,13 @@ class Prefix(PeftMethod):
     virtual_tokens = True
     why_not_mergeable = "prefix tuning adds learned key/value vectors to every attention layer, not a weight delta"
 
-    def peft_config(self, cfg, model=None, tokenizer_path=None):
+    def peft_config(self, cfg, model=None, tokenizer_path=None, task="CAUSAL_LM"):
         from peft import PrefixTuningConfig
 
         kwargs = {}
         if cfg.prefix_projection:
             kwargs["encoder_hidden_size"] = cfg.encoder_hidden_size or model.config.hidden_size
-        return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens,
+        return PrefixTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens,
                                   prefix_projection=cfg.prefix_projection, **kwargs)
 
     def estimate_params(self, shape, m):
@@ -215,14 +216,14 @@ class PromptTuning(PeftMethod):
     virtual_tokens = True
     why_not_mergeable = "prompt tuning prepends learned input embeddings (virtual tokens), not a weight delta"
 
-    def peft_config(self, cfg, model=None, tokenizer_path=None):
+    def peft_config(self, cfg, model=None, tokenizer_path=None, task="CAUSAL_LM"):
         from peft import PromptTuningConfig
 
         if cfg.init == "text":
-            return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens,
+            return PromptTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens,
                                       prompt_tuning_init="TEXT", prompt_tuning_init_text=cfg.init_text,
                                       tokenizer_name_or_path=tokenizer_path)
-        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens,
+        return PromptTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens,
                                   prompt_tuning_init="RANDOM")
 
     def estimate_params(self, shape, m):
@@ -235,10 +236,10 @@ class IA3(PeftMethod):
     name = "ia3"
     mergeable = True
 
-    def peft_config(self, cfg, model=None, tokenizer_path=None):
+    def peft_config(self, cfg, model=None, tokenizer_path=None, task="CAUSAL_LM"):
         from peft import IA3Config
 
-        return IA3Config(task_type="CAUSAL_LM", target_modules=cfg.target_modules,
+        return IA3Config(task_type=task, target_modules=cfg.target_modules,
                          feedforward_modules=cfg.feedforward_modules)
 
     def estimate_params(self, shape, m):

@@ -30,6 +30,9 @@ from llama_recipes.schema.guards import (
 )
 from llama_recipes.schema.method import PEFT_METHODS, MethodConfig, check_combinations
 from llama_recipes.schema.model import ModelConfig
+from llama_recipes.schema.objective import SPECS as OBJECTIVE_SPECS
+from llama_recipes.schema.objective import ObjectiveConfig, default_objective
+from llama_recipes.schema.objective import check_combinations as check_objective
 from llama_recipes.schema.training import TrainingConfig
 
 
@@ -39,6 +42,8 @@ class Recipe(Section):
     model: ModelConfig
     data: DataConfig
     method: MethodConfig
+    objective: ObjectiveConfig = Field(description="What the model is trained for: sft (default), dpo, kto, orpo, "
+                                       "cpo, simpo, reward; classification for heads. See docs/preference.md.")
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)  # type: ignore[valid-type]
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -52,16 +57,31 @@ class Recipe(Section):
         # OUT/, OUT and ./OUT are one directory (a run is found by its recipe.yaml in it, see artifacts)
         return os.path.normpath(v) if info.field_name == "output_dir" and v else v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_objective(cls, data):
+        # No `objective:` section: what the method trains for by default (sft, or classification for heads).
+        if isinstance(data, dict) and data.get("objective") is None and isinstance(data.get("method"), dict):
+            data = {**data, "objective": {"name": default_objective(data["method"].get("name"))}}
+        return data
+
     @model_validator(mode="after")
     def _combinations(self):
         # Impossible combinations are refused here, before any model is loaded.
         t = self.training
         if self.data.eval_split is None and getattr(t, "eval_strategy", "no") != "no":
             raise ValueError("training.eval_strategy needs data.eval_split (a split name or a fraction)")
+        t.check_for_objective(self.objective.name)
+        check_objective(self)
         check_combinations(self)
         check_method_freeze(self)
         check_data(self)
         return self
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        """The data formats the recipe's objective trains on."""
+        return OBJECTIVE_SPECS[self.objective.name].formats
 
     @property
     def is_peft(self) -> bool:
@@ -70,7 +90,7 @@ class Recipe(Section):
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain data (what is written to OUTPUT_DIR/recipe.yaml)."""
         data = self.model_dump(mode="json", exclude={"training"})
-        data["training"] = self.training.sft_kwargs(mode="json")
+        data["training"] = self.training.trainer_kwargs(mode="json")
         return redact(data)
 
     def identity(self) -> dict[str, Any]:
@@ -97,6 +117,8 @@ def same_run(saved: dict, recipe: "Recipe") -> bool:
     """
     def norm(d: dict) -> dict:
         d = {k: v for k, v in d.items() if k not in RUN_CONTROL_KEYS and k != "output_dir"}
+        if "objective" not in d and isinstance(d.get("method"), dict):  # written before the objective axis
+            d["objective"] = {"name": default_objective(d["method"].get("name"))}
         for section, key in PATH_KEYS:
             if isinstance(d.get(section), dict) and key in d[section]:
                 d[section] = {**d[section], key: _real(d[section][key])}
@@ -231,7 +253,7 @@ def _fields_for(loc: tuple) -> list[str]:
 def _render_error(err: dict, source: str) -> str:
     loc = tuple(str(p) for p in err["loc"])
     # pydantic puts the union tag (e.g. 'lora') into the location; users never write it.
-    shown = ".".join(loc[:1] + loc[2:] if loc[:1] == ("method",) and len(loc) > 2 else loc)
+    shown = ".".join(loc[:1] + loc[2:] if loc[:1] in (("method",), ("objective",)) and len(loc) > 2 else loc)
     kind = err["type"]
     if kind == "extra_forbidden":
         allowed = _fields_for(loc)

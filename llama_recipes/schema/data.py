@@ -7,7 +7,8 @@ from pydantic import Field, field_validator, model_validator
 from llama_recipes.schema.base import SEED_MAX, Section, expand_user
 from llama_recipes.schema.method import PACKING_UNSAFE_METHODS
 
-Format = Literal["auto", "alpaca", "prompt_completion", "chat", "text", "summarization", "classification"]
+Format = Literal["auto", "alpaca", "prompt_completion", "chat", "text", "summarization", "classification",
+                 "preference", "unpaired_preference"]
 
 # SFTConfig keys that follow from the data (set by llama_recipes.data.sft_overrides, never in `training:`).
 DATA_OWNED_SFT_KEYS = {
@@ -35,7 +36,8 @@ class SourceFields(Section):
         default_factory=dict,
         description="Column mapping, canonical name -> your column (e.g. {instruction: question, output: answer}). "
         "Canonical names: instruction/input/output (alpaca), prompt/completion, messages (chat), text, "
-        "document/summary (summarization), text/label (classification).",
+        "document/summary (summarization), text/label (classification), prompt/chosen/rejected (preference), "
+        "prompt/completion/label (unpaired_preference).",
     )
     prompt_template: str | None = Field(
         None, description="Python format string for the prompt, with {column} fields; default per format "

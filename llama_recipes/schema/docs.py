@@ -10,6 +10,7 @@ from pydantic.fields import FieldInfo
 from llama_recipes.schema import Recipe
 from llama_recipes.schema.base import Section
 from llama_recipes.schema.method import MethodConfig
+from llama_recipes.schema.objective import SPECS, ObjectiveConfig
 
 
 def _type_name(ann) -> str:
@@ -48,29 +49,39 @@ def section_table(cls: type[Section], prefix: str) -> list[str]:
     return rows
 
 
+UNIONS = {"method": MethodConfig, "objective": ObjectiveConfig}
+
+
 def render_markdown() -> str:
     out = ["# Recipe reference", "",
            "Generated from the schema by `python -m llama_recipes.schema.docs > docs/recipes.md`; "
            "a test keeps it current. Unknown keys are errors.", "", "## Top level", ""]
     top = [n for n, f in Recipe.model_fields.items()
-           if not (isinstance(f.annotation, type) and issubclass(f.annotation, Section)) and n != "method"]
+           if not (isinstance(f.annotation, type) and issubclass(f.annotation, Section)) and n not in UNIONS]
     out += ["| key | type | default | meaning |", "|---|---|---|---|"]
     for n in top:
         f = Recipe.model_fields[n]
         out.append(f"| `{n}` | {_type_name(f.annotation)} | {_default(f)} | {_one_line(f.description)} |")
     for name, f in Recipe.model_fields.items():
-        if name == "method":
-            out += ["", "## `method:` (one of, chosen by `name`)", ""]
-            members = typing.get_args(typing.get_args(MethodConfig)[0])
+        if name in UNIONS:
+            out += ["", f"## `{name}:` (one of, chosen by `name`)", ""]
+            if name == "objective":
+                out += ["Default: `sft` for causal-LM methods, `classification` for heads. Each objective's "
+                        "`training:` takes the fields of its TRL config class (below), less these settings.", ""]
+            members = typing.get_args(typing.get_args(UNIONS[name])[0])
             for m in members:
                 tag = typing.get_args(m.model_fields["name"].annotation)[0]
-                out += [f"### `method.name: {tag}`", "", _one_line(m.__doc__), ""]
-                out += section_table(m, "method.") + [""]
+                extra = f" Trains with TRL's `{SPECS[tag].config}`." if name == "objective" else ""
+                out += [f"### `{name}.name: {tag}`", "", _one_line(m.__doc__) + extra, ""]
+                if len(m.model_fields) > 1 or name == "method":
+                    out += section_table(m, f"{name}.") + [""]
         elif isinstance(f.annotation, type) and issubclass(f.annotation, Section):
             out += ["", f"## `{name}:`", ""]
             if name == "training":
-                out += ["Exactly the fields of TRL's `SFTConfig` (snapshot of the installed TRL); "
-                        "`output_dir` and `seed` are set at the top level.", ""]
+                out += ["Exactly the fields of the objective's TRL config class (`SFTConfig` for sft and "
+                        "classification, `DPOConfig` for dpo, ...; a snapshot of the installed TRL), less the "
+                        "objective's own settings; `output_dir` and `seed` are set at the top level. The table "
+                        "lists SFTConfig's fields and the other classes' additions.", ""]
             out += section_table(f.annotation, f"{name}.")
     return "\n".join(out).rstrip() + "\n"
 

@@ -1,11 +1,13 @@
-"""Snapshot TRL's SFTConfig fields into llama_recipes/schema/sft_fields.json.
+"""Snapshot the fields of TRL's trainer configs into llama_recipes/schema/trl_fields.json.
 
-The recipe's `training:` section accepts exactly the fields of TRL's `SFTConfig`. Importing
-TRL takes ~10 s, too slow for validating a recipe or printing `--help`, so the field names,
-value kinds, defaults and help texts are snapshotted here and a test
-(tests/test_recipe.py::test_sft_snapshot_matches_installed_trl) fails when TRL changes.
+A recipe's `training:` section accepts exactly the fields of the TRL config class of its objective
+(SFTConfig, DPOConfig, KTOConfig, RewardConfig, ORPOConfig, CPOConfig, GRPOConfig), and its
+`objective:` section the objective's own settings among them. Importing TRL takes ~10 s, too slow
+for validating a recipe or printing `--help`, so the field names, value kinds, defaults and help
+texts are snapshotted here and a test (tests/test_recipe.py::test_trl_snapshot_matches_installed_trl)
+fails when TRL changes. SFTConfig is stored whole; every other class as its difference from it.
 
-    python scripts/snapshot_sft_fields.py
+    python scripts/snapshot_trl_fields.py
 """
 import dataclasses
 import enum
@@ -14,7 +16,10 @@ import types
 import typing
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parents[1] / "llama_recipes" / "schema" / "sft_fields.json"
+OUT = Path(__file__).resolve().parents[1] / "llama_recipes" / "schema" / "trl_fields.json"
+# (import path, class): the config classes recipes are validated against (llama_recipes/schema/objective.py)
+CLASSES = {"SFTConfig": "trl", "DPOConfig": "trl", "KTOConfig": "trl", "RewardConfig": "trl",
+           "GRPOConfig": "trl", "ORPOConfig": "trl.experimental.orpo", "CPOConfig": "trl.experimental.cpo"}
 
 
 def kinds(tp) -> list[str]:
@@ -50,11 +55,9 @@ def choices(tp) -> list[str]:
     return []
 
 
-def snapshot() -> dict:
-    from trl import SFTConfig
-
+def fields_of(config) -> dict:
     fields = {}
-    for f in dataclasses.fields(SFTConfig):
+    for f in dataclasses.fields(config):
         if not f.init:
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
@@ -71,8 +74,24 @@ def snapshot() -> dict:
     return fields
 
 
+def snapshot() -> dict:
+    """{class name: fields}; SFTConfig whole, the others as {"same_as_sft_except": {...}, "absent": [...]}."""
+    import importlib
+    import os
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    full = {name: fields_of(getattr(importlib.import_module(mod), name)) for name, mod in CLASSES.items()}
+    sft = full["SFTConfig"]
+    out = {"SFTConfig": sft}
+    for name, fields in full.items():
+        if name != "SFTConfig":
+            out[name] = {"differs": {k: v for k, v in fields.items() if sft.get(k) != v},
+                         "absent": sorted(k for k in sft if k not in fields)}
+    return out
+
+
 if __name__ == "__main__":
     import trl
 
-    OUT.write_text(json.dumps({"trl_version": trl.__version__, "fields": snapshot()}, indent=1) + "\n")
+    OUT.write_text(json.dumps({"trl_version": trl.__version__, "configs": snapshot()}, indent=1) + "\n")
     print(f"wrote {OUT}")
