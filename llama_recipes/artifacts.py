@@ -24,13 +24,14 @@ from pathlib import Path
 
 import yaml
 
-from llama_recipes import heads, methods, modeling
+from llama_recipes import heads, methods, modeling, objectives
 from llama_recipes.errors import RunComplete, UserError, damaged_weights, read_json
 from llama_recipes.log import get_logger, is_main_process
 from llama_recipes.runtime import distributed
 from llama_recipes.schema import same_run
 from llama_recipes.schema.method import METHOD_MODELS
 from llama_recipes.schema.model import ModelConfig
+from llama_recipes.schema.objective import default_objective
 
 log = get_logger(__name__)
 RECIPE_FILE = "recipe.yaml"
@@ -370,13 +371,25 @@ def base_model_config(path, recipe=None) -> tuple[ModelConfig, dict]:
     return ModelConfig(name_or_path=cfg["base_model_name_or_path"]), {}
 
 
-def load_base(model_cfg: ModelConfig, method_section: dict):
-    """The base as training loaded it (QLoRA: quantized the same way)."""
+def run_objective(path, recipe=None):
+    """The objective a run trained for (recipe given, else its recipe.yaml; sft for a bare adapter directory)."""
+    if recipe is not None:
+        return objectives.get(recipe.objective.name)
+    _, saved = read_run(path)
+    saved = saved or {}
+    name = (saved.get("objective") or {}).get("name") or default_objective((saved.get("method") or {}).get("name"))
+    return objectives.get(name if name in objectives.REGISTRY else "sft")
+
+
+def load_base(model_cfg: ModelConfig, method_section: dict, objective=None, tokenizer=None):
+    """The base as training loaded it (QLoRA: quantized the same way; a reward model: a sequence classifier)."""
+    objective = objective or objectives.get("sft")
+    extra = {**objective.load_kwargs(tokenizer), "auto_class": objective.auto_class}
     name = method_section.get("name")
     if name in METHOD_MODELS:
         cfg = METHOD_MODELS[name].model_validate(method_section)
-        return modeling.load_model(model_cfg, **methods.load_kwargs(cfg))
-    return modeling.load_model(model_cfg)
+        return modeling.load_model(model_cfg, **methods.load_kwargs(cfg), **extra)
+    return modeling.load_model(model_cfg, **extra)
 
 
 def load(recipe, path=None):
@@ -396,10 +409,12 @@ def load(recipe, path=None):
     if path is not None and (Path(path) / "tokenizer_config.json").is_file():
         tok_cfg = model_cfg.model_copy(update={"tokenizer": str(path)})
     tokenizer = modeling.load_tokenizer(tok_cfg)
+    objective = run_objective(path, recipe)
     if kind == "model":
-        return tokenizer, modeling.load_model(model_cfg.model_copy(update={"name_or_path": str(path), "revision": None}))
+        return tokenizer, modeling.load_model(model_cfg.model_copy(update={"name_or_path": str(path), "revision": None}),
+                                              objective.auto_class)
     if kind == "base":
-        return tokenizer, load_base(recipe.model, recipe.method.model_dump())
+        return tokenizer, load_base(recipe.model, recipe.method.model_dump(), objective, tokenizer)
     if kind != "adapter":
         raise UserError(f"no model artifact in {path} (no adapter_config.json, config.json or head_config.json)",
                         "train the recipe first, or point at a run's output_dir")
@@ -410,7 +425,7 @@ def load(recipe, path=None):
     if not (Path(path) / "adapter_model.safetensors").is_file():
         raise UserError(f"{path} has adapter_config.json but no adapter_model.safetensors",
                         "point at a complete run's output_dir (or a checkpoint-N directory inside it)")
-    base = load_base(base_cfg, method_section)
+    base = load_base(base_cfg, method_section, objective, tokenizer)
     with damaged_weights(path, "adapter"):
         model = PeftModel.from_pretrained(base, str(path), autocast_adapter_dtype=False)
     return tokenizer, model

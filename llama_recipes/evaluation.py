@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from llama_recipes import artifacts, chat, data, modeling
+from llama_recipes import artifacts, chat, data, modeling, objectives
 from llama_recipes.errors import UserError
 
 # The measurements themselves live in measure.py (training uses them too); re-exported here
@@ -102,8 +102,12 @@ def eval_only(recipe, args) -> int:
     target = resolve_target(recipe, getattr(args, "checkpoint", None), getattr(args, "base", False))
     if target.kind == "head":
         return _eval_head(recipe, target)
+    objective = objectives.get(recipe.objective.name)
     try:
-        results, predictions = evaluate_target(recipe, target)
+        if objective.pairwise:  # preference objectives and reward models: held-out pairs, not loss/generation
+            results, predictions = evaluate_pairs(recipe, target, objective), []
+        else:
+            results, predictions = evaluate_target(recipe, target)
         write_results(target.results_dir, results, predictions)
     finally:
         collectives.destroy()
@@ -146,6 +150,53 @@ def evaluate_target(recipe, target: Target) -> tuple[dict, list[dict]]:
     collate = lambda rows: pad_collate(rows, tokenizer.pad_token_id)  # noqa: E731
     with autocast(recipe_precision(recipe)):  # the precision the recipe trains in
         return _evaluate_loaded(recipe, target, cfg, eval_raw, fmt, tokenizer, model, collate, started, seconds)
+
+
+def evaluate_pairs(recipe, target: Target, objective) -> dict:
+    """The objective's own held-out numbers (preference accuracy, implicit reward against the reference,
+    a reward model's pairwise accuracy), as training measures them after its last step.
+
+    The reference is the model training started from: an adapter's base with the adapter off (no second
+    load), otherwise the recipe's model, loaded after the artifact's numbers are taken.
+    """
+    started = time.time()
+    device = collectives.init_for_eval()
+    _, eval_raw, fmt = data.build_datasets(recipe.data, recipe.formats)
+    if eval_raw is None:
+        raise UserError("--eval-only needs held-out data, and data.eval_split is not set",
+                        "set data.eval_split to a split name (eval) or a fraction (0.05)")
+    tokenizer, model = load_for_eval(recipe, target)
+    if eval_raw.column_names and not isinstance(eval_raw[0]["prompt"], str):  # conversations: training's template
+        chat.install_template(tokenizer, recipe.data.chat_template)
+    if not getattr(model, "is_quantized", False) and not getattr(model, "hf_device_map", None):
+        model.to(device)
+    with autocast(recipe_precision(recipe)):
+        reference = None
+        if objective.reference_metrics and target.kind != "base":
+            if target.kind == "adapter":
+                with model.disable_adapter():
+                    reference = objective.evaluate(model, tokenizer, None, eval_raw, recipe)
+                metrics = objective.evaluate(model, tokenizer, None, eval_raw, recipe, reference=reference)
+            else:
+                metrics = objective.evaluate(model, tokenizer, None, eval_raw, recipe)
+                model.to("meta")  # free the artifact's weights before loading the base
+                _, base = artifacts.load(recipe, None)
+                reference = objective.evaluate(base.to(device), tokenizer, None, eval_raw, recipe)
+                metrics = objective.evaluate_against(metrics, reference, recipe)
+        else:
+            metrics = objective.evaluate(model, tokenizer, None, eval_raw, recipe)
+    return {
+        "artifact": str(target.path) if target.path else f"base:{recipe.model.name_or_path}",
+        "kind": target.kind,
+        "objective": recipe.objective.name,
+        "recipe_fingerprint": recipe.fingerprint(),
+        "dataset": {"path": recipe.data.path, "split": recipe.data.eval_split, "format": fmt,
+                    "fingerprint": fingerprint_rows(eval_raw)},
+        "examples": metrics.get("examples"),
+        "metrics": metrics,
+        "eval_settings": recipe.eval.model_dump(mode="json"),
+        "seconds": {"total": round(time.time() - started, 3)},
+    }
 
 
 def recipe_precision(recipe):

@@ -51,8 +51,9 @@ def load_base_for_merge(adapter_dir: Path, dtype: str | None = None, dequantize:
     name = run_method(adapter_dir)
     check_mergeable(name)
     model_cfg, method = artifacts.base_model_config(adapter_dir)
+    objective = artifacts.run_objective(adapter_dir)  # a reward model merges into a sequence classifier
     if methods.get(name).quantized:
-        model = artifacts.load_base(model_cfg, method)
+        model = artifacts.load_base(model_cfg, method, objective)
         if not dequantize:
             return model, name
         # Dequantize the weights the adapter was trained against, in the compute dtype.
@@ -60,7 +61,7 @@ def load_base_for_merge(adapter_dir: Path, dtype: str | None = None, dequantize:
     else:
         if dtype:
             model_cfg = model_cfg.model_copy(update={"dtype": dtype})
-        model = modeling.load_model(model_cfg)
+        model = modeling.load_model(model_cfg, objective.auto_class, **objective.load_kwargs())
     return model, name
 
 

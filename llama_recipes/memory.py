@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from llama_recipes import builtin_models, methods
+from llama_recipes import builtin_models, methods, objectives
 from llama_recipes.errors import UserError, read_json
 from llama_recipes.freeze import rule_matches
 from llama_recipes.methods.peft import Lora, linear_targets
@@ -292,6 +292,8 @@ class Setup:
     offload: bool = False  # FSDP CPU offload of params, grads and optimizer states
     backend: str = "none"  # fsdp | deepspeed | none: who shards, and so in which dtypes state is kept
     gpu_memory: float | None = None  # bytes
+    sequences: int = 1  # sequences per data row in a batch (preference pairs: chosen + rejected)
+    reference: bool = False  # a frozen copy of the base as the reference model (DPO/KTO, not PEFT, not precomputed)
 
     @property
     def base_name(self) -> str:
@@ -330,6 +332,13 @@ def setup_from_recipe(recipe, gpus=None, config=None, gpu_memory=None) -> Setup:
         micro_batch=int(getattr(t, "per_device_train_batch_size", 8)),
         seq_len=int(getattr(t, "max_length", None) or 1024), checkpointing=bool(ac),
     )
+    # The objective's share: a preference row is two sequences; DPO/KTO keep a frozen reference copy
+    # unless the policy is a PEFT model (the adapter off is the reference) or the reference log-probs
+    # are computed once before training (objective.precompute_ref_log_probs).
+    objective = objectives.get(recipe.objective.name)
+    s.sequences = objective.sequences_per_row
+    s.reference = objective.reference and not recipe.is_peft and \
+        not getattr(recipe.objective, "precompute_ref_log_probs", False)
     if isinstance(getattr(t, "fsdp", None), str) and t.fsdp:
         _apply_fsdp_string(s, t.fsdp)
         s.backend = "fsdp"
@@ -407,6 +416,7 @@ class Estimate:
     checkpointing: bool
     cpu: float = 0.0  # bytes held in host RAM per process (CPU offload)
     notes: list[str] = field(default_factory=list)
+    reference: float = 0.0  # a frozen copy of the model as the reference (preference objectives)
 
     @property
     def activations(self) -> float:
@@ -414,7 +424,7 @@ class Estimate:
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.buffers
+        return self.weights + self.gradients + self.optimizer + self.activations + self.buffers + self.reference
 
 
 def _selected(rules, names: list[str], n_layers: int, where: str) -> set[str]:
@@ -547,6 +557,7 @@ def estimate(shape: ModelShape, s: Setup, label: str | None = None) -> Estimate:
     targets = linear_targets(shape, m.get("target_modules")) if m else []
     plain, ckpt = activation_bytes(shape, s, targets, int(m.get("r", 0) or 0), float(m.get("dropout", 0) or 0),
                                    backprop_layers(shape, extra, base_trained))
+    plain, ckpt = plain * s.sequences, ckpt * s.sequences  # chosen and rejected in one batch
     if methods.get(s.method["name"]).virtual_tokens:
         n_tok = int(s.section()["num_virtual_tokens"])
         scale = (s.seq_len + n_tok) / s.seq_len
@@ -581,8 +592,13 @@ def estimate(shape: ModelShape, s: Setup, label: str | None = None) -> Estimate:
             buffers = grad_bytes  # DDP gradient buckets: a second copy of every gradient
     if s.quantized and s.base_name != "lora":
         notes.append("4-bit base with a non-LoRA method: estimated as the same adapter on a NF4 base")
+    # The reference model: a frozen copy loaded in the policy's dtype (TRL 1.16 passes model.dtype),
+    # sharded like the policy under FSDP full_shard
+    reference = shape.total * w / (n if s.sharding == "full_shard" else 1) if s.reference else 0.0
+    if s.sequences > 1:
+        notes.append(f"preference pairs: {s.sequences} sequences (chosen, rejected) per row in every batch")
     return Estimate(label or s.method["name"], n_train, shape.total + sum(extra.values()), dev_weights, dev_grads,
-                    dev_optim, plain, ckpt, buffers, s.checkpointing, cpu, notes)
+                    dev_optim, plain, ckpt, buffers, s.checkpointing, cpu, notes, reference)
 
 
 def comp_bytes(s: Setup) -> int:
@@ -687,7 +703,7 @@ def render(shape: ModelShape, s: Setup, e: Estimate) -> str:
         (f"activations, checkpointing off{' (in use)' if not s.checkpointing else ''}", e.act_plain),
         (f"activations, checkpointing on{' (in use)' if s.checkpointing else ''}", e.act_ckpt),
         ("temporary buffers", e.buffers),
-    ]
+    ] + ([("reference model (frozen copy)", e.reference)] if e.reference else [])
     unit, div = ("GiB", GiB) if e.total >= GiB / 4 else ("MiB", 2**20)  # tiny models read better in MiB
     lines = [
         f"model: {shape.total:,} parameters ({shape.num_layers} layers, hidden {shape.hidden}, vocab {shape.vocab})",

@@ -128,7 +128,7 @@ def pair_metrics(chosen: list[float], rejected: list[float], reference: dict | N
         deltas = [(c - rc) - (r - rr) for c, r, rc, rr in zip(chosen, rejected, ref["chosen"], ref["rejected"])]
         out["reward_accuracy"] = _mean(d > 0 for d in deltas)
         out["reward_margin"] = beta * _mean(deltas)
-    out["per_pair"] = {"chosen": [round(x, 5) for x in chosen], "rejected": [round(x, 5) for x in rejected]}
+    out["per_pair"] = {"chosen": list(chosen), "rejected": list(rejected)}
     return out
 
 
@@ -144,7 +144,8 @@ def unpaired_metrics(logps: list[float], labels: list[bool], reference: dict | N
         out["reward_accuracy"] = _mean((x - r > 0) == y for x, r, y in zip(logps, ref, labels))
         out["reward_margin"] = beta * (_mean(x - r for x, r, y in zip(logps, ref, labels) if y)
                                        - _mean(x - r for x, r, y in zip(logps, ref, labels) if not y))
-    out["per_row"] = [round(x, 5) for x in logps]
+    out["per_row"] = list(logps)
+    out["labels"] = [int(y) for y in labels]
     return {k: v for k, v in out.items() if not (isinstance(v, float) and math.isnan(v))}
 
 

@@ -14,7 +14,7 @@ class LMMethod(Method):
 
     def build_model(self, recipe, tokenizer, built, objective):
         model = modeling.load_model(recipe.model, objective.auto_class, **self.load_kwargs(recipe.method),
-                                    **objective.load_kwargs(recipe, tokenizer))
+                                    **objective.load_kwargs(tokenizer))
         model = self.make_trainable(model, recipe)
         freeze.apply_freeze(model, recipe.freeze)
         return model

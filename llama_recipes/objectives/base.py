@@ -20,11 +20,13 @@ class Objective:
     primary_metric: str = "loss"  # what the dry run compares between the trained and the reloaded model
     reference: bool = False  # trains against a frozen reference model (the adapter off under PEFT)
     sequences_per_row: int = 1  # a preference row is two sequences (chosen + rejected) in every batch
+    pairwise: bool = False  # measured on held-out preferences (--eval-only: evaluation.evaluate_pairs)
+    reference_metrics: bool = False  # its numbers after training compare the model with where it started
 
     def __repr__(self) -> str:
         return f"<objective {self.name}>"
 
-    def load_kwargs(self, recipe, tokenizer) -> dict[str, Any]:
+    def load_kwargs(self, tokenizer=None) -> dict[str, Any]:
         """Extra `from_pretrained` keyword arguments of the base for this objective (a reward head's size)."""
         return {}
 
@@ -39,6 +41,10 @@ class Objective:
         """The before/after numbers of a run (None when there is no eval split). `reference` is the
         before-training result: the reference model's numbers for objectives that train against one."""
         raise NotImplementedError
+
+    def evaluate_against(self, result: dict, reference: dict, recipe) -> dict:
+        """`result` (measured without a reference) completed with the numbers against `reference`."""
+        return result
 
     def fallback_eval(self, model, trainer, batch_size: int) -> dict | None:
         """The dry run's measurement when there is no eval split (None: nothing to measure)."""

@@ -10,8 +10,10 @@ objective.precompute_ref_log_probs), and the run is measured on held-out pairs b
 from __future__ import annotations
 
 import importlib
+import shutil
+from pathlib import Path
 
-from llama_recipes import data, measure, preference, training
+from llama_recipes import batching, data, measure, preference, training
 from llama_recipes.log import get_logger
 from llama_recipes.objectives.base import Objective
 
@@ -22,6 +24,22 @@ def _max_length(recipe):
     return measure.training_setting(recipe, "max_length")
 
 
+class TrainedAdapterOnly:
+    """Mixed into the preference trainers: checkpoints and the artifact hold the trained adapter only.
+
+    Given a PEFT model, TRL 1.16's DPO/KTO trainers copy its adapter into a frozen "ref" adapter (the
+    reference: the policy as it started) and PEFT's save_pretrained writes every adapter, the copy
+    into OUTPUT_DIR/ref/. The copy is rebuilt from the starting adapter whenever the trainer is built
+    (a resumed run too), so nothing of it needs saving.
+    """
+
+    def _save(self, output_dir=None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        ref = Path(output_dir or self.args.output_dir) / "ref"
+        if (ref / "adapter_config.json").is_file():
+            shutil.rmtree(ref)
+
+
 class Preference(Objective):
     """Paired preferences (prompt, chosen, rejected), trained by a TRL preference trainer."""
 
@@ -29,6 +47,8 @@ class Preference(Objective):
     config: tuple[str, str] = ("trl", "DPOConfig")
     primary_metric = "preference_accuracy"
     sequences_per_row = 2
+    pairwise = True
+    reference_metrics = True
 
     def _classes(self):
         return tuple(getattr(importlib.import_module(mod), name) for mod, name in (self.trainer, self.config))
@@ -41,9 +61,6 @@ class Preference(Objective):
             data.apply_chat_template_choice(recipe, tokenizer, assistant_spans=False)
         return train, eval_ds, stats
 
-    def trainer_kwargs(self, recipe, model) -> dict:
-        return {}
-
     def build_trainer(self, recipe, model, tokenizer, train_ds, eval_raw, callbacks=None):
         import os
 
@@ -51,8 +68,12 @@ class Preference(Objective):
         trainer_cls, config_cls = self._classes()
         args = training.trl_config(recipe, config_cls)
         tokenizer.padding_side = "right" if self.auto_class.endswith("SequenceClassification") else tokenizer.padding_side
-        return trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_raw,
-                           processing_class=tokenizer, callbacks=callbacks, **self.trainer_kwargs(recipe, model))
+        cls = batching.trainer_class(trainer_cls, extra=(TrainedAdapterOnly,))
+        trainer = cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_raw,
+                      processing_class=tokenizer, callbacks=callbacks)
+        if getattr(trainer, "ref_model", None) is not None:  # full/partial: TRL loads a copy; it never trains
+            trainer.ref_model.requires_grad_(False)
+        return trainer
 
     def _beta(self, recipe) -> float:
         return float(getattr(recipe.objective, "beta", 1.0))
@@ -65,6 +86,10 @@ class Preference(Objective):
         logps = preference.completion_logps(model, seqs, tokenizer.pad_token_id, recipe.eval.batch_size,
                                             _max_length(recipe))
         return preference.pair_metrics(logps[0::2], logps[1::2], reference, self._beta(recipe))
+
+    def evaluate_against(self, result, reference, recipe):
+        pairs = result["per_pair"]
+        return preference.pair_metrics(pairs["chosen"], pairs["rejected"], reference, self._beta(recipe))
 
     def describe(self, r):
         line = (f"preference_accuracy={r['preference_accuracy']:.4f} logp_margin={r['logp_margin']:.4g} "
@@ -114,6 +139,10 @@ class KTO(Preference):
                                             _max_length(recipe))
         return preference.unpaired_metrics(logps, list(rows["label"]), reference, self._beta(recipe))
 
+    def evaluate_against(self, result, reference, recipe):
+        labels = [bool(x) for x in result["labels"]]
+        return preference.unpaired_metrics(result["per_row"], labels, reference, self._beta(recipe))
+
     def describe(self, r):
         return ", ".join(f"{k}={v:.4g}" for k, v in r.items() if isinstance(v, (int, float)))
 
@@ -127,9 +156,11 @@ class Reward(Preference):
     auto_class = "AutoModelForSequenceClassification"
     peft_task = "SEQ_CLS"
     primary_metric = "pairwise_accuracy"
+    reference_metrics = False
 
-    def load_kwargs(self, recipe, tokenizer):
-        return {"num_labels": 1, "pad_token_id": tokenizer.pad_token_id}
+    def load_kwargs(self, tokenizer=None):
+        # the classifier scores the last non-pad token: it must know the pad id (Llama configs have none)
+        return {"num_labels": 1, **({"pad_token_id": tokenizer.pad_token_id} if tokenizer is not None else {})}
 
     def evaluate(self, model, tokenizer, trainer, eval_raw, recipe, reference=None):
         if eval_raw is None:
