@@ -64,6 +64,11 @@ def check_local(ref: str, key: str = "model.name_or_path", need: str = "config.j
     if path.is_file():
         raise UserError(f"{key} {ref} is a file, not a model directory",
                         f"point {key} at the directory that holds it ({path.parent})")
+    if path.is_dir() and need and not (path / need).is_file() and (path / "adapter_config.json").is_file():
+        # a previous run's adapter (SFT -> DPO): the model to start from is that adapter merged into its base
+        raise UserError(f"{key} {ref} is a PEFT adapter (a run's output_dir), not a model",
+                        f"merge it into its base first: `llama-recipes export {ref} {ref.rstrip('/')}_merged`, then "
+                        f"set {key}: {ref.rstrip('/')}_merged (docs/preference.md, SFT -> DPO)")
     if path.is_dir() and need and not (path / need).is_file():
         raise UserError(f"{key} {ref} is a directory without {need} (not a saved model)",
                         "point it at a directory written by save_pretrained (config.json, tokenizer files, "

@@ -322,3 +322,22 @@ def test_sigkill_then_resume_gives_the_uninterrupted_dpo_losses(tmp_path):
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for step in b:
         assert a[step] == pytest.approx(b[step], abs=1e-5), step
+
+
+def test_sft_then_dpo_on_the_merged_run(tmp_path):
+    """The SFT -> DPO pipeline of docs/preference.md: the DPO policy and reference start as the SFT model."""
+    from llama_recipes import pipeline
+    from llama_recipes.export import merge_and_export
+
+    sft = pipeline.train(load_recipe(DEMO / "tiny_lora.yaml", [
+        f"output_dir={tmp_path / 'sft'}", *FAST, "training.max_steps=30", "data.max_samples=256",
+        "eval.before_after=false"]))
+    with pytest.raises(UserError, match="is a PEFT adapter .* llama-recipes export"):
+        pipeline.train(recipe("tiny_dpo", tmp_path / "bad", f"model.name_or_path={sft.output_dir}"))
+    merged = merge_and_export(sft.output_dir, tmp_path / "sft_merged")
+    ov = [f"model.name_or_path={merged}", "training.max_steps=2", "data.max_samples=16", "data.max_eval_samples=32"]
+    dpo = pipeline.train(recipe("tiny_dpo", tmp_path / "dpo", *ov))
+    base = pipeline.train(recipe("tiny_dpo", tmp_path / "dpo_base", *ov[1:]))
+    # SFT on the topic task already prefers the right topic: the DPO run starts from there, not from the base
+    assert dpo.metrics["eval_before"]["preference_accuracy"] > base.metrics["eval_before"]["preference_accuracy"] + 0.2
+    assert dpo.trainer.ref_model is None  # the reference: the merged SFT model, adapter off
