@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from llama_recipes import artifacts, chat, data, modeling
+from llama_recipes import artifacts, chat, data, harness, modeling
 from llama_recipes.errors import UserError
 
 # The measurements themselves live in measure.py (training uses them too); re-exported here
@@ -101,7 +101,10 @@ def eval_only(recipe, args) -> int:
     """Evaluate one artifact (or the base) with the recipe's eval settings; returns the exit code."""
     target = resolve_target(recipe, getattr(args, "checkpoint", None), getattr(args, "base", False))
     if target.kind == "head":
+        if recipe.eval.harness is not None:
+            harness.refuse_head(recipe)
         return _eval_head(recipe, target)
+    harness.check(recipe)  # lm-eval installed: before minutes of loading and measuring
     try:
         results, predictions = evaluate_target(recipe, target)
         write_results(target.results_dir, results, predictions)
@@ -178,6 +181,12 @@ def _evaluate_loaded(recipe, target, cfg, eval_raw, fmt, tokenizer, model, colla
         metrics.update(generation_scores(preds, refs, cfg.metrics))
         predictions = [{"prompt": p, "reference": r, "prediction": y} for p, r, y in zip(prompts, refs, preds)]
 
+    harnessed = None
+    if recipe.eval.harness is not None:  # before retain: a full model's weights are freed there
+        t = time.time()
+        harnessed = harness.evaluate(model, tokenizer, recipe.eval.harness, recipe_precision(recipe))
+        seconds["harness"] = time.time() - t
+
     t = time.time()
     retain = evaluate_retain(recipe, target, model, tokenizer, collate)
     if retain:
@@ -192,6 +201,7 @@ def _evaluate_loaded(recipe, target, cfg, eval_raw, fmt, tokenizer, model, colla
         "examples": len(eval_raw),
         "metrics": metrics,
         "retain": retain,
+        **({"harness": harnessed} if harnessed is not None else {}),
         "eval_settings": cfg.model_dump(mode="json"),
         "world_size": world,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
@@ -276,6 +286,7 @@ def results_table(results: dict) -> str:
         labels = results["metrics"].get("labels") or [str(i) for i in range(len(matrix))]
         rows += ["", "| true \\ predicted | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
         rows += [f"| {lab} | " + " | ".join(map(str, r)) + " |" for lab, r in zip(labels, matrix)]
+    rows += harness.results_rows(results.get("harness"))
     retain = results.get("retain") or {}
     if retain and all("artifact" in r for r in retain.values()):
         rows += ["", "| retain set | base loss | artifact loss | delta loss | base ppl | artifact ppl |",

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llama_recipes import artifacts, data, freeze, methods, modeling, objectives
+from llama_recipes import artifacts, data, freeze, harness, methods, modeling, objectives
 from llama_recipes.log import get_logger
 from llama_recipes.runtime import distributed, resilience
 
@@ -85,6 +85,7 @@ def _train_and_save(recipe, method, objective, out: Path, overwrite: bool, callb
         if not recipe.eval.before_after:
             return None
         result = objective.evaluate(trainer.model, tokenizer, trainer, eval_raw, recipe, reference=reference)
+        result = harness.measure(result, trainer.model, tokenizer, recipe, trainer.args)  # eval.harness (lm-eval)
         if result is not None:
             log.info("eval %s training: %s", tag, objective.describe(result))
         return result
