@@ -19,6 +19,7 @@ package's bundled data) work offline; hub tasks need the network the first time.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -144,10 +145,16 @@ def _precision_dtype(precision):
     return torch.float16 if getattr(precision, "fp16", False) else None
 
 
-def _run(model, tokenizer, cfg, precision, log_samples: bool) -> dict:
-    lm_eval = require()
+@functools.lru_cache(maxsize=2)
+def _task_manager(with_harness_tasks: bool):
+    """lm_eval's TaskManager; indexing its ~15k bundled task YAMLs takes seconds: only when a task is named, once."""
     from lm_eval.tasks import TaskManager
 
+    return TaskManager(include_defaults=with_harness_tasks)
+
+
+def _run(model, tokenizer, cfg, precision, log_samples: bool) -> dict:
+    lm_eval = require()
     started = time.time()
     specs, sources = [], {}
     for entry in cfg.tasks:
@@ -158,8 +165,7 @@ def _run(model, tokenizer, cfg, precision, log_samples: bool) -> dict:
             specs.append(_local_config(path))
             sources[specs[-1]["task"]] = entry
     names = [s for s in specs if isinstance(s, str)]
-    # indexing lm_eval's ~15k bundled task YAMLs takes seconds: only when a task is named
-    manager = TaskManager(include_defaults=bool(names))
+    manager = _task_manager(bool(names))
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         import difflib
