@@ -20,10 +20,8 @@ def is_task_file(entry: str) -> bool:
 class HarnessConfig(Section):
     tasks: list[str] = Field(
         min_length=1,
-        description="lm-evaluation-harness tasks: harness task names (hellaswag, mmlu, ...: need the network the first "
-        "time), paths to local task YAMLs (relative to the recipe), or builtin:NAME for the offline tasks shipped "
-        "in llama_recipes/assets/harness (builtin:pydoc_package_mc, builtin:pydoc_package_gen, builtin:topic_mc, "
-        "builtin:topic_gen).",
+        description="Harness task names (hellaswag, mmlu: the network, once), local task YAMLs (relative to the "
+        "recipe) or builtin:NAME, offline tasks over bundled data (pydoc_package_mc, pydoc_package_gen, topic_mc, topic_gen).",
     )
     num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per prompt (None: each task's own default, else 0).")
     limit: int | None = Field(None, gt=0, description="Evaluate only the first N documents of each task.")
