@@ -241,19 +241,21 @@ def test_before_after_and_eval_only_agree(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_harness_on_rank0_and_rank1_waits(tmp_path):
-    """accelerate launch, 2 CPU processes (DDP), a process-group timeout shorter than the harness:
-    rank 0 runs it, rank 1 waits on its own group and the run ends normally."""
+def test_two_processes_run_the_harness_on_rank0_only(tmp_path):
+    """accelerate launch, 2 CPU processes (DDP): rank 0 runs the harness (lm-eval's own logger, which
+    is not rank-aware, says so once per measurement), rank 1 waits, both train, the run ends normally.
+    That the wait outlives the process group's timeout is test_on_rank0_outlives_the_process_group_timeout
+    (training.ddp_timeout does not reach a CPU run's process group: docs/development.md)."""
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "accelerate_configs" / "cpu_ddp_2proc.yaml"), "--main_process_port", str(free_port()),
            str(ROOT / "run_recipe.py"), str(DEMO_RECIPE), f"output_dir={out}", *SHORT, "training.max_steps=4",
-           "training.ddp_timeout=3", "eval.harness={tasks: [builtin:topic_mc, builtin:topic_gen], limit: 48}"]
+           "eval.harness={tasks: [builtin:topic_mc], limit: 24}"]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **THREADS}, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     m = json.loads((out / "metrics.json").read_text())
-    assert m["eval_after"]["harness"]["seconds"] > 3  # longer than the process group's timeout
-    assert proc.stderr.count("harness: llama_recipes_topic_mc/acc=") == 2  # before and after, once each (rank 0)
+    assert m["eval_after"]["harness"]["tasks"]["llama_recipes_topic_mc"]["samples"] == 24
+    assert proc.stderr.count("Passed an already-initialized model through `pretrained`") == 2  # before + after, rank 0
 
 
 # -- collectives.on_rank0 -------------------------------------------------------------------------------
