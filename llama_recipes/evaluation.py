@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from llama_recipes import artifacts, chat, data, harness, modeling
+from llama_recipes import artifacts, chat, data, harness, heads, modeling
 from llama_recipes.errors import UserError
 
 # The measurements themselves live in measure.py (training uses them too); re-exported here
@@ -100,11 +100,9 @@ def _load_retain(ref: str, limit: int | None):
 def eval_only(recipe, args) -> int:
     """Evaluate one artifact (or the base) with the recipe's eval settings; returns the exit code."""
     target = resolve_target(recipe, getattr(args, "checkpoint", None), getattr(args, "base", False))
-    if target.kind == "head":
-        if recipe.eval.harness is not None:
-            harness.refuse_head(recipe)
-        return _eval_head(recipe, target)
     harness.check(recipe)  # lm-eval installed: before minutes of loading and measuring
+    if target.kind == "head":
+        return _eval_head(recipe, target)
     try:
         results, predictions = evaluate_target(recipe, target)
         write_results(target.results_dir, results, predictions)
@@ -248,9 +246,14 @@ def evaluate_retain(recipe, target: Target, model, tokenizer, collate) -> dict:
 def _eval_head(recipe, target: Target) -> int:
     started = time.time()
     metrics = evaluate_artifact(recipe, target.path, recipe.eval.limit)
+    harnessed = None
+    if recipe.eval.harness is not None:  # the head scored through lm-eval (multiple choice over its labels)
+        head = heads.load(target.path)
+        harnessed = harness.evaluate(head.model, head.tokenizer, recipe.eval.harness, recipe_precision(recipe))
     if isinstance(metrics, dict):
         results = {"artifact": str(target.path), "kind": "head", "recipe_fingerprint": recipe.fingerprint(),
-                   "metrics": metrics, "seconds": {"total": round(time.time() - started, 3)}}
+                   "metrics": metrics, **({"harness": harnessed} if harnessed is not None else {}),
+                   "seconds": {"total": round(time.time() - started, 3)}}
         write_results(target.results_dir, results, [])
         log.info("\n%s", results_table(results))
     return 0

@@ -26,8 +26,10 @@ import os
 import time
 from pathlib import Path
 
+from llama_recipes import heads
 from llama_recipes.errors import UserError
 from llama_recipes.log import get_logger
+from llama_recipes.measure import autocast
 from llama_recipes.runtime import collectives, distributed
 from llama_recipes.schema.evaluation import HARNESS_BUILTIN, HARNESS_TASKS_DIR, is_task_file
 
@@ -48,7 +50,8 @@ def require():
 
 
 def check(recipe, model=None) -> None:
-    """eval.harness can run: lm-eval installed, and (given) the model is a language model, not a head.
+    """eval.harness can run: lm-eval installed, and (given) a model it can score: a language model,
+    or a classification head (multiple-choice tasks over its labels: HeadLM).
 
     measure() and evaluation.eval_only call it before anything is measured, so a missing install
     fails before training starts.
@@ -56,16 +59,18 @@ def check(recipe, model=None) -> None:
     if recipe.eval.harness is None:
         return
     require()
-    out = getattr(model, "get_output_embeddings", None) if model is not None else (lambda: True)
-    if out is None or out() is None:  # a classification head (sequence classifier, MLP head): no token logits
-        refuse_head(recipe)
+    if model is None or _head_of(model) is not None:
+        return
+    out = getattr(model, "get_output_embeddings", None)
+    if out is None or out() is None:
+        raise UserError(f"eval.harness: the model of method {recipe.method.name} has neither token logits "
+                        "nor a classification head's label logits", "remove eval.harness")
 
 
-def refuse_head(recipe):
-    raise UserError(f"eval.harness scores a language model's tokens; method {recipe.method.name} trains a "
-                    "classification head, which has no language-model output",
-                    "remove eval.harness (the head's own accuracy is reported), or train an LM method "
-                    "(lora, full, ...) on the same rows")
+def _head_of(model) -> dict | None:
+    """The head config of a classification-head model (heads.py sets it on every head model), else None."""
+    cfg = getattr(model, "head_config", None)
+    return cfg if isinstance(cfg, dict) and "labels" in cfg else None
 
 
 # -- task specs -------------------------------------------------------------------------------------
@@ -137,6 +142,45 @@ def _loaded_lm(model, tokenizer, batch_size: int, dtype):
     return LoadedLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, mixed_precision_dtype=dtype)
 
 
+def _head_lm(model, tokenizer, cfg: dict, batch_size: int, precision):
+    """A classification head as an lm_eval LM: a multiple-choice request (text, label name) scores the
+    head's log-probability of that label given the text (heads.batch_logits, the head's own eval),
+    so a task's acc over the eval rows is the head's accuracy. Other request kinds are refused."""
+    from lm_eval.api.model import LM
+
+    labels = list(cfg["labels"])
+
+    def refuse(kind):
+        raise UserError(f"eval.harness: a classification head ({cfg.get('method')}) answers multiple-choice tasks "
+                        f"whose choices are its labels ({', '.join(labels)}), not {kind} requests",
+                        "use a multiple-choice task over the label names (e.g. builtin:pydoc_package_head)")
+
+    class HeadLM(LM):
+        def loglikelihood(self, requests, disable_tqdm=False):
+            texts = list(dict.fromkeys(r.args[0] for r in requests))
+            with autocast(precision):
+                logp = heads.batch_logits(model, tokenizer, texts, batch_size, cfg.get("max_length")).log_softmax(-1)
+            row = {t: i for i, t in enumerate(texts)}
+            out = []
+            for r in requests:
+                text, choice = r.args
+                if choice.strip() not in labels:
+                    raise UserError(f"eval.harness: choice {choice.strip()!r} is not one of the head's labels "
+                                    f"({', '.join(labels)})", "make the task's choices the label names")
+                lp = logp[row[text]]
+                k = labels.index(choice.strip())
+                out.append((float(lp[k]), bool(int(lp.argmax()) == k)))
+            return out
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            refuse("rolling log-likelihood (perplexity)")
+
+        def generate_until(self, requests, disable_tqdm=False):
+            refuse("generation")
+
+    return HeadLM()
+
+
 def _precision_dtype(precision):
     import torch
 
@@ -177,7 +221,9 @@ def _run(model, tokenizer, cfg, precision, log_samples: bool) -> dict:
     loaded = _load_tasks(manager, specs)
 
     was_training = model.training
-    lm = _loaded_lm(model, tokenizer, cfg.batch_size, _precision_dtype(precision))
+    head = _head_of(model)
+    lm = _head_lm(model, tokenizer, head, cfg.batch_size, precision) if head \
+        else _loaded_lm(model, tokenizer, cfg.batch_size, _precision_dtype(precision))
     try:
         out = lm_eval.simple_evaluate(model=lm, tasks=list(loaded.values()), task_manager=manager, num_fewshot=cfg.num_fewshot,
                                       limit=cfg.limit, bootstrap_iters=1000, log_samples=log_samples,

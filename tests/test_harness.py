@@ -162,6 +162,30 @@ def test_config_hash_follows_the_data_not_its_path(tmp_path):
     assert harness.config_hash(base) != harness.config_hash(moved)
 
 
+def test_classifier_head_scored_by_the_harness_equals_its_own_accuracy(tmp_path):
+    """A classification head through lm-eval (builtin:classify_head: the held-out rows, choices = its
+    labels, scored by the head's label log-probabilities) gives exactly the head's own accuracy,
+    before and after training; a generation task on a head is one clear error."""
+    out = tmp_path / "out"
+    proc = run_cli(str(ROOT / "recipes" / "demo" / "tiny_classifier_head.yaml"), f"output_dir={out}", FP32,
+                   "training.max_steps=20", "training.report_to=none", "eval.limit=64",
+                   "eval.harness={tasks: [builtin:classify_head], limit: 64}", env=THREADS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    for tag in ("eval_before", "eval_after"):
+        task = m[tag]["harness"]["tasks"]["llama_recipes_classify_head"]
+        assert task["samples"] == m[tag]["examples"] == 64
+        assert task["metrics"]["acc"] == m[tag]["accuracy"], tag
+    assert m["eval_after"]["accuracy"] > m["eval_before"]["accuracy"]
+
+    from llama_recipes import harness, heads
+    from llama_recipes.schema.evaluation import HarnessConfig
+
+    head = heads.load(out)
+    with pytest.raises(UserError, match="answers multiple-choice tasks whose choices are its labels"):
+        harness.evaluate(head.model, head.tokenizer, HarnessConfig(tasks=["builtin:topic_gen"], limit=2))
+
+
 # -- errors --------------------------------------------------------------------------------------------
 def test_hub_task_offline_is_one_error_naming_it(tiny):
     from llama_recipes import harness
