@@ -131,15 +131,11 @@ def config_hash(cfg: dict) -> str:
 
 # -- running -----------------------------------------------------------------------------------------
 def _loaded_lm(model, tokenizer, batch_size: int, dtype):
-    """lm_eval's HFLM around our model object (no reload), trimming virtual-token logits (prompt tuning)."""
+    """lm_eval's HFLM around our model object (no reload). Prompt/prefix tuning's virtual-token
+    logits need nothing here: lm_eval 0.4.13 offsets by them (_loglikelihood_tokens, ctx_len)."""
     from lm_eval.models.huggingface import HFLM
 
-    class LoadedLM(HFLM):
-        def _model_call(self, inps, attn_mask=None, labels=None):
-            # prompt/prefix tuning prepend N virtual-token logits; the harness indexes from the start
-            return super()._model_call(inps, attn_mask, labels)[:, -inps.shape[1]:]
-
-    return LoadedLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, mixed_precision_dtype=dtype)
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, mixed_precision_dtype=dtype)
 
 
 def _head_lm(model, tokenizer, cfg: dict, batch_size: int, precision):

@@ -127,6 +127,30 @@ def test_harness_multiple_choice_equals_our_scoring_of_the_same_rows(tiny):
     assert 0 < ours_acc < 1  # a real comparison: the untrained base gets some right, not all
 
 
+def test_prompt_tuning_virtual_tokens_do_not_shift_the_scores(tiny):
+    """Prompt tuning prepends virtual-token logits (measure.eval_loss trims them; lm_eval 0.4.13 offsets
+    by them): the harness's log-likelihoods on a prompt-tuned model stay equal to ours."""
+    from peft import PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from llama_recipes import harness
+    from llama_recipes.schema.evaluation import HarnessConfig
+
+    import torch
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(TINY),
+                           PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    tokenizer = tiny[1]
+    n = 8
+    res = harness.evaluate(model, tokenizer, HarnessConfig(tasks=["builtin:topic_mc"], limit=n), log_samples=True)
+    samples = sorted(res["samples"]["llama_recipes_topic_mc"], key=lambda s: s["doc_id"])
+    rows = [json.loads(line) for line in TOPIC_EVAL.read_text().splitlines()[:n]]
+    ours = _our_loglikelihoods(model, tokenizer, rows, scored_from=-1)
+    for s, b in zip(samples, ours):
+        assert [ll for ll, _ in s["filtered_resps"]] == pytest.approx(b, abs=1e-4)
+
+
 def test_harness_generation_equals_our_greedy_generation(tiny):
     """builtin:topic_gen: the harness's greedy answers are measure.generate's (cut at its stop string)."""
     from llama_recipes import harness
