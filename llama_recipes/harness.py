@@ -299,7 +299,27 @@ def evaluate(model, tokenizer, cfg, precision=None, log_samples: bool = False) -
     """
     if distributed.is_sharded(model) and collectives.rank_world()[1] > 1:
         return {"skipped": "the model is sharded (FSDP); run --eval-only on the saved artifact"}
-    return collectives.on_rank0(lambda: _run(model, tokenizer, cfg, precision, log_samples), "eval.harness")
+    return collectives.on_rank0(lambda: _run_keeping_rng(model, tokenizer, cfg, precision, log_samples), "eval.harness")
+
+
+def _run_keeping_rng(model, tokenizer, cfg, precision, log_samples: bool) -> dict:
+    """_run with python's, numpy's and torch's global RNG states put back afterwards.
+
+    simple_evaluate seeds all three (its own reproducibility); before training that would change
+    the run's dropout and sampling from what the same recipe without eval.harness gets.
+    """
+    import random
+
+    import numpy as np
+    import torch
+
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        return _run(model, tokenizer, cfg, precision, log_samples)
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
 
 
 def measure(result: dict | None, model, tokenizer, recipe, precision) -> dict | None:

@@ -171,6 +171,25 @@ def test_harness_generation_equals_our_greedy_generation(tiny):
     assert res["tasks"]["llama_recipes_topic_gen"]["metrics"]["exact_match"] == em
 
 
+def test_the_harness_leaves_the_global_rng_as_it_found_it(tiny):
+    """lm-eval seeds python/numpy/torch; before training that would change the run's dropout and
+    sampling from the same recipe without eval.harness. harness.py puts the states back."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from llama_recipes import harness
+    from llama_recipes.schema.evaluation import HarnessConfig
+
+    model, tokenizer = tiny
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    expected = torch.rand(3).tolist(), random.random(), np.random.rand()
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    harness.evaluate(model, tokenizer, HarnessConfig(tasks=["builtin:topic_mc"], limit=4))
+    assert (torch.rand(3).tolist(), random.random(), np.random.rand()) == expected
+
+
 def test_config_hash_follows_the_data_not_its_path(tmp_path):
     """The same task over a copy of its data file elsewhere has the same hash; one changed row, another."""
     from llama_recipes import harness
