@@ -314,12 +314,15 @@ def _run_keeping_rng(model, tokenizer, cfg, precision, log_samples: bool) -> dic
     import torch
 
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
         return _run(model, tokenizer, cfg, precision, log_samples)
     finally:
         random.setstate(states[0])
         np.random.set_state(states[1])
         torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def measure(result: dict | None, model, tokenizer, recipe, precision) -> dict | None:
