@@ -325,6 +325,22 @@ def test_two_processes_run_the_harness_on_rank0_only(tmp_path):
     assert proc.stderr.count("Passed an already-initialized model through `pretrained`") == 2  # before + after, rank 0
 
 
+@pytest.mark.slow
+def test_after_fsdp_training_the_harness_says_skipped(tmp_path):
+    """FSDP shards the parameters: one rank cannot run the model alone after training. Before
+    training (not yet sharded) rank 0 measures; after, the entry says skipped and names --eval-only."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "accelerate_configs" / "cpu_fsdp_2proc.yaml"), "--main_process_port", str(free_port()),
+           str(ROOT / "run_recipe.py"), str(DEMO_RECIPE), f"output_dir={out}", *SHORT, "training.max_steps=2",
+           "eval.harness={tasks: [builtin:topic_mc], limit: 8}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **THREADS}, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["eval_before"]["harness"]["tasks"]["llama_recipes_topic_mc"]["samples"] == 8
+    assert "--eval-only" in m["eval_after"]["harness"]["skipped"]
+
+
 # -- collectives.on_rank0 -------------------------------------------------------------------------------
 _WORKER = textwrap.dedent("""
     import datetime, json, os, sys, time
