@@ -326,7 +326,8 @@ def _run_keeping_rng(model, tokenizer, cfg, precision, log_samples: bool) -> dic
 
 
 def measure(result: dict | None, model, tokenizer, recipe, precision) -> dict | None:
-    """The before/after hook of a training run: `result` with the harness's numbers under `harness`."""
+    """The before/after hook of a training run: `result` (the objective's numbers, None without an eval
+    split) with the harness's numbers under `harness`."""
     if recipe.eval.harness is None:
         return result
     check(recipe, model)

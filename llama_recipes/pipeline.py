@@ -85,10 +85,9 @@ def _train_and_save(recipe, method, objective, out: Path, overwrite: bool, callb
         if not recipe.eval.before_after:
             return None
         result = objective.evaluate(trainer.model, tokenizer, trainer, eval_raw, recipe, reference=reference)
-        result = harness.measure(result, trainer.model, tokenizer, recipe, trainer.args)  # eval.harness (lm-eval)
         if result is not None:
             log.info("eval %s training: %s", tag, objective.describe(result))
-        return result
+        return harness.measure(result, trainer.model, tokenizer, recipe, trainer.args)  # + eval.harness (lm-eval)
 
     # -- train ----------------------------------------------------------------------------------
     # Before training the policy is the reference model: its numbers are the reference's too.
