@@ -62,6 +62,14 @@ def test_bad_task_entries_are_recipe_errors(tmp_path, tasks, says):
     assert says in str(e.value) and "eval.harness.tasks" in str(e.value)
 
 
+def test_dry_run_runs_the_harness_on_a_few_documents(tmp_path):
+    from llama_recipes.dryrun import EVAL_ROWS, dry_recipe
+
+    recipe = load_recipe(DEMO_RECIPE, ["eval.harness={tasks: [builtin:topic_mc], limit: 500}"])
+    assert dry_recipe(recipe, tmp_path)[0].eval.harness.limit == EVAL_ROWS
+    assert dry_recipe(load_recipe(DEMO_RECIPE), tmp_path)[0].eval.harness is None
+
+
 # -- the numbers agree -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny():
