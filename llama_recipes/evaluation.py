@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from llama_recipes import artifacts, chat, data, modeling, objectives
+from llama_recipes import artifacts, chat, data, harness, heads, modeling, objectives
 from llama_recipes.errors import UserError
 
 # The measurements themselves live in measure.py (training uses them too); re-exported here
@@ -100,6 +100,7 @@ def _load_retain(ref: str, limit: int | None):
 def eval_only(recipe, args) -> int:
     """Evaluate one artifact (or the base) with the recipe's eval settings; returns the exit code."""
     target = resolve_target(recipe, getattr(args, "checkpoint", None), getattr(args, "base", False))
+    harness.check(recipe)  # lm-eval installed: before minutes of loading and measuring
     if target.kind == "head":
         return _eval_head(recipe, target)
     objective = objectives.get(recipe.objective.name)
@@ -229,6 +230,12 @@ def _evaluate_loaded(recipe, target, cfg, eval_raw, fmt, tokenizer, model, colla
         metrics.update(generation_scores(preds, refs, cfg.metrics))
         predictions = [{"prompt": p, "reference": r, "prediction": y} for p, r, y in zip(prompts, refs, preds)]
 
+    harnessed = None
+    if recipe.eval.harness is not None:  # before retain: a full model's weights are freed there
+        t = time.time()
+        harnessed = harness.evaluate(model, tokenizer, recipe.eval.harness, recipe_precision(recipe))
+        seconds["harness"] = time.time() - t
+
     t = time.time()
     retain = evaluate_retain(recipe, target, model, tokenizer, collate)
     if retain:
@@ -243,6 +250,7 @@ def _evaluate_loaded(recipe, target, cfg, eval_raw, fmt, tokenizer, model, colla
         "examples": len(eval_raw),
         "metrics": metrics,
         "retain": retain,
+        **({"harness": harnessed} if harnessed is not None else {}),
         "eval_settings": cfg.model_dump(mode="json"),
         "world_size": world,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
@@ -289,9 +297,14 @@ def evaluate_retain(recipe, target: Target, model, tokenizer, collate) -> dict:
 def _eval_head(recipe, target: Target) -> int:
     started = time.time()
     metrics = evaluate_artifact(recipe, target.path, recipe.eval.limit)
+    harnessed = None
+    if recipe.eval.harness is not None:  # the head scored through lm-eval (multiple choice over its labels)
+        head = heads.load(target.path)
+        harnessed = harness.evaluate(head.model, head.tokenizer, recipe.eval.harness, recipe_precision(recipe))
     if isinstance(metrics, dict):
         results = {"artifact": str(target.path), "kind": "head", "recipe_fingerprint": recipe.fingerprint(),
-                   "metrics": metrics, "seconds": {"total": round(time.time() - started, 3)}}
+                   "metrics": metrics, **({"harness": harnessed} if harnessed is not None else {}),
+                   "seconds": {"total": round(time.time() - started, 3)}}
         write_results(target.results_dir, results, [])
         log.info("\n%s", results_table(results))
     return 0
@@ -327,6 +340,7 @@ def results_table(results: dict) -> str:
         labels = results["metrics"].get("labels") or [str(i) for i in range(len(matrix))]
         rows += ["", "| true \\ predicted | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
         rows += [f"| {lab} | " + " | ".join(map(str, r)) + " |" for lab, r in zip(labels, matrix)]
+    rows += harness.results_rows(results.get("harness"))
     retain = results.get("retain") or {}
     if retain and all("artifact" in r for r in retain.values()):
         rows += ["", "| retain set | base loss | artifact loss | delta loss | base ppl | artifact ppl |",

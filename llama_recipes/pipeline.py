@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llama_recipes import artifacts, data, freeze, methods, modeling, objectives
+from llama_recipes import artifacts, data, freeze, harness, methods, modeling, objectives
 from llama_recipes.log import get_logger
 from llama_recipes.runtime import distributed, resilience
 
@@ -87,7 +87,7 @@ def _train_and_save(recipe, method, objective, out: Path, overwrite: bool, callb
         result = objective.evaluate(trainer.model, tokenizer, trainer, eval_raw, recipe, reference=reference)
         if result is not None:
             log.info("eval %s training: %s", tag, objective.describe(result))
-        return result
+        return harness.measure(result, trainer.model, tokenizer, recipe, trainer.args)  # + eval.harness (lm-eval)
 
     # -- train ----------------------------------------------------------------------------------
     # Before training the policy is the reference model: its numbers are the reference's too.

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from llama_recipes import harness
+
 
 class Objective:
     """Behaviour of one `objective.name`. Subclasses override what differs."""
@@ -60,7 +62,7 @@ class Objective:
         for k in after:
             if k in before and isinstance(after[k], float):
                 rows.append(f"| {k} | {before[k]:.4f} | {after[k]:.4f} |")
-        return "\n".join(rows)
+        return "\n".join(rows + harness.table_rows(before, after))  # eval.harness rows (none without it)
 
     def metrics_fields(self, model) -> dict:
         """Extra fields of metrics.json for this objective (classification: the label names)."""

@@ -5,6 +5,8 @@ them unconditionally. torch is imported inside the functions: importing this mod
 """
 from __future__ import annotations
 
+from llama_recipes.errors import UserError
+
 
 def is_distributed() -> bool:
     """True when a torch.distributed process group is initialised (accelerate, the Trainer, init_for_eval)."""
@@ -101,3 +103,43 @@ def destroy() -> None:
         import torch.distributed as dist
 
         dist.destroy_process_group()
+
+
+def on_rank0(fn, what: str, timeout_s: float = 7 * 24 * 3600.0):
+    """`fn()` on rank 0 only; every rank returns its (picklable) result. In one process: `fn()`.
+
+    The other ranks wait on a gloo group of their own whose timeout is `timeout_s` (a week), not
+    the launcher's process-group timeout (30 min by default, the Trainer's ddp_timeout), so a long
+    rank-0 job (a benchmark on a big model) does not kill the waiting ranks. If `fn` raises on
+    rank 0, the others raise the same UserError (a clear error on every rank) or a RuntimeError
+    naming `what` (rank 0 re-raises the original), so no rank hangs in the next collective.
+    """
+    rank, world = rank_world()
+    if world == 1:
+        return fn()
+    import datetime
+
+    import torch.distributed as dist
+
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    payload: list = [None]
+    error = None
+    if rank == 0:
+        try:
+            payload = [("ok", fn())]
+        except BaseException as e:  # noqa: BLE001 - told to the other ranks, then re-raised here
+            error = e
+            payload = [("user", (e.problem, e.fix, e.where)) if isinstance(e, UserError)
+                       else ("error", f"{type(e).__name__}: {e}")]
+    try:
+        dist.broadcast_object_list(payload, src=0, group=group)
+    finally:
+        dist.destroy_process_group(group)
+    if error is not None:
+        raise error
+    status, value = payload[0]
+    if status == "user":  # the same clear error on every rank (rank 0 prints it, all exit with its code)
+        raise UserError(*value)
+    if status == "error":
+        raise RuntimeError(f"{what} failed on rank 0: {value}")
+    return value

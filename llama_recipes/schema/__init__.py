@@ -20,7 +20,7 @@ from llama_recipes.schema.base import SEED_MAX, Section, expand_user
 from llama_recipes.schema.checks import redact
 from llama_recipes.schema.data import DataConfig
 from llama_recipes.schema.data import check_recipe as check_data
-from llama_recipes.schema.evaluation import EvalConfig
+from llama_recipes.schema.evaluation import EvalConfig, resolve_task_paths
 from llama_recipes.schema.finetune import check_method_freeze
 from llama_recipes.schema.freeze import FreezeConfig
 from llama_recipes.schema.guards import (
@@ -310,6 +310,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe. Raises RecipeError with file, key and fix."""
     path = Path(path)
     data = apply_overrides(_read_yaml(path), overrides or [])
+    data = resolve_task_paths(data, path.parent)  # eval.harness task YAMLs are relative to the recipe
     return validate_recipe(data, str(path))
 
 

@@ -83,6 +83,10 @@ def render_markdown() -> str:
                         "objective's own settings; `output_dir` and `seed` are set at the top level. The table "
                         "lists SFTConfig's fields and the other classes' additions.", ""]
             out += section_table(f.annotation, f"{name}.")
+            for sub, sf in f.annotation.model_fields.items():  # an optional sub-section (eval.harness)
+                inner = [a for a in typing.get_args(sf.annotation) if isinstance(a, type) and issubclass(a, Section)]
+                if inner:
+                    out += ["", f"### `{name}.{sub}:`", ""] + section_table(inner[0], f"{name}.{sub}.")
     return "\n".join(out).rstrip() + "\n"
 
 
