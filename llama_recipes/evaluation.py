@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from llama_recipes import artifacts, chat, data, modeling
+from llama_recipes import artifacts, chat, data, modeling, objectives
 from llama_recipes.errors import UserError
 
 # The measurements themselves live in measure.py (training uses them too); re-exported here
@@ -102,8 +102,10 @@ def eval_only(recipe, args) -> int:
     target = resolve_target(recipe, getattr(args, "checkpoint", None), getattr(args, "base", False))
     if target.kind == "head":
         return _eval_head(recipe, target)
+    # an objective with its own measurement (grpo: rewards of generated completions)
+    own = getattr(objectives.get(recipe.objective.name), "eval_artifact", None)
     try:
-        results, predictions = evaluate_target(recipe, target)
+        results, predictions = own(recipe, target) if own else evaluate_target(recipe, target)
         write_results(target.results_dir, results, predictions)
     finally:
         collectives.destroy()

@@ -93,6 +93,14 @@ class GRPO(Objective):
     def fallback_eval(self, model, trainer, batch_size):
         return None
 
+    def memory(self, shape, setup, recipe, estimate):
+        """--estimate-memory of a GRPO recipe (memory.estimate_recipe asks): see memory_estimate."""
+        return memory_estimate(shape, setup, recipe, estimate)
+
+    def eval_artifact(self, recipe, target):
+        """--eval-only (evaluation.eval_only asks for it): results and example predictions."""
+        return eval_artifact(recipe, target)
+
     def describe(self, r):
         parts = [f"reward_mean={r['reward_mean']:.4f}"]
         parts += [f"{k}={v:.4f}" for k, v in r.items() if k.startswith("reward_pass_rate_")]
@@ -105,6 +113,40 @@ class GRPO(Objective):
             if k in before and isinstance(v, (int, float)) and k != "examples":
                 rows.append(f"| {k} | {before[k]:.4f} | {v:.4f} |")
         return "\n".join(rows)
+
+
+PROMPT_TOKENS = 256  # prompt length the estimate assumes (the data is not read by --estimate-memory)
+
+
+def memory_estimate(shape, setup, recipe, estimate):
+    """The estimate of a GRPO step: every completion is a training sequence of prompt + max_completion_length
+    tokens; generation adds the KV cache of the whole local generation batch (per_device_train_batch_size x
+    steps_per_generation sequences, num_generations per prompt) and its last-step logits; beta > 0 adds a frozen
+    reference copy of the base unless the method is PEFT (TRL 1.16 then switches the adapter off instead)."""
+    from llama_recipes import methods
+
+    obj, t = recipe.objective, recipe.training
+    seq = PROMPT_TOKENS + obj.max_completion_length
+    setup.seq_len = seq
+    e = estimate(shape, setup)
+    steps = obj.steps_per_generation or getattr(t, "gradient_accumulation_steps", 1)
+    batch = obj.generation_batch_size or setup.micro_batch * steps
+    kv_bytes = 2 if setup.mixed else 4
+    kv = 2 * shape.num_layers * shape.kv_heads * shape.head_dim * seq * batch * kv_bytes
+    logits = batch * shape.vocab * 4
+    e.buffers += kv + logits
+    e.notes.append(f"GRPO: each of the {batch} sequences of a generation batch is {PROMPT_TOKENS} prompt tokens "
+                   f"(assumed) + max_completion_length {obj.max_completion_length}; the generation KV cache "
+                   f"({batch} x {seq} tokens) adds {kv / 2**20:.1f} MiB and its logits {logits / 2**20:.1f} MiB "
+                   "(counted under temporary buffers)")
+    if float(obj.beta) > 0:
+        if methods.get(recipe.method.name).kind == "lm" and recipe.is_peft:
+            e.notes.append("GRPO beta > 0: the reference model is the base with the adapter switched off (no copy)")
+        else:
+            ref = shape.total * kv_bytes if setup.mixed else shape.total * 4
+            e.weights += ref
+            e.notes.append(f"GRPO beta > 0: a frozen reference copy of the model adds {ref / 2**20:.1f} MiB")
+    return e
 
 
 def eval_prompts(rows, tokenizer) -> tuple[list[str], bool]:
@@ -147,3 +189,34 @@ def measure_rewards(model, tokenizer, eval_raw, recipe, fns) -> dict:
     out["reward_examples"] = [{"prompt": texts[i][-300:], "completion": completions[i], "reward": scores["reward"][i]}
                               for i in range(min(EXAMPLES, n))]
     return out
+
+
+def eval_artifact(recipe, target) -> tuple[dict, list[dict]]:
+    """--eval-only of a GRPO run: the artifact (or the base) measured as training's eval_after/eval_before is
+    (greedy completions of the first eval.limit held-out prompts, the recipe's rewards). (results, predictions)."""
+    import time
+
+    from transformers import set_seed
+
+    from llama_recipes import artifacts
+    from llama_recipes.measure import fingerprint_rows
+
+    started = time.time()
+    set_seed(recipe.eval.seed)
+    _, eval_raw, fmt = data.build_datasets(recipe.data, recipe.formats)
+    if eval_raw is None:
+        raise UserError("--eval-only needs held-out prompts, and data.eval_split is not set",
+                        "set data.eval_split to a split name (eval) or a fraction (0.05)")
+    tokenizer, model = artifacts.load(recipe, target.path)
+    if not isinstance(eval_raw[0]["prompt"], str):
+        data.apply_chat_template_choice(recipe, tokenizer, assistant_spans=False)
+    fns = rewards.build(recipe, eval_raw.column_names)
+    metrics = measure_rewards(model, tokenizer, eval_raw, recipe, fns)
+    examples = metrics.pop("reward_examples")
+    results = {"artifact": str(target.path) if target.path else f"base:{recipe.model.name_or_path}",
+               "kind": target.kind, "recipe_fingerprint": recipe.fingerprint(),
+               "dataset": {"path": recipe.data.path, "split": recipe.data.eval_split, "format": fmt,
+                           "fingerprint": fingerprint_rows(eval_raw)},
+               "examples": metrics["examples"], "metrics": metrics,
+               "seconds": {"total": round(time.time() - started, 3)}}
+    return results, examples
