@@ -97,6 +97,19 @@ class GRPO(Objective):
         """--estimate-memory of a GRPO recipe (memory.estimate_recipe asks): see memory_estimate."""
         return memory_estimate(shape, setup, recipe, estimate)
 
+    def probe_batch(self, run):
+        """The dry run's logits probe: a few prompts (held-out, else train) as the trainer tokenizes them."""
+        rows = run.eval_raw if run.eval_raw is not None else run.trainer.train_dataset
+        rows = rows.select(range(min(4, len(rows))))
+        texts, special = eval_prompts(rows, run.tokenizer)
+        side = run.tokenizer.padding_side
+        run.tokenizer.padding_side = "left"
+        try:
+            enc = run.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=special)
+        finally:
+            run.tokenizer.padding_side = side
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
     def eval_artifact(self, recipe, target):
         """--eval-only (evaluation.eval_only asks for it): results and example predictions."""
         return eval_artifact(recipe, target)

@@ -152,7 +152,7 @@ class GrpoSection(Section):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"objective.rewards: two rewards are named {dupes[0]!r}: give them distinct `name:`s")
-        if "reward_weights" in self.model_fields_set:
+        if getattr(self, "reward_weights", None) is not None:
             raise ValueError("objective.reward_weights: give each reward its own `weight:` in objective.rewards")
         if getattr(self, "use_vllm", False) and importlib.util.find_spec("vllm") is None:
             raise ValueError("objective.use_vllm: vLLM is not installed (it needs a CUDA GPU and `pip install vllm`); "
