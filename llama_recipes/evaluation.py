@@ -105,7 +105,8 @@ def eval_only(recipe, args) -> int:
     # an objective with its own measurement (grpo: rewards of generated completions)
     own = getattr(objectives.get(recipe.objective.name), "eval_artifact", None)
     try:
-        results, predictions = own(recipe, target) if own else evaluate_target(recipe, target)
+        results, predictions = own(recipe, target, *load_for_eval(recipe, target)) if own \
+            else evaluate_target(recipe, target)
         write_results(target.results_dir, results, predictions)
     finally:
         collectives.destroy()

@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from llama_recipes import builtin_models, methods
+from llama_recipes import builtin_models, methods, objectives
 from llama_recipes.errors import UserError, read_json
 from llama_recipes.freeze import rule_matches
 from llama_recipes.methods.peft import Lora, linear_targets
@@ -755,7 +755,6 @@ def estimate_recipe(recipe, gpus=None, config=None, gpu_memory=None):
     # A GGUF (model.gguf_file, builtin:smollm2-135m-instruct): its config from the file's metadata
     shape = recipe_shape(recipe.model)
     s = setup_from_recipe(recipe, gpus, config, gpu_memory)
-    from llama_recipes import objectives  # what an objective adds (grpo: generation's KV cache, a reference)
 
     own = getattr(objectives.get(recipe.objective.name), "memory", None)
     return shape, s, own(shape, s, recipe, estimate) if own else estimate(shape, s)

@@ -15,9 +15,11 @@ import math
 import re
 from pathlib import Path
 
-from llama_recipes.errors import UserError
+from llama_recipes import modeling
+from llama_recipes.errors import UserError, read_json
 from llama_recipes.log import get_logger
-from llama_recipes.schema.grpo import signature_problem
+from llama_recipes.schema.grpo import function_problem, signature_problem
+from llama_recipes.schema.model import ModelConfig
 
 log = get_logger(__name__)
 
@@ -167,7 +169,6 @@ def load_function(cfg):
     import importlib.util
     import inspect
 
-    from llama_recipes.schema.grpo import function_problem
 
     raw, _, name = cfg.function.rpartition(":")
     path = Path(raw).expanduser().resolve()
@@ -202,13 +203,12 @@ def load_function(cfg):
 def load_reward_model(cfg, recipe):
     """(tokenizer, model) of a reward_model directory: a saved sequence classifier, or a reward run's adapter
     (its base loaded from the run's recipe.yaml as a one-output classifier, the adapter merged in)."""
-    from llama_recipes import artifacts, modeling
-    from llama_recipes.schema.model import ModelConfig
 
     path = Path(cfg.reward_model).expanduser()
-    kind = artifacts.detect(path)
+    # read here, not through artifacts (which imports the methods, which import the objectives: a cycle)
+    kind = "adapter" if (path / "adapter_config.json").is_file() else "model" if (path / "config.json").is_file() else None
     if kind == "adapter":
-        adapter_cfg, saved = artifacts.read_adapter_run(path)
+        adapter_cfg, saved = read_json(path / "adapter_config.json"), _saved_recipe(path)
         base = ModelConfig(**saved["model"]) if saved else ModelConfig(name_or_path=adapter_cfg["base_model_name_or_path"])
         tok_cfg = base.model_copy(update={"tokenizer": str(path)}) if (path / "tokenizer_config.json").is_file() else base
         tokenizer = modeling.load_tokenizer(tok_cfg)
@@ -234,6 +234,20 @@ def load_reward_model(cfg, recipe):
     model.config.pad_token_id = tokenizer.pad_token_id
     model.eval().requires_grad_(False)
     return tokenizer, model
+
+
+def _saved_recipe(path: Path) -> dict | None:
+    """The model section source of a reward run: its recipe.yaml (None when absent)."""
+    import yaml
+
+    f = path / "recipe.yaml"
+    if not f.is_file():
+        return None
+    try:
+        saved = yaml.safe_load(f.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"{f} is damaged: {e}", "restore it, or train the reward model again") from None
+    return saved if isinstance(saved, dict) and isinstance(saved.get("model"), dict) else None
 
 
 def build(recipe, columns: list[str]) -> list[Reward]:

@@ -285,3 +285,35 @@ def test_a_reward_returning_nan_stops_the_run_with_one_error(tmp_path):
     r = run_cli(str(tmp_path / "r.yaml"), *SMALL, "training.max_steps=2", env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 2, r.stderr[-3000:]
     assert "reward broken returned nan for completion 0" in r.stderr and "Traceback" not in r.stderr
+
+
+# -- reward models ------------------------------------------------------------------------------
+
+
+def test_a_reward_model_directory_scores_prompt_plus_completion(tmp_path):
+    """A saved one-output sequence classifier scores each prompt + completion as its own forward does."""
+    import torch
+    from conftest import TINY
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(TINY, num_labels=1)
+    tok = AutoTokenizer.from_pretrained(TINY)
+    rm.config.pad_token_id = tok.pad_token_id
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    d = recipe_with(tmp_path)
+    d["objective"]["rewards"] = [{"reward_model": str(tmp_path / "rm"), "weight": 2.0}]
+    recipe = validate_recipe(d)
+    (fn,) = rewards.build(recipe, ["prompt", "answer"])
+    assert fn.__name__ == "rm_rm" and fn.weight == 2.0
+    prompts, comps = ["The cat", "A very long prompt about the weather today"], [" is red.", " rain"]
+    got = fn(prompts=prompts, completions=comps, completion_ids=[[1], [1]])
+    rm.eval()
+    with torch.inference_mode():
+        want = [rm(**tok(p + c, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item()
+                for p, c in zip(prompts, comps)]
+    assert got == pytest.approx(want, abs=1e-5) and got[0] != got[1]
+    d["objective"]["rewards"] = [{"reward_model": str(TINY)}]  # a causal LM is not a reward model
+    with pytest.raises(UserError, match="outputs; a reward model has one|not a reward model|num_labels"):
+        rewards.build(validate_recipe(d), ["prompt", "answer"])

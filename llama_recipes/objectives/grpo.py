@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from llama_recipes import data, rewards, training
+from llama_recipes.measure import fingerprint_rows, generate
 from llama_recipes.errors import UserError
 from llama_recipes.log import get_logger
 from llama_recipes.objectives.base import Objective
@@ -110,9 +111,9 @@ class GRPO(Objective):
             run.tokenizer.padding_side = side
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
-    def eval_artifact(self, recipe, target):
-        """--eval-only (evaluation.eval_only asks for it): results and example predictions."""
-        return eval_artifact(recipe, target)
+    def eval_artifact(self, recipe, target, tokenizer, model):
+        """--eval-only (evaluation.eval_only asks for it, with the loaded artifact): results and example predictions."""
+        return eval_artifact(recipe, target, tokenizer, model)
 
     def describe(self, r):
         parts = [f"reward_mean={r['reward_mean']:.4f}"]
@@ -136,7 +137,6 @@ def memory_estimate(shape, setup, recipe, estimate):
     tokens; generation adds the KV cache of the whole local generation batch (per_device_train_batch_size x
     steps_per_generation sequences, num_generations per prompt) and its last-step logits; beta > 0 adds a frozen
     reference copy of the base unless the method is PEFT (TRL 1.16 then switches the adapter off instead)."""
-    from llama_recipes import methods
 
     obj, t = recipe.objective, recipe.training
     seq = PROMPT_TOKENS + obj.max_completion_length
@@ -153,7 +153,7 @@ def memory_estimate(shape, setup, recipe, estimate):
                    f"({batch} x {seq} tokens) adds {kv / 2**20:.1f} MiB and its logits {logits / 2**20:.1f} MiB "
                    "(counted under temporary buffers)")
     if float(obj.beta) > 0:
-        if methods.get(recipe.method.name).kind == "lm" and recipe.is_peft:
+        if recipe.is_peft:
             e.notes.append("GRPO beta > 0: the reference model is the base with the adapter switched off (no copy)")
         else:
             ref = shape.total * kv_bytes if setup.mixed else shape.total * 4
@@ -179,7 +179,6 @@ def stop_ids(model, tokenizer) -> list[int]:
 
 def measure_rewards(model, tokenizer, eval_raw, recipe, fns) -> dict:
     """Greedy completions of the held-out prompts (the first eval.limit), scored by every reward."""
-    from llama_recipes.measure import generate
 
     rows = eval_raw.select(range(min(len(eval_raw), recipe.eval.limit or len(eval_raw))))
     texts, special = eval_prompts(rows, tokenizer)
@@ -204,15 +203,13 @@ def measure_rewards(model, tokenizer, eval_raw, recipe, fns) -> dict:
     return out
 
 
-def eval_artifact(recipe, target) -> tuple[dict, list[dict]]:
+def eval_artifact(recipe, target, tokenizer, model) -> tuple[dict, list[dict]]:
     """--eval-only of a GRPO run: the artifact (or the base) measured as training's eval_after/eval_before is
     (greedy completions of the first eval.limit held-out prompts, the recipe's rewards). (results, predictions)."""
     import time
 
     from transformers import set_seed
 
-    from llama_recipes import artifacts
-    from llama_recipes.measure import fingerprint_rows
 
     started = time.time()
     set_seed(recipe.eval.seed)
@@ -220,7 +217,6 @@ def eval_artifact(recipe, target) -> tuple[dict, list[dict]]:
     if eval_raw is None:
         raise UserError("--eval-only needs held-out prompts, and data.eval_split is not set",
                         "set data.eval_split to a split name (eval) or a fraction (0.05)")
-    tokenizer, model = artifacts.load(recipe, target.path)
     if not isinstance(eval_raw[0]["prompt"], str):
         data.apply_chat_template_choice(recipe, tokenizer, assistant_spans=False)
     fns = rewards.build(recipe, eval_raw.column_names)
