@@ -317,3 +317,32 @@ def test_a_reward_model_directory_scores_prompt_plus_completion(tmp_path):
     d["objective"]["rewards"] = [{"reward_model": str(TINY)}]  # a causal LM is not a reward model
     with pytest.raises(UserError, match="outputs; a reward model has one|not a reward model|num_labels"):
         rewards.build(validate_recipe(d), ["prompt", "answer"])
+
+
+@pytest.mark.slow  # ~60 s: two runs, one of them 2 processes
+def test_two_rank_ddp_equals_one_rank(tmp_path):
+    """Each group of completions is sampled from its own (seed, step, group) seed, so 2 ranks x 4 rows draw what
+    1 rank x 8 rows draws: equal per-step losses and rewards."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    common = [FP32, "training.report_to=none", "training.max_steps=3", "training.logging_steps=1",
+              "eval.before_after=false", "data.max_samples=32"]
+    one = tmp_path / "one"
+    assert cli_main([str(TWIN), *common, "training.per_device_train_batch_size=8", f"output_dir={one}"]) == 0
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "accelerate_configs" / "cpu_ddp_2proc.yaml"), "--main_process_port", str(free_port()),
+           str(ROOT / "run_recipe.py"), str(TWIN), *common, "training.per_device_train_batch_size=4",
+           f"output_dir={two}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = step_log(one), step_log(two)
+    assert sorted(a) == [1, 2, 3] == sorted(b)
+    for step in a:
+        assert b[step][0] == pytest.approx(a[step][0], abs=1e-5), step
+        assert b[step][1] == pytest.approx(a[step][1], abs=1e-6), step
