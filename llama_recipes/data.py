@@ -45,11 +45,13 @@ COLUMNS = {
     # text or message lists (checked by _preference_problem); prompt optional: a conversation's is implicit
     "preference": (["chosen", "rejected"], ["prompt"]),
     "unpaired_preference": (["completion", "label"], ["prompt"]),
+    # text or messages (checked by _prompt_problem); every other column is kept for the rewards (GRPO)
+    "prompt_only": (["prompt"], []),
 }
 # What each format renders to; formats of one family can be mixed.
 FAMILY = {"alpaca": "prompt_completion", "prompt_completion": "prompt_completion",
           "summarization": "prompt_completion", "chat": "chat", "text": "text", "classification": "classification",
-          "preference": "preference", "unpaired_preference": "unpaired_preference"}
+          "preference": "preference", "unpaired_preference": "unpaired_preference", "prompt_only": "prompt_only"}
 _DOCUMENT_ALIASES = ("dialogue", "dialog", "article", "document")
 _PROBLEM = "__problem"
 
@@ -218,6 +220,8 @@ def detect_format(columns: list[str]) -> str:
         return "alpaca"
     if {"prompt", "completion"} <= cols:
         return "prompt_completion"
+    if "prompt" in cols:
+        return "prompt_only"
     if "messages" in cols:
         return "chat"
     if {"document", "summary"} <= cols:
@@ -228,7 +232,7 @@ def detect_format(columns: list[str]) -> str:
         return "text"
     raise UserError(f"cannot detect the data format from columns {sorted(cols)}",
                     "set data.format (alpaca, prompt_completion, chat, text, summarization, classification, "
-                    "preference, unpaired_preference) "
+                    "preference, unpaired_preference, prompt_only) "
                     "and data.columns if your column names differ")
 
 
@@ -293,10 +297,26 @@ def _preference_problem(row: dict, fmt: str) -> str:
     return ""
 
 
+def _prompt_problem(prompt) -> str:
+    """prompt_only: a non-empty text, or messages ending with a user (or system/tool) turn to answer."""
+    if prompt is None:
+        return "column `prompt`: missing value"
+    if isinstance(prompt, str):
+        return "" if prompt.strip() else "column `prompt`: empty"
+    if isinstance(prompt, list):
+        problem = _messages_problem(prompt, "prompt", need_assistant=False)
+        if not problem and prompt[-1]["role"] == "assistant":
+            return "column `prompt`: the conversation ends with an assistant turn; the model answers the last user turn"
+        return problem
+    return f"column `prompt`: expected text or a list of messages, got {type(prompt).__name__}"
+
+
 def _row_problem(row: dict, fmt: str, label_ids: dict | None) -> str:
     """'' for a good row, else 'column `X`: what is wrong'."""
     if fmt in ("preference", "unpaired_preference"):
         return _preference_problem(row, fmt)
+    if fmt == "prompt_only":
+        return _prompt_problem(row.get("prompt"))
     required, optional = COLUMNS[fmt]
     for col in required + optional:
         value = row.get(col)
@@ -445,6 +465,8 @@ def render(ds, src: SourceConfig, fmt: str, label_names: list[str] | None = None
         return ds.map(lambda r: {"prompt": r.get("prompt") or ("" if isinstance(r["completion"], str) else []),
                                  "completion": _clean(r["completion"]), "label": r["label"]},
                       remove_columns=cols, desc="rendering unpaired preferences")
+    if fmt == "prompt_only":  # extra columns (answer, tests, ...) stay: rewards read them
+        return ds.map(lambda r: {"prompt": _clean(r["prompt"])}, desc="rendering prompts")
     if fmt == "classification":
         features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=label_names)})
         return ds.map(lambda r: {"text": r["text"], "label": label_ids[r["label"]]}, remove_columns=cols,
@@ -572,6 +594,8 @@ def _family(columns) -> str:
         return "preference"
     if {"completion", "label"} <= cols:
         return "unpaired_preference"
+    if "prompt" in cols and "completion" not in cols:
+        return "prompt_only"
     if "messages" in cols:
         return "chat"
     if {"prompt", "completion"} <= cols:

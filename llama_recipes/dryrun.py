@@ -92,6 +92,9 @@ def reload_artifact(out: Path, recipe):
 
 def _probe_batch(run):
     """A few tokenized rows (eval split, else train) as one padded batch."""
+    own = getattr(objectives.get(run.recipe.objective.name), "probe_batch", None)  # grpo: prompts, no collator
+    if own:
+        return own(run)
     ds = run.trainer.eval_dataset if run.trainer.eval_dataset is not None else run.trainer.train_dataset
     rows = [ds[i] for i in range(min(4, len(ds)))]
     batch = run.trainer.data_collator(rows)

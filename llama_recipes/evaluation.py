@@ -104,9 +104,12 @@ def eval_only(recipe, args) -> int:
     if target.kind == "head":
         return _eval_head(recipe, target)
     objective = objectives.get(recipe.objective.name)
+    own = getattr(objective, "eval_artifact", None)  # an objective with its own measurement (grpo: rewards)
     try:
         if objective.pairwise:  # preference objectives and reward models: held-out pairs, not loss/generation
             results, predictions = evaluate_pairs(recipe, target, objective), []
+        elif own:
+            results, predictions = own(recipe, target, *load_for_eval(recipe, target))
         else:
             results, predictions = evaluate_target(recipe, target)
         write_results(target.results_dir, results, predictions)

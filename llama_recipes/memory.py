@@ -771,7 +771,9 @@ def estimate_recipe(recipe, gpus=None, config=None, gpu_memory=None):
     # A GGUF (model.gguf_file, builtin:smollm2-135m-instruct): its config from the file's metadata
     shape = recipe_shape(recipe.model)
     s = setup_from_recipe(recipe, gpus, config, gpu_memory)
-    return shape, s, estimate(shape, s)
+
+    own = getattr(objectives.get(recipe.objective.name), "memory", None)
+    return shape, s, own(shape, s, recipe, estimate) if own else estimate(shape, s)
 
 
 def main(recipe, args) -> int:

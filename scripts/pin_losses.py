@@ -49,14 +49,18 @@ def overrides_for(name: str) -> list[str]:
     return [*COMMON, *EXTRA.get(name, [])]
 
 
-def losses(name: str, overrides: list[str], output_dir: Path) -> list[float]:
-    """Train the twin with `overrides` into output_dir; the loss of every logged step."""
+def history(name: str, overrides: list[str], output_dir: Path) -> list[dict]:
+    """Train the twin with `overrides` into output_dir; the trainer's log history."""
     from llama_recipes import pipeline
     from llama_recipes.schema import load_recipe
 
     recipe = load_recipe(DEMO / f"{name}.yaml", [*overrides, f"output_dir={output_dir}"])
-    run = pipeline.train(recipe)
-    return [h["loss"] for h in run.trainer.state.log_history if "loss" in h]
+    return pipeline.train(recipe).trainer.state.log_history
+
+
+def losses(name: str, overrides: list[str], output_dir: Path) -> list[float]:
+    """The loss of every logged step."""
+    return [h["loss"] for h in history(name, overrides, output_dir) if "loss" in h]
 
 
 def environment() -> dict:
@@ -86,7 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.names or twins():
             ov = overrides_for(name)
-            pins["twins"][name] = {"overrides": ov, "losses": losses(name, ov, Path(tmp) / name)}
+            logged = history(name, ov, Path(tmp) / name)
+            pins["twins"][name] = {"overrides": ov, "losses": [h["loss"] for h in logged if "loss" in h]}
+            rewards = [h["reward"] for h in logged if "reward" in h]  # online RL (grpo): the mean reward per step
+            if rewards:
+                pins["twins"][name]["rewards"] = rewards
             print(f"{name}: {pins['twins'][name]['losses']}", flush=True)
     pins["generated_with"] = environment()
     pins["twins"] = dict(sorted(pins["twins"].items()))

@@ -52,6 +52,9 @@ def test_losses_equal_pinned(name, tmp_path):
     recipe = load_recipe(ROOT / "recipes" / "demo" / f"{name}.yaml", [*pin["overrides"], f"output_dir={tmp_path}"])
     run = pipeline.train(recipe)
     got = [h["loss"] for h in run.trainer.state.log_history if "loss" in h]
+    if "rewards" in pin:  # online RL (grpo): the sampled completions' mean reward of every step, exactly
+        rewards = [h["reward"] for h in run.trainer.state.log_history if "reward" in h]
+        assert rewards == pytest.approx(pin["rewards"], abs=1e-6), f"{name}: rewards {rewards} != {pin['rewards']}"
 
     expected = torch.tensor(pin["losses"], dtype=torch.float64)
     assert len(got) == len(expected) == STEPS, f"{name}: logged {got}, pinned {pin['losses']}"

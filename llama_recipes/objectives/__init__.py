@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from llama_recipes.objectives.base import Objective
 from llama_recipes.objectives.classification import Classification
+from llama_recipes.objectives.grpo import GRPO
 from llama_recipes.objectives.preference import CPO, DPO, KTO, ORPO, Reward, SimPO
 from llama_recipes.objectives.sft import SFT
 from llama_recipes.schema.objective import OBJECTIVE_NAMES
 
 REGISTRY: dict[str, Objective] = {o.name: o for o in (SFT(), Classification(), DPO(), KTO(), ORPO(), CPO(), SimPO(),
-                                                     Reward())}
+                                                     Reward(), GRPO())}
 if set(REGISTRY) != set(OBJECTIVE_NAMES):  # a schema entry without behaviour, or the reverse
     raise ImportError(f"objective registry {sorted(REGISTRY)} != schema objectives {sorted(OBJECTIVE_NAMES)}")
 

@@ -29,6 +29,7 @@ from llama_recipes.schema.guards import (
     GuardsConfig,
 )
 from llama_recipes.schema.method import PEFT_METHODS, MethodConfig, check_combinations
+from llama_recipes.schema import grpo
 from llama_recipes.schema.model import ModelConfig
 from llama_recipes.schema.objective import SPECS as OBJECTIVE_SPECS
 from llama_recipes.schema.objective import ObjectiveConfig, default_objective
@@ -311,6 +312,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     data = apply_overrides(_read_yaml(path), overrides or [])
     data = resolve_task_paths(data, path.parent)  # eval.harness task YAMLs are relative to the recipe
+    data = grpo.anchor(data, path.resolve().parent)  # reward files are relative to the recipe (docs/rl.md)
     return validate_recipe(data, str(path))
 
 

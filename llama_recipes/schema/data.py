@@ -8,7 +8,7 @@ from llama_recipes.schema.base import SEED_MAX, Section, expand_user
 from llama_recipes.schema.method import PACKING_UNSAFE_METHODS
 
 Format = Literal["auto", "alpaca", "prompt_completion", "chat", "text", "summarization", "classification",
-                 "preference", "unpaired_preference"]
+                 "preference", "unpaired_preference", "prompt_only"]
 
 # SFTConfig keys that follow from the data (set by llama_recipes.data.sft_overrides, never in `training:`).
 DATA_OWNED_SFT_KEYS = {
@@ -37,7 +37,7 @@ class SourceFields(Section):
         description="Column mapping, canonical name -> your column (e.g. {instruction: question, output: answer}). "
         "Canonical names: instruction/input/output (alpaca), prompt/completion, messages (chat), text, "
         "document/summary (summarization), text/label (classification), prompt/chosen/rejected (preference), "
-        "prompt/completion/label (unpaired_preference).",
+        "prompt/completion/label (unpaired_preference), prompt + the columns rewards read (prompt_only).",
     )
     prompt_template: str | None = Field(
         None, description="Python format string for the prompt, with {column} fields; default per format "

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, create_model
 
+from llama_recipes.schema import grpo
 from llama_recipes.schema.base import Section
 from llama_recipes.schema.finetune import HEAD_METHODS
 from llama_recipes.schema.trl import config_fields
@@ -31,6 +32,8 @@ class Spec:
     defaults: dict[str, Any] = field(default_factory=dict)  # where ours differ from TRL's, and why (in `doc`)
     fixed: dict[str, Any] = field(default_factory=dict)  # config values the objective implies (simpo: loss_type)
     types: dict[str, Any] = field(default_factory=dict)  # where TRL's annotation is looser than its code (loss names)
+    base: type | None = None  # the section's base class when it has fields beyond TRL's (grpo: rewards)
+    check: Any = None  # recipe -> None, cross-section checks of this objective (ValueError)
 
 
 # Loss names TRL 1.16 implements (from its config help and trainer code): a typo fails validation, not step 1.
@@ -69,6 +72,8 @@ SPECS: dict[str, Spec] = {
     "reward": Spec("RewardConfig", "A reward model (Bradley-Terry on chosen/rejected pairs): the base as a sequence "
                    "classifier with one output, the score of a whole conversation.",
                    settings=("center_rewards_coefficient",), formats=("preference",)),
+    "grpo": Spec("GRPOConfig", grpo.DOC, settings=grpo.SETTINGS, formats=("prompt_only",), defaults=grpo.DEFAULTS,
+                 types=grpo.TYPES, base=grpo.GrpoSection, check=grpo.check),
 }
 OBJECTIVE_NAMES = tuple(SPECS)
 # Every field that some objective owns: these never appear in `training:` (loss_type only for sft)
@@ -82,6 +87,7 @@ LIMITS: dict[str, dict] = {
     "precompute_ref_batch_size": {"gt": 0}, "center_rewards_coefficient": {"ge": 0},
     "ref_model_mixup_alpha": {"ge": 0, "le": 1}, "ref_model_sync_steps": {"gt": 0},
 }
+LIMITS.update(grpo.LIMITS)
 
 
 def annotation(spec: dict):
@@ -102,7 +108,7 @@ def _model(name: str, spec: Spec) -> type[Section]:
         f = fields_[key]
         own[key] = (spec.types.get(key, annotation(f)), Field(spec.defaults.get(key, f["default"]), description=f["help"] or None,
                                           **LIMITS.get(key, {})))
-    model = create_model(f"{name.title()}Objective", __base__=Section, __doc__=spec.doc,
+    model = create_model(f"{name.title()}Objective", __base__=spec.base or Section, __doc__=spec.doc,
                          name=(Literal[name], Field(description="The objective.")), **own)
     return model
 
@@ -120,7 +126,8 @@ def trainer_settings(objective) -> dict:
     """The objective section as TRL config keyword arguments: what the recipe set and where our defaults differ
     from TRL's (TRL supplies the rest, as for `training:`), plus the values the objective implies."""
     spec = SPECS[objective.name]
-    given = objective.model_dump(exclude={"name"}, exclude_unset=True)
+    # only the TRL settings: a section's own fields (grpo's rewards) are not config keys
+    given = {k: v for k, v in objective.model_dump(exclude={"name"}, exclude_unset=True).items() if k in spec.settings}
     return {**{k: v for k, v in spec.defaults.items() if k not in given}, **given, **spec.fixed}
 
 
@@ -167,6 +174,8 @@ def check_combinations(recipe) -> None:
     why = refusal(method, name)
     if why:
         raise ValueError(f"method {method} with objective {name}: {why}")
+    if SPECS[name].check:
+        SPECS[name].check(recipe)
     accepted = SPECS[name].formats
     for src in recipe.data.sources():
         if src.format != "auto" and src.format not in accepted:
