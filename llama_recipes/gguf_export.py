@@ -813,7 +813,10 @@ def load_trained(info: RunInfo):
     if info.kind == "adapter":
         from peft import PeftModel
 
-        base, _ = export.load_base_for_merge(info.path, dequantize=False)
+        # LLM.int8 also quantizes the activations of every matmul, which no dense file reproduces:
+        # an 8-bit QLoRA run is compared as the adapter on its dequantized base (tests/test_export.py).
+        eight_bit = ((info.recipe or {}).get("method") or {}).get("bits") == 8
+        base, _ = export.load_base_for_merge(info.path, dequantize=eight_bit)
         model = PeftModel.from_pretrained(base, str(info.path), autocast_adapter_dtype=False)
     else:
         cfg = info.model_cfg or ModelConfig(name_or_path=str(info.path))
