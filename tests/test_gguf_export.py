@@ -22,12 +22,23 @@ def _read(path):
     return r, {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
 
 
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory):
+_MODEL_RUNS: dict = {}
+
+
+def model_run(tmp_path_factory, twin: str):
+    """A full or partial fine-tune of the tiny model (its artifact is a whole model), once per module."""
     from llama_recipes import pipeline
 
-    out = tmp_path_factory.mktemp("full") / "out"
-    return pipeline.train(load_recipe(ROOT / "recipes/demo/tiny_full.yaml", [*SHORT, f"output_dir={out}"]))
+    if twin not in _MODEL_RUNS:
+        out = tmp_path_factory.mktemp(twin) / "out"
+        _MODEL_RUNS[twin] = pipeline.train(load_recipe(ROOT / f"recipes/demo/tiny_{twin}.yaml",
+                                                       [*SHORT, f"output_dir={out}"]))
+    return _MODEL_RUNS[twin]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    return model_run(tmp_path_factory, "full")
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +51,16 @@ def chat_run(tmp_path_factory):
         *SHORT, "training.packing=false", "data.eval_split=0.1", f"output_dir={out}"]))
 
 
-def test_full_run_f32_round_trip_is_exact(full_run, tmp_path):
-    """F32 of a full fine-tune: every tensor read back by transformers equals the saved one, logits to 1e-5."""
+@pytest.mark.parametrize("twin", ["full", "freeze_last2"])
+def test_full_run_f32_round_trip_is_exact(tmp_path_factory, tmp_path, twin):
+    """F32 of a full / partial fine-tune: every tensor read back by transformers equals the saved one,
+    logits to 1e-5."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from llama_recipes import gguf_export
 
+    full_run = model_run(tmp_path_factory, twin)
     out = tmp_path / "m.gguf"
     res = gguf_export.main(full_run.output_dir, out, quant="f32")
     v = res["verdict"]
