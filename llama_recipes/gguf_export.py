@@ -421,10 +421,16 @@ def add_tokenizer(w, tok_dir: Path, tokenizer, config: dict, source: Path | None
         w.add_token_types(types)
     else:
         vocab = gguf.LlamaHfVocab(tok_dir)
+        # LlamaHfVocab scores every token -1000, but SentencePiece-style BPE merges by score (llama.cpp,
+        # and transformers' GGUF reader rebuilding the merges): score each token by its merge rank.
+        merges = json.loads((tok_dir / "tokenizer.json").read_text())["model"].get("merges") or []
+        rank = {}
+        for i, m in enumerate(merges):
+            rank.setdefault("".join(m.split(" ", 1) if isinstance(m, str) else m), i)
         toks, scores, ttypes = [], [], []
-        for text, score, ttype in vocab.all_tokens():
+        for text, _, ttype in vocab.all_tokens():
             toks.append(text)
-            scores.append(score)
+            scores.append(-float(rank[text.decode("utf-8")]) if text.decode("utf-8", "replace") in rank else 0.0)
             ttypes.append(ttype)
         for i in range(len(toks), config["vocab_size"]):
             toks.append(f"[PAD{i}]".encode())
