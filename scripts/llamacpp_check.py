@@ -76,7 +76,7 @@ def worker(spec_file: str) -> None:
 
     spec = json.loads(Path(spec_file).read_text())
     llm = llama_cpp.Llama(model_path=spec["gguf"], n_ctx=spec.get("n_ctx", 2048), n_threads=spec.get("threads", 2),
-                          n_batch=512, verbose=False, seed=0)
+                          n_batch=512, verbose=False, seed=0, lora_path=spec.get("lora"))
     if hasattr(llama_cpp, "llama_vocab_is_eog"):  # llama.cpp's end-of-generation set: eos, eot, eom + known texts
         vocab = llama_cpp.llama_model_get_vocab(llm.model)
 
@@ -128,16 +128,23 @@ def check(run: Path, quants: list[str], n_prompts: int, max_new_tokens: int, out
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     rows = []
     for quant in quants:
+        lora = quant.startswith("lora")  # "lora": the base as F16 GGUF + the adapter as a LoRA GGUF (F32)
         path = out_dir / f"{run.name}-{quant}.gguf"
-        if path.exists():
-            path.unlink()
-        (out_dir / "Modelfile").unlink(missing_ok=True)
+        base_path = out_dir / f"{run.name}-base-f16.gguf"
+        for p in (path, base_path, out_dir / "Modelfile"):
+            p.unlink(missing_ok=True)
         t = time.time()
-        res = gguf_export.main(run, path, quant=quant, ollama=True)
+        if lora:
+            from llama_recipes.paths import model_path
+
+            gguf_export.main(Path(model_path(info.model_cfg)), base_path, quant="f16", verify_it=False)
+            res = gguf_export.main(run, path, fmt="gguf-lora", quant="f32")
+        else:
+            res = gguf_export.main(run, path, quant=quant, ollama=True)
         export_s = time.time() - t
         spec = out_dir / f"spec-{quant}.json"
-        spec.write_text(json.dumps({"gguf": str(path), "max_new_tokens": max_new_tokens, "stop_ids": stop,
-                                    "threads": threads,
+        spec.write_text(json.dumps({"gguf": str(base_path if lora else path), "lora": str(path) if lora else None,
+                                    "max_new_tokens": max_new_tokens, "stop_ids": stop, "threads": threads,
                                     "prompts": [{"text": x, "special": special} for x in texts]}))
         proc = subprocess.run([py, __file__, "--worker", str(spec)], capture_output=True, text=True)
         if proc.returncode:
@@ -148,7 +155,8 @@ def check(run: Path, quants: list[str], n_prompts: int, max_new_tokens: int, out
         stopped = sum(bool(b["output"]) and b["output"][-1] in stop for b in lc["results"])
         v = res["verdict"]
         rows.append({
-            "quant": quant, "file_mib": round(res["bytes"] / 2**20, 1), "export_s": round(export_s, 1),
+            "quant": "F16 base + LoRA GGUF" if lora else quant, "file_mib": round(res["bytes"] / 2**20, 1),
+            "export_s": round(export_s, 1),
             "write_s": round(res["seconds"], 1),
             "transformers_max_logit_diff": round(v.max_logit_diff, 5), "transformers_greedy_agree": f"{v.agree}/{v.prompts}",
             "prompts": len(texts), "llamacpp_prompt_tokens_equal": f"{same_prompt}/{len(texts)}",
@@ -169,7 +177,7 @@ def table(rows: list[dict]) -> str:
             "equal | llama.cpp = transformers greedy | stopped at end of turn | llama.cpp tok/s |")
     lines = [head, "|" + "---|" * 8]
     for r in rows:
-        lines.append(f"| {r['quant'].upper()} | {r['file_mib']} MiB | {r['export_s']} s ({r['write_s']} s) | "
+        lines.append(f"| {r['quant'] if ' ' in r['quant'] else r['quant'].upper()} | {r['file_mib']} MiB | {r['export_s']} s ({r['write_s']} s) | "
                      f"{r['transformers_max_logit_diff']}, {r['transformers_greedy_agree']} | "
                      f"{r['llamacpp_prompt_tokens_equal']} | {r['llamacpp_greedy_agree']} | "
                      f"{r['llamacpp_stopped_at_end_of_turn']} | {r['llamacpp_tokens_per_s']} |")
@@ -181,7 +189,8 @@ def main(argv=None) -> int:
     p.add_argument("run", nargs="?", default=str(DEFAULT_RUN))
     p.add_argument("--build", action="store_true", help="build llama-cpp-python into its cached venv and exit")
     p.add_argument("--train", action="store_true", help="train the default demo run first if it is missing")
-    p.add_argument("--quant", nargs="+", default=["f16", "q8_0"])
+    p.add_argument("--quant", nargs="+", default=["f16", "q8_0"],
+                   help="f32, f16, q8_0, and `lora`: an F16 base GGUF with the run's LoRA GGUF applied by llama.cpp")
     p.add_argument("--prompts", type=int, default=12)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--threads", type=int, default=2)
