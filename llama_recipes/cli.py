@@ -5,6 +5,7 @@
     llama-recipes estimate RECIPE [--gpus N --gpu-memory 80GB ...]      = run_recipe.py --estimate-memory
     llama-recipes dry-run RECIPE [overrides]                            = run_recipe.py --dry-run
     llama-recipes export OUTPUT_DIR MERGED_DIR [--dtype D] [--verify]   = python -m llama_recipes.export
+    llama-recipes export OUTPUT_DIR OUT.gguf --format gguf|gguf-lora [--quant Q] [--ollama] [--no-verify]
     llama-recipes adapters NAME=DIR ... [--prompt TEXT]                 = python -m llama_recipes.adapters
 
 `python run_recipe.py RECIPE [flags]` (`main`) is the same recipe commands chosen by flags, and
@@ -59,10 +60,19 @@ def _add_estimate(p) -> None:
 
 def _add_export(p) -> None:
     p.add_argument("output_dir", help="the run's output_dir (holds adapter_config.json and recipe.yaml)")
-    p.add_argument("merged_dir", help="where the standalone model is written (must be new or empty)")
+    p.add_argument("merged_dir", metavar="OUT",
+                   help="safetensors: the directory the merged model is written to (new or empty); "
+                        "gguf/gguf-lora: the .gguf file to write (docs/export.md)")
+    p.add_argument("--format", choices=["safetensors", "gguf", "gguf-lora"], default="safetensors",
+                   help="safetensors: merged model directory (default); gguf: one GGUF for llama.cpp/Ollama; "
+                        "gguf-lora: the LoRA adapter alone as a llama.cpp LoRA GGUF")
+    p.add_argument("--quant", choices=["f32", "f16", "q8_0"], default=None,
+                   help="GGUF tensor type (default: f16 for gguf, f32 for gguf-lora)")
+    p.add_argument("--ollama", action="store_true", help="gguf: also write an Ollama Modelfile next to the file")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the merged weights (default: the recipe's model.dtype; QLoRA: compute_dtype)")
-    p.add_argument("--verify", action="store_true", help="reload both and print the largest logit difference")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                   help="reload and compare with the trained model (default: on for GGUF, off for safetensors)")
 
 
 def _add_adapters(p) -> None:
@@ -104,7 +114,7 @@ COMMANDS = {
                  (_add_recipe, _add_estimate, _add_config, _add_debug)),
     "dry-run": ("train a few steps, save, reload and eval in a scratch directory; PASS/FAIL per stage",
                 (_add_recipe, _add_debug)),
-    "export": ("merge a LoRA/DoRA/QLoRA/IA3 adapter into its base model", (_add_export,)),
+    "export": ("merge an adapter into its base model, or write a run as GGUF for llama.cpp/Ollama", (_add_export,)),
     "adapters": ("load one base and several adapters; print memory and answers", (_add_adapters,)),
 }
 RECIPE_COMMANDS = ("run", "eval", "estimate", "dry-run")
@@ -180,6 +190,15 @@ def _recipe_command(args, command: str | None) -> int:
 
 
 def _export(args) -> int:
+    if args.format != "safetensors":
+        from llama_recipes import gguf_export
+
+        quant = args.quant or ("f32" if args.format == "gguf-lora" else "f16")
+        gguf_export.main(args.output_dir, args.merged_dir, args.format, quant, args.ollama,
+                         args.verify is not False, args.dtype)
+        return 0
+    if args.quant or args.ollama:
+        raise UserError("--quant and --ollama are GGUF options", "add --format gguf")
     from llama_recipes import export
 
     export.merge_and_export(args.output_dir, args.merged_dir, args.dtype)

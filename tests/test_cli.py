@@ -16,7 +16,7 @@ ARGUMENTS = {
     "eval": ["recipe", "overrides", "--checkpoint", "--base", "--debug"],
     "estimate": ["recipe", "overrides", "--gpus", "--gpu-memory", "--config", "--compare"],
     "dry-run": ["recipe", "overrides", "--debug"],
-    "export": ["output_dir", "merged_dir", "--dtype", "--verify"],
+    "export": ["output_dir", "OUT", "--format", "--quant", "--ollama", "--dtype", "--verify"],
     "adapters": ["adapters", "--prompt", "--max-new-tokens"],
 }
 
