@@ -382,6 +382,15 @@ def load_base(model_cfg: ModelConfig, method_section: dict):
 def load(recipe, path=None):
     """(tokenizer, model) for any artifact directory, or the recipe's base model when path is None.
 
+    Whole weights even inside a DeepSpeed ZeRO-3 run (distributed.plain_loading).
+    """
+    with distributed.plain_loading():
+        return _load(recipe, path)
+
+
+def _load(recipe, path=None):
+    """load(), with whatever DeepSpeed registered set aside.
+
     adapter: the base as trained + PeftModel.from_pretrained, the adapter in its saved dtype (PEFT
     would upcast a bf16 QLoRA adapter to fp32: then it is not the model that was trained);
     model: the directory with the recipe's dtype and attention kernel; head: heads.load.

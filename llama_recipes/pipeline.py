@@ -81,7 +81,8 @@ def _train_and_save(recipe, method, out: Path, overwrite: bool, callbacks, start
     def measure(tag):
         if not recipe.eval.before_after:
             return None
-        result = method.evaluate(trainer.model, tokenizer, trainer, eval_raw, recipe.eval)
+        with distributed.evaluable(trainer) as model:  # ZeRO-3: partitioned before the first step
+            result = method.evaluate(model, tokenizer, trainer, eval_raw, recipe.eval)
         if result is not None:
             log.info("eval %s training: %s", tag, method.describe(result))
         return result
