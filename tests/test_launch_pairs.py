@@ -111,7 +111,7 @@ def test_docs_matrix_is_generated_by_this_code():
     ("training.activation_checkpointing=false", "fsdp_4gpu", "activation checkpointing is set twice and disagrees"),
     ("training.bf16=false", "fsdp_4gpu", "mixed precision is set twice and disagrees"),
     ("training.bf16=false", "ddp_4gpu", "mixed precision is set twice and disagrees"),
-    ("method.name=qlora", "fsdp_qlora", "QLoRA under FSDP needs the 4-bit weights stored"),
+    ("method={name: qlora, quant_storage_dtype: float16}", "fsdp_qlora", "QLoRA under FSDP needs the 4-bit weights stored"),
 ])
 def test_real_contradictions_are_one_error_naming_both_places(override, config, expect):
     r = run_cli("recipes/lora_alpaca.yaml", "--config", f"accelerate_configs/{config}.yaml", "--validate", override)
@@ -119,6 +119,19 @@ def test_real_contradictions_are_one_error_naming_both_places(override, config, 
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expect in errors[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_shipped_qlora_pair_just_works():
+    """fsdp_qlora.yaml + qlora_alpaca.yaml: the config makes the 4-bit storage dtype certain, so it is
+    applied (one log line), not asked for; naming another one is the real contradiction (above)."""
+    r = run_cli("recipes/qlora_alpaca.yaml", "--config", "accelerate_configs/fsdp_qlora.yaml", "--validate")
+    assert r.returncode == 0, r.stderr
+    assert "4-bit storage             bfloat16 (method.quant_storage_dtype; FSDP shards it)" in r.stdout
+    assert r.stderr.count("QLoRA under FSDP: method.quant_storage_dtype: bfloat16") == 1
+    # 8-bit cannot be sharded at all: refused
+    r = run_cli("recipes/qlora_alpaca.yaml", "--config", "accelerate_configs/fsdp_qlora.yaml", "--validate",
+                "method.bits=8", "method.quant_type=nf4")
+    assert r.returncode == 2 and "method.bits: 8 (LLM.int8) cannot be sharded by FSDP" in r.stderr, r.stderr
 
 
 def test_same_intent_is_not_a_conflict():

@@ -25,7 +25,7 @@ from pathlib import Path
 from llama_recipes.errors import UserError
 
 # The environment accelerate hands a rank (replaced as a whole while a config is checked).
-LAUNCH_PREFIXES = ("ACCELERATE_", "FSDP_")
+LAUNCH_PREFIXES = ("ACCELERATE_", "FSDP_", "PARALLELISM_CONFIG_")
 
 
 def _true(v: str | None) -> bool:
@@ -189,7 +189,12 @@ def launch_args(config: str, *launch_flags: str):
         args = launch_command_parser().parse_args(["--config_file", str(path), *launch_flags, "run_recipe.py"])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            args, _, _ = _validate_launch_command(args)
+            args, defaults, mp_from_config_flag = _validate_launch_command(args)
+        if args.use_deepspeed and not args.cpu:  # as accelerate's launch_command does before its DeepSpeed launcher
+            fields = list(defaults.deepspeed_config.keys()) if defaults else []
+            if mp_from_config_flag:
+                fields.append("mixed_precision")
+            args.deepspeed_fields_from_accelerate_config = ",".join(fields)
     except (Exception, SystemExit) as e:  # noqa: BLE001 - accelerate raises ValueError/TypeError/KeyError or exits
         raise UserError(f"accelerate rejects {config}: {type(e).__name__}: {e}",
                         "compare it with the shipped configs in accelerate_configs/") from None
