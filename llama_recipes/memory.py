@@ -534,7 +534,7 @@ def estimate(shape: ModelShape, s: Setup, label: str | None = None) -> Estimate:
     n_train = n_base + sum(extra.values())
     grad_bytes = n_base * tg + sum(k * adapter_bytes[n] for n, k in extra.items())
     optim = n_base * (master + optimizer_bytes_per_param(s.optim, max(tw, master))) + \
-        sum(k * optimizer_bytes_per_param(s.optim, adapter_bytes[n]) for n, k in extra.items())
+        sum(k * (master + optimizer_bytes_per_param(s.optim, adapter_bytes[n])) for n, k in extra.items())
     if tw == 4 and w < 4 and n_base:
         notes.append("FSDP mixed precision keeps the trained parameters in fp32 (accelerate upcasts them), "
                      "whatever model.dtype says")

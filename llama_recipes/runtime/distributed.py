@@ -610,8 +610,9 @@ def memory_report(model, optimizer) -> dict:
                     report["optim_bytes_full"] += v.numel() * v.element_size()
                     report["optim_bytes_local"] += _local_bytes(v)
         if p.deepspeed:
-            report["master_bytes_local"] = sum(q.numel() * q.element_size() for g in inner.param_groups
-                                               for q in g["params"])
+            # the keys of the optimizer state: ZeRO-3 empties param_groups between steps
+            report["master_bytes_local"] = sum(q.numel() * q.element_size() for q in inner.state
+                                               if isinstance(q, torch.Tensor))
             report["optim_bytes_full"] = int(collectives.all_sum([float(report["optim_bytes_local"])])[0])
     return report
 
