@@ -33,7 +33,7 @@ class Check:
 
 def check(recipe, config: str, recipe_path: str = "", *launch_flags: str) -> Check:
     """Every launch-time check of (recipe, config); raises the UserError the launch would raise."""
-    plan = launchplan.from_config(config, *launch_flags)
+    plan = _plan(str(config), launch_flags)
     resolved = distributed.resolve(recipe, plan)
     t = resolved.training
     procs, machines = plan.num_processes, plan.num_machines
@@ -84,6 +84,12 @@ def check(recipe, config: str, recipe_path: str = "", *launch_flags: str) -> Che
         if importlib.util.find_spec("deepspeed") is None:
             s["needs"] = 'pip install -e ".[deepspeed]"'
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(config: str, launch_flags: tuple[str, ...]) -> LaunchPlan:
+    """accelerate's parse of a config, once per (config, flags): a table checks many recipes under it."""
+    return launchplan.from_config(config, *launch_flags)
 
 
 def _precision(recipe, launch: str, fsdp: bool) -> str:
