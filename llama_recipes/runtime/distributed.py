@@ -579,6 +579,8 @@ def memory_report(model, optimizer) -> dict:
     partitions, so the whole is the sum over ranks. `master_bytes_local` is ZeRO's fp32 copy of
     this rank's partition of the trained parameters (what its optimizer steps on).
     """
+    import resource
+
     import torch
     from torch.distributed.tensor import DTensor
 
@@ -601,6 +603,8 @@ def memory_report(model, optimizer) -> dict:
         "optim_bytes_full": 0,
         "optim_bytes_local": 0,
         "master_bytes_local": 0,
+        # this process's peak resident memory so far (the model load included): Linux reports KiB
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     if optimizer is not None:
         inner = _inner_optimizer(optimizer)
