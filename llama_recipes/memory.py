@@ -31,6 +31,7 @@ from llama_recipes.errors import UserError, read_json
 from llama_recipes.freeze import rule_matches
 from llama_recipes.methods.peft import Lora, linear_targets
 from llama_recipes.paths import resolve, shipped_config
+from llama_recipes.runtime import launchplan
 from llama_recipes.schema.freeze import ParamRule
 from llama_recipes.schema.method import METHOD_MODELS, method_defaults
 
@@ -353,8 +354,6 @@ def _apply_fsdp_string(s: Setup, spec: str) -> None:
 
 def _apply_accelerate_config(s: Setup, path: str) -> None:
     """The launch plan accelerate builds from the config (runtime/launchplan.py): processes, precision, sharding."""
-    from llama_recipes.runtime import launchplan
-
     apply_plan(s, launchplan.from_config(path))
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from llama_recipes.errors import UserError
 from llama_recipes.log import get_logger, is_main_process, world_size
-from llama_recipes.runtime import launchplan
+from llama_recipes.runtime import collectives, launchplan
 from llama_recipes.runtime.hardware import has_accelerator, recipe_bf16
 from llama_recipes.runtime.launchplan import LaunchPlan
 
@@ -584,8 +584,6 @@ def memory_report(model, optimizer) -> dict:
     import torch
     from torch.distributed.tensor import DTensor
 
-    from llama_recipes.runtime import collectives
-
     params = list(dict.fromkeys(model.parameters()))
     sizes = [_param_bytes(p) for p in params]
     p = plan()
@@ -656,8 +654,6 @@ def _sharding_report_callback(path: str | None):
 
         def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
             if state.global_step == 1:
-                from llama_recipes.runtime import collectives
-
                 self.data["memory"] = memory_report(model, optimizer)
                 every = collectives.all_gather_object(self.data["memory"])
                 log.info("%s", sharding_line(every))
