@@ -69,7 +69,7 @@ def check(recipe, config: str, recipe_path: str = "", *launch_flags: str) -> Che
     if plan.fsdp:
         s.update(_model_checks(resolved, plan))
         s["CPU offload"] = "parameters, gradients, optimizer state in host RAM" if plan.fsdp_offload else "no"
-        s["checkpoints"] = (f"{plan.env.get('FSDP_STATE_DICT_TYPE', 'FULL_STATE_DICT')} per rank; the final artifact is "
+        s["checkpoints"] = (f"{plan.fsdp_state_dict_type} per rank; the final artifact is "
                             "gathered to rank 0 (a normal model/adapter directory)")
     if plan.deepspeed:
         s["CPU offload"] = (f"optimizer state: {plan.offload_optimizer}, parameters: {plan.offload_param}"
@@ -116,12 +116,12 @@ def _model_checks(recipe, plan: LaunchPlan) -> dict[str, str]:
         cfg, shape = _architecture(m.name_or_path, m.revision, m.trust_remote_code)
     except UserError as e:
         return {"wrap class": f"decided at launch (the model config is not readable here: {e.problem})"}
-    named = [c.strip() for c in plan.env.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if c.strip()] or None
+    named = plan.fsdp_wrap_classes
     arch = (getattr(cfg, "architectures", None) or [type(cfg).__name__])[0]
     classes = distributed.wrap_classes(named, shape.no_split, shape.module_classes, arch)
     _, trained = memory.trainable_params(shape, memory.setup_from_recipe(recipe))
     base_frozen = [n for n in shape.params if n not in set(trained)]
-    distributed.check_fsdp1_orig_params(plan.fsdp_version, plan.flag("FSDP_USE_ORIG_PARAMS"), base_frozen)
+    distributed.check_fsdp1_orig_params(plan.fsdp_version, plan.fsdp_use_orig_params, base_frozen)
     source = "the accelerate config" if named else "the model's _no_split_modules"
     return {"wrap class": f"{', '.join(classes)} (from {source})"}
 

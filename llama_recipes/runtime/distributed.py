@@ -227,7 +227,7 @@ def _deepspeed_before_load(p: LaunchPlan) -> None:
     """
     if p.zero_stage != 3:
         return
-    if not p.flag("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"):
+    if not p.zero3_save_16bit:
         os.environ["ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"] = "true"
         log.info("DeepSpeed ZeRO-3: the final artifact is gathered to rank 0 (zero3_save_16bit_model on): a normal "
                  "model or adapter directory, not a DeepSpeed checkpoint")

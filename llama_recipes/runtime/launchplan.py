@@ -107,6 +107,19 @@ class LaunchPlan:
         return self.fsdp and self.flag("FSDP_OFFLOAD_PARAMS")
 
     @property
+    def fsdp_use_orig_params(self) -> bool:
+        return self.flag("FSDP_USE_ORIG_PARAMS")
+
+    @property
+    def fsdp_state_dict_type(self) -> str:
+        return self.env.get("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT")
+
+    @property
+    def fsdp_wrap_classes(self) -> list[str] | None:
+        """The decoder-layer classes the config names (None: derived from the model)."""
+        return [c.strip() for c in self.env.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if c.strip()] or None
+
+    @property
     def parallelism(self) -> bool:
         return self.flag("ACCELERATE_USE_PARALLELISM_CONFIG")
 
@@ -124,6 +137,11 @@ class LaunchPlan:
     @property
     def offload_param(self) -> str:
         return self.env.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none").lower() if self.deepspeed else "none"
+
+    @property
+    def zero3_save_16bit(self) -> bool:
+        """ZeRO-3 gathers the whole model to rank 0 on save (zero3_save_16bit_model)."""
+        return self.flag("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL")
 
     @property
     def zero3_init(self) -> bool:
