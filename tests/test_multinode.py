@@ -77,6 +77,19 @@ def start_nodes(launcher: str, config: str, out: Path, *overrides: str, port: in
     return procs
 
 
+def kill_node(proc: subprocess.Popen) -> None:
+    """SIGKILL a node: its launcher and every process under it (torch's workers may sit in their
+    own process group, so the launcher's group alone would leave them running)."""
+    import psutil
+
+    tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def wait_all(procs, logs: Path, timeout=900) -> list[str]:
     for p in procs:
         p.wait(timeout=timeout)
@@ -130,16 +143,21 @@ def test_killing_one_node_fails_the_other_then_resume_works(tmp_path):
             assert all(p.poll() is None for p in procs), "a node ended before checkpoint-2"
             assert time.time() < deadline, "no checkpoint-2"
             time.sleep(0.2)
-        os.killpg(procs[1].pid, signal.SIGKILL)  # node 1 and every process it started
+        kill_node(procs[1])
         killed_at = time.time()
         procs[0].wait(timeout=180)
         waited = time.time() - killed_at
     finally:
         for p in procs:
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+                kill_node(p)
                 p.wait()
     assert procs[0].returncode != 0, "the surviving node must fail, not report success"
+    # the checkpoint holds the adapter (FSDP's activation-checkpoint wrappers once made it empty)
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(str(out / "checkpoint-2" / "pytorch_model_fsdp_0")).read_metadata().state_dict_metadata
+    assert len([k for k in saved if "lora_" in k]) == 56, list(saved)[:5]
     assert waited < 180, waited
     assert not (out / "metrics.json").exists()
     # the same two commands again: resume from the newest complete checkpoint

@@ -437,8 +437,33 @@ def prepare_trainer(trainer) -> None:
     plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
     if plugin is not None:
         finish_fsdp_plugin(plugin, trainer.model)
+        _plain_names_in_checkpoints(trainer)
     if os.environ.get(REPORT_ENV) or (world_size() > 1 and plan().backend in ("fsdp", "deepspeed")):
         trainer.add_callback(_sharding_report_callback(os.environ.get(REPORT_ENV)))
+
+
+def _plain_names_in_checkpoints(trainer) -> None:
+    """Intermediate FSDP checkpoints are written and read with the plain module names.
+
+    With fsdp_activation_checkpointing, torch's CheckpointWrapper renames every layer
+    (`layers.0._checkpoint_wrapped_module...`), and PEFT picks the adapter's entries by module
+    name: the Trainer's sharded checkpoint then held NO model tensor (0 keys) and a resume
+    silently restarted the adapter from its initialisation (loss 6.3 -> 11.0 at the first resumed
+    step of tests/test_multinode.py). Saving and loading inside `_plain_module_names`, as the
+    final save does, keeps them (checkpoint-N/pytorch_model_fsdp_0 has every adapter tensor).
+    """
+    save, load = trainer._save_checkpoint, trainer._load_from_checkpoint
+
+    def _save_checkpoint(model, trial=None):
+        with _plain_module_names(trainer.accelerator.unwrap_model(trainer.model)):
+            return save(model, trial)
+
+    def _load_from_checkpoint(resume_from_checkpoint, model=None):
+        with _plain_module_names(trainer.accelerator.unwrap_model(trainer.model)):
+            return load(resume_from_checkpoint, model)
+
+    trainer._save_checkpoint = _save_checkpoint
+    trainer._load_from_checkpoint = _load_from_checkpoint
 
 
 def finish_fsdp_plugin(plugin, model) -> None:
