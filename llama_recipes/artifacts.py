@@ -27,7 +27,7 @@ import yaml
 from llama_recipes import heads, methods, modeling
 from llama_recipes.errors import RunComplete, UserError, damaged_weights, read_json
 from llama_recipes.log import get_logger, is_main_process
-from llama_recipes.runtime import distributed
+from llama_recipes.runtime import distributed, zero3
 from llama_recipes.schema import same_run
 from llama_recipes.schema.method import METHOD_MODELS
 from llama_recipes.schema.model import ModelConfig
@@ -382,9 +382,9 @@ def load_base(model_cfg: ModelConfig, method_section: dict):
 def load(recipe, path=None):
     """(tokenizer, model) for any artifact directory, or the recipe's base model when path is None.
 
-    Whole weights even inside a DeepSpeed ZeRO-3 run (distributed.plain_loading).
+    Whole weights even inside a DeepSpeed ZeRO-3 run (runtime/zero3.py).
     """
-    with distributed.plain_loading():
+    with zero3.plain_loading():
         return _load(recipe, path)
 
 

@@ -249,25 +249,6 @@ def _deepspeed_before_load(p: LaunchPlan) -> None:
 
 
 @contextmanager
-def plain_loading():
-    """`from_pretrained` inside this block loads whole weights, whatever DeepSpeed registered.
-
-    Once a ZeRO-3 config is registered (by the launch, or by the Trainer's arguments), every
-    later `from_pretrained` in the process builds partitioned, empty parameters (zero.Init).
-    Readers of an artifact (the dry run's reload, --eval-only under a launcher, export) want the
-    model itself, as one process would load it.
-    """
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref  # transformers 5.24: the module-level weak reference
-    hf_deepspeed._hf_deepspeed_config_weak_ref = None
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
-
-
-@contextmanager
 def evaluable(trainer):
     """The trainer's model, ready for a forward outside training (the before/after eval).
 
