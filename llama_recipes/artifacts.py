@@ -27,7 +27,7 @@ import yaml
 from llama_recipes import heads, methods, modeling, objectives
 from llama_recipes.errors import RunComplete, UserError, damaged_weights, read_json
 from llama_recipes.log import get_logger, is_main_process
-from llama_recipes.runtime import distributed
+from llama_recipes.runtime import distributed, zero3
 from llama_recipes.schema import same_run
 from llama_recipes.schema.method import METHOD_MODELS
 from llama_recipes.schema.model import ModelConfig
@@ -394,6 +394,15 @@ def load_base(model_cfg: ModelConfig, method_section: dict, objective=None, toke
 
 def load(recipe, path=None):
     """(tokenizer, model) for any artifact directory, or the recipe's base model when path is None.
+
+    Whole weights even inside a DeepSpeed ZeRO-3 run (runtime/zero3.py).
+    """
+    with zero3.plain_loading():
+        return _load(recipe, path)
+
+
+def _load(recipe, path=None):
+    """load(), with whatever DeepSpeed registered set aside.
 
     adapter: the base as trained + PeftModel.from_pretrained, the adapter in its saved dtype (PEFT
     would upcast a bf16 QLoRA adapter to fp32: then it is not the model that was trained);

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from llama_recipes.errors import UserError
 from llama_recipes.log import get_logger
+from llama_recipes.runtime.zero3 import plain_loading
 
 log = get_logger(__name__)
 
@@ -117,7 +118,10 @@ def convert(gguf: Path) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=parent))
         try:
             log.info("converting %s into %s (once; dequantized to float32)", gguf, dest)
-            _convert_into(Path(gguf), tmp)
+            # one rank converts while the others wait on the lock: never inside ZeRO-3's
+            # collective zero.Init (the launch registers it before the model loads)
+            with plain_loading():
+                _convert_into(Path(gguf), tmp)
             tmp.chmod(0o755)  # mkdtemp makes it private; the cache is readable like any model directory
             os.rename(tmp, dest)  # atomic on one filesystem: dest is complete or absent
         except BaseException:

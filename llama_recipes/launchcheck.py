@@ -3,8 +3,8 @@
 What `accelerate launch --config_file CONFIG run_recipe.py RECIPE` checks before it loads a model,
 run in this one process, on any machine, in seconds:
 
-1. accelerate's own validation of the config, and the environment it hands every rank
-   (`launch_env`: accelerate's functions, not a copy of them);
+1. accelerate's own validation of the config, and the environment it hands every rank: the
+   launch plan (runtime/launchplan.py: accelerate's functions, not a copy of them);
 2. in that environment, the recipe-by-config decisions every rank makes
    (`distributed.resolve`: activation checkpointing, precision, QLoRA storage under FSDP);
 3. the checks that need only the model's architecture, on a meta-device model (no weights):
@@ -14,18 +14,12 @@ It returns the resolved settings (who checkpoints activations, precision, wrap c
 processes, global batch) for the CLI to print and for docs/distributed.md's table.
 """
 import functools
-import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from llama_recipes import memory
 from llama_recipes.errors import UserError
-from llama_recipes.runtime import distributed
-
-# The environment accelerate hands to a rank; replaced as a whole while a pair is checked.
-_LAUNCH_PREFIXES = ("ACCELERATE_", "FSDP_")
-
+from llama_recipes.runtime import distributed, launchplan
+from llama_recipes.runtime.launchplan import LaunchPlan
 
 @dataclass
 class Check:
@@ -34,108 +28,68 @@ class Check:
     recipe: str
     config: str
     settings: dict[str, str] = field(default_factory=dict)
+    plan: LaunchPlan | None = None
 
 
-def launch_env(config: str) -> tuple[object, dict[str, str]]:
-    """(accelerate's launch arguments, the environment each rank gets) for an accelerate config."""
-    path = Path(config)
-    if not path.is_file():
-        raise UserError(f"accelerate config not found: {config}",
-                        "pass --config accelerate_configs/NAME.yaml (the shipped ones are listed in docs/distributed.md)")
-    from accelerate.commands.launch import (
-        _validate_launch_command,
-        launch_command_parser,
-    )
-    from accelerate.utils.launch import (
-        prepare_multi_gpu_env,
-        prepare_simple_launcher_cmd_env,
-    )
-
-    try:
-        args = launch_command_parser().parse_args(["--config_file", str(path), "run_recipe.py"])
-        args, _, _ = _validate_launch_command(args)
-    except (Exception, SystemExit) as e:  # noqa: BLE001 - accelerate raises ValueError/TypeError/KeyError or exits
-        raise UserError(f"accelerate rejects {config}: {type(e).__name__}: {e}",
-                        "compare it with the shipped configs in accelerate_configs/") from None
-    if args.use_deepspeed:
-        # accelerate builds a DeepSpeed rank's environment only with deepspeed installed; what the
-        # recipe checks read from it is the precision and that DeepSpeed runs.
-        env = prepare_simple_launcher_cmd_env(args)[1]
-        env.update(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE=str(args.zero_stage))
-    elif args.use_fsdp or args.multi_gpu:
-        env = prepare_multi_gpu_env(args)
-    else:
-        env = prepare_simple_launcher_cmd_env(args)[1]
-    return args, {k: str(v) for k, v in env.items() if k.startswith(_LAUNCH_PREFIXES)}
-
-
-@contextmanager
-def _launch_environ(env: dict[str, str]):
-    """This process's environment as a rank of that launch would see it, restored afterwards."""
-    saved = dict(os.environ)
-    for k in [k for k in os.environ if k.startswith(_LAUNCH_PREFIXES)]:
-        del os.environ[k]
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
-def check(recipe, config: str, recipe_path: str = "") -> Check:
+def check(recipe, config: str, recipe_path: str = "", *launch_flags: str) -> Check:
     """Every launch-time check of (recipe, config); raises the UserError the launch would raise."""
-    args, env = launch_env(config)
-    with _launch_environ(env):
-        resolved = distributed.resolve(recipe)
+    plan = _plan(str(config), launch_flags)
+    resolved = distributed.resolve(recipe, plan)
     t = resolved.training
-
-    def flag(k: str) -> bool:
-        return env.get(k, "false").strip().lower() in ("1", "true", "yes")
-
-    fsdp, deepspeed = flag("ACCELERATE_USE_FSDP"), flag("ACCELERATE_USE_DEEPSPEED")
-    version = int(env.get("FSDP_VERSION", "1"))
-    procs, machines = int(args.num_processes or 1), int(args.num_machines or 1)
-    out = Check(recipe_path, config)
+    procs, machines = plan.num_processes, plan.num_machines
+    out = Check(recipe_path, config, plan=plan)
     s = out.settings
 
-    if fsdp:
+    if plan.fsdp:
         shard = {"FULL_SHARD": "full shard (ZeRO-3)", "SHARD_GRAD_OP": "shard gradients + optimizer (ZeRO-2)",
                  "NO_SHARD": "no sharding (DDP-like)", "HYBRID_SHARD": "hybrid: full shard in a node, replicas across"}
-        strategy = env.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD")
-        if version == 2:
-            strategy = "FULL_SHARD" if flag("FSDP_RESHARD_AFTER_FORWARD") else "SHARD_GRAD_OP"
-        kind = f"FSDP{version} {shard.get(strategy, strategy)}"
-        if flag("ACCELERATE_USE_PARALLELISM_CONFIG"):
+        kind = f"FSDP{plan.fsdp_version} {shard.get(plan.fsdp_strategy, plan.fsdp_strategy)}"
+        if plan.parallelism:
             kind += ", parallelism_config (hybrid sharding across machines)"
-    elif deepspeed:
-        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "?")
-        kind = f"DeepSpeed ZeRO-{stage} (DeepSpeed's engine, not FSDP; not run by the CPU stand-in)"
+    elif plan.deepspeed:
+        what = {3: "parameters, gradients and optimizer state partitioned", 2: "gradients and optimizer state partitioned",
+                1: "optimizer state partitioned"}.get(plan.zero_stage, "no partitioning")
+        kind = f"DeepSpeed ZeRO-{plan.zero_stage} ({what}; DeepSpeed's engine)"
     else:
         kind = "DDP (every process holds the whole model)" if procs > 1 else "one process"
     s["processes"] = f"{procs} over {machines} machine(s)"
     s["distribution"] = kind
     s["global batch"] = (f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps} accumulation x "
                          f"{procs} processes = {t.per_device_train_batch_size * t.gradient_accumulation_steps * procs}")
-    s["precision"] = _precision(resolved, env.get("ACCELERATE_MIXED_PRECISION", "no"), fsdp)
+    s["precision"] = _precision(resolved, plan.mixed_precision, plan.fsdp)
     s["model weights"] = f"{resolved.model.dtype} (model.dtype)"
-    if fsdp and flag("FSDP_ACTIVATION_CHECKPOINTING"):
+    if plan.fsdp_activation_checkpointing:
         s["activation checkpointing"] = "FSDP, per wrapped layer (fsdp_activation_checkpointing); off in the trainer"
     elif t.activation_checkpointing:
         s["activation checkpointing"] = "the trainer (training.activation_checkpointing)"
     else:
         s["activation checkpointing"] = "off"
-    if fsdp:
-        s.update(_model_checks(resolved, env, version))
-        s["CPU offload"] = "parameters, gradients, optimizer state in host RAM" if flag("FSDP_OFFLOAD_PARAMS") else "no"
-        s["checkpoints"] = (f"{env.get('FSDP_STATE_DICT_TYPE', 'FULL_STATE_DICT')} per rank; the final artifact is "
+    if resolved.method.name == "qlora" and plan.fsdp:
+        s["4-bit storage"] = f"{resolved.method.quant_storage_dtype} (method.quant_storage_dtype; FSDP shards it)"
+    if plan.fsdp:
+        s.update(_model_checks(resolved, plan))
+        s["CPU offload"] = "parameters, gradients, optimizer state in host RAM" if plan.fsdp_offload else "no"
+        s["checkpoints"] = (f"{plan.fsdp_state_dict_type} per rank; the final artifact is "
                             "gathered to rank 0 (a normal model/adapter directory)")
-    if deepspeed:
-        try:
-            import deepspeed
-        except ImportError:
-            s["needs"] = 'pip install -e ".[deepspeed]" on the GPU machine'
+    if plan.deepspeed:
+        s["CPU offload"] = (f"optimizer state: {plan.offload_optimizer}, parameters: {plan.offload_param}"
+                            if plan.offload else "no")
+        if plan.zero_stage == 3:
+            s["model loading"] = ("partitioned as it loads (zero3_init_flag: deepspeed.zero.Init)" if plan.zero3_init
+                                  else "whole on every rank, partitioned when training starts (zero3_init_flag off)")
+        s["checkpoints"] = ("DeepSpeed checkpoints per rank (global_stepN/); the final artifact is gathered to rank 0 "
+                            "(a normal model/adapter directory)")
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            s["needs"] = 'pip install -e ".[deepspeed]"'
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(config: str, launch_flags: tuple[str, ...]) -> LaunchPlan:
+    """accelerate's parse of a config, once per (config, flags): a table checks many recipes under it."""
+    return launchplan.from_config(config, *launch_flags)
 
 
 def _precision(recipe, launch: str, fsdp: bool) -> str:
@@ -155,20 +109,19 @@ def _precision(recipe, launch: str, fsdp: bool) -> str:
     return text
 
 
-def _model_checks(recipe, env: dict[str, str], version: int) -> dict[str, str]:
+def _model_checks(recipe, plan: LaunchPlan) -> dict[str, str]:
     """The FSDP checks that need the architecture: a meta-device model from config.json."""
     m = recipe.model
     try:
         cfg, shape = _architecture(m.name_or_path, m.revision, m.trust_remote_code)
     except UserError as e:
         return {"wrap class": f"decided at launch (the model config is not readable here: {e.problem})"}
-    named = [c.strip() for c in env.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if c.strip()] or None
+    named = plan.fsdp_wrap_classes
     arch = (getattr(cfg, "architectures", None) or [type(cfg).__name__])[0]
     classes = distributed.wrap_classes(named, shape.no_split, shape.module_classes, arch)
     _, trained = memory.trainable_params(shape, memory.setup_from_recipe(recipe))
     base_frozen = [n for n in shape.params if n not in set(trained)]
-    distributed.check_fsdp1_orig_params(version, env.get("FSDP_USE_ORIG_PARAMS", "false").lower() == "true",
-                                        base_frozen)
+    distributed.check_fsdp1_orig_params(plan.fsdp_version, plan.fsdp_use_orig_params, base_frozen)
     source = "the accelerate config" if named else "the model's _no_split_modules"
     return {"wrap class": f"{', '.join(classes)} (from {source})"}
 

@@ -31,6 +31,7 @@ from llama_recipes.errors import UserError, read_json
 from llama_recipes.freeze import rule_matches
 from llama_recipes.methods.peft import Lora, linear_targets
 from llama_recipes.paths import resolve, shipped_config
+from llama_recipes.runtime import launchplan
 from llama_recipes.schema.freeze import ParamRule
 from llama_recipes.schema.method import METHOD_MODELS, method_defaults
 
@@ -289,7 +290,8 @@ class Setup:
     checkpointing: bool = False
     gpus: int = 1
     sharding: str = "none"  # none | full_shard | shard_grad_op | no_shard (FSDP) ; DDP is none with gpus>1
-    offload: bool = False  # FSDP CPU offload of params, grads and optimizer states
+    offload: bool = False  # FSDP CPU offload of params, grads and optimizer states (DeepSpeed: offload_param)
+    offload_optimizer: bool = False  # DeepSpeed ZeRO-Offload: optimizer states (and its step) in host RAM
     backend: str = "none"  # fsdp | deepspeed | none: who shards, and so in which dtypes state is kept
     gpu_memory: float | None = None  # bytes
     sequences: int = 1  # sequences per data row in a batch (preference pairs: chosen + rejected)
@@ -360,34 +362,24 @@ def _apply_fsdp_string(s: Setup, spec: str) -> None:
 
 
 def _apply_accelerate_config(s: Setup, path: str) -> None:
-    import yaml
+    """The launch plan accelerate builds from the config (runtime/launchplan.py): processes, precision, sharding."""
+    apply_plan(s, launchplan.from_config(path))
 
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"accelerate config not found: {path}", "pass --config accelerate_configs/NAME.yaml")
-    cfg = yaml.safe_load(p.read_text()) or {}
-    s.gpus = int(cfg.get("num_processes", 1) or 1)  # accelerate counts processes over all machines
-    kind = str(cfg.get("distributed_type", "NO")).upper()
-    if cfg.get("mixed_precision") in ("bf16", "fp16"):
-        s.mixed = cfg["mixed_precision"]
-    if kind == "FSDP":
-        s.backend = "fsdp"
-        f = cfg.get("fsdp_config", {}) or {}
-        strategy = str(f.get("fsdp_sharding_strategy", "FULL_SHARD")).upper()
-        if int(f.get("fsdp_version", 1) or 1) == 2:
-            strategy = "FULL_SHARD" if f.get("fsdp_reshard_after_forward", True) not in (False, "false") else "SHARD_GRAD_OP"
-        s.sharding = {"FULL_SHARD": "full_shard", "1": "full_shard", "SHARD_GRAD_OP": "shard_grad_op",
-                      "2": "shard_grad_op", "NO_SHARD": "no_shard", "3": "no_shard",
-                      "HYBRID_SHARD": "full_shard"}.get(strategy, "full_shard")
-        s.offload = str(f.get("fsdp_offload_params", False)).lower() == "true"
-        if str(f.get("fsdp_activation_checkpointing", False)).lower() == "true":
+
+def apply_plan(s: Setup, plan) -> None:
+    s.gpus = plan.num_processes  # accelerate counts processes over all machines
+    if plan.mixed_precision in ("bf16", "fp16"):
+        s.mixed = plan.mixed_precision
+    if plan.backend in ("fsdp", "deepspeed"):
+        s.backend = plan.backend
+        s.sharding = plan.sharding
+    if plan.fsdp:
+        s.offload = plan.fsdp_offload
+        if plan.fsdp_activation_checkpointing:
             s.checkpointing = True
-    elif kind == "DEEPSPEED":
-        s.backend = "deepspeed"
-        d = cfg.get("deepspeed_config", {}) or {}
-        stage = int(d.get("zero_stage", 0) or 0)
-        s.sharding = {3: "full_shard", 2: "shard_grad_op"}.get(stage, "none")
-        s.offload = d.get("offload_param_device", "none") == "cpu"
+    elif plan.deepspeed:
+        s.offload = plan.offload_param == "cpu"
+        s.offload_optimizer = plan.offload_optimizer == "cpu"
 
 
 def parse_memory(text: str) -> float:
@@ -529,8 +521,11 @@ def estimate(shape: ModelShape, s: Setup, label: str | None = None) -> Estimate:
     master = 0
     if s.backend == "fsdp" and s.mixed:
         tw = tg = 4
-    elif s.backend == "deepspeed" and s.mixed:
-        tw = tg = 2
+    elif s.backend == "deepspeed":
+        # DeepSpeed's ZeRO optimizer steps on an fp32 copy of each rank's partition of the trained
+        # parameters, also when they already are fp32 (measured on CPU: tests/test_distributed.py)
+        if s.mixed:
+            tw = tg = 2
         master = 4
     trained = set(base_trained)
     weights = 0.0
@@ -548,7 +543,7 @@ def estimate(shape: ModelShape, s: Setup, label: str | None = None) -> Estimate:
     n_train = n_base + sum(extra.values())
     grad_bytes = n_base * tg + sum(k * adapter_bytes[n] for n, k in extra.items())
     optim = n_base * (master + optimizer_bytes_per_param(s.optim, max(tw, master))) + \
-        sum(k * optimizer_bytes_per_param(s.optim, adapter_bytes[n]) for n, k in extra.items())
+        sum(k * (master + optimizer_bytes_per_param(s.optim, adapter_bytes[n])) for n, k in extra.items())
     if tw == 4 and w < 4 and n_base:
         notes.append("FSDP mixed precision keeps the trained parameters in fp32 (accelerate upcasts them), "
                      "whatever model.dtype says")
@@ -576,13 +571,23 @@ def estimate(shape: ModelShape, s: Setup, label: str | None = None) -> Estimate:
                 + (max(units[:-1] or [0]) * w if n_train else 0)
             dev_weights = weights / n
             gathered = 0.0
+        elif s.backend == "deepspeed":
+            # ZeRO-1/2: every rank keeps the whole parameters; gradients and optimizer state are partitioned
+            buffers = (max(units[:-1] or [0]) * w if n_train else 0)
+            gathered = 0.0
+            dev_weights = weights
         else:
             buffers = (max(units[:-1] or [0]) * w if n_train else 0)
             gathered = shape.total * gather_bytes  # kept unsharded between forward and backward
             dev_weights = weights / n
         dev_grads, dev_optim = grad_bytes / n, optim / n
+        if s.offload_optimizer:
+            cpu += dev_optim
+            notes.append(f"ZeRO-Offload: {dev_optim / GiB:.1f} GiB of optimizer state per process in host RAM "
+                         "(the optimizer step runs on the CPU)")
+            dev_optim = 0.0
         if s.offload:
-            cpu = dev_weights + dev_grads + dev_optim
+            cpu += dev_weights + dev_grads + dev_optim
             dev_weights = dev_grads = dev_optim = 0.0
             notes.append(f"CPU offload: {cpu / GiB:.1f} GiB of host RAM per process")
         dev_weights += gathered
@@ -692,6 +697,8 @@ def sharding_text(s: Setup) -> str:
         return "DDP" if s.gpus > 1 else "single device"
     if s.backend == "deepspeed":
         t = {"full_shard": "DeepSpeed ZeRO-3", "shard_grad_op": "DeepSpeed ZeRO-2"}.get(s.sharding, "DeepSpeed")
+        if s.offload_optimizer:
+            t += " + optimizer offload"
     else:
         t = {"full_shard": "FSDP full shard", "shard_grad_op": "FSDP shard-grad-op", "no_shard": "FSDP no shard"}[s.sharding]
     return t + (" + CPU offload" if s.offload else "")

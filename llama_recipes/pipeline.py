@@ -84,7 +84,8 @@ def _train_and_save(recipe, method, objective, out: Path, overwrite: bool, callb
     def measure(tag, reference=None):
         if not recipe.eval.before_after:
             return None
-        result = objective.evaluate(trainer.model, tokenizer, trainer, eval_raw, recipe, reference=reference)
+        with distributed.evaluable(trainer) as model:  # ZeRO-3: partitioned before the first step
+            result = objective.evaluate(model, tokenizer, trainer, eval_raw, recipe, reference=reference)
         if result is not None:
             log.info("eval %s training: %s", tag, objective.describe(result))
         return harness.measure(result, trainer.model, tokenizer, recipe, trainer.args)  # + eval.harness (lm-eval)

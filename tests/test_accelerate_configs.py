@@ -13,17 +13,11 @@ GPU_FSDP = ["fsdp_4gpu", "fsdp_8gpu", "fsdp_offload", "fsdp_qlora", "multinode_2
 
 
 def _launch(path):
-    """(args, per-rank env) exactly as `accelerate launch --config_file PATH` computes them."""
-    from accelerate.commands.launch import (
-        _validate_launch_command,
-        launch_command_parser,
-    )
-    from accelerate.utils.launch import prepare_multi_gpu_env
+    """(args, per-rank env) exactly as `accelerate launch --config_file PATH` computes them: the
+    launch plan (llama_recipes/runtime/launchplan.py runs accelerate's own parser and env builders)."""
+    from llama_recipes.runtime import launchplan
 
-    args = launch_command_parser().parse_args(["--config_file", str(path), "run_recipe.py"])
-    args, _, _ = _validate_launch_command(args)
-    env = prepare_multi_gpu_env(args) if (args.use_fsdp or args.multi_gpu) else {}
-    return args, env
+    return launchplan.launch_args(str(path)), launchplan.from_config(str(path)).env
 
 
 def _plugin(env):
@@ -94,7 +88,29 @@ def test_deepspeed_zero3():
     assert args.use_deepspeed and args.zero_stage == 3 and args.zero3_save_16bit_model in (True, "true")
 
 
-@pytest.mark.parametrize("name,kind", [("cpu_ddp_2proc", "multi_gpu"), ("cpu_fsdp_2proc", "use_fsdp")])
+@pytest.mark.parametrize("name,stage,offload,machines,mixed", [
+    ("deepspeed_zero2", 2, "none", 1, "bf16"), ("deepspeed_zero3", 3, "none", 1, "bf16"),
+    ("deepspeed_zero3_offload", 3, "cpu", 1, "bf16"), ("multinode_2x8_deepspeed", 3, "none", 2, "bf16"),
+    ("cpu_deepspeed_2proc", 3, "none", 1, "no")])
+def test_deepspeed_configs_as_each_rank_gets_them(name, stage, offload, machines, mixed):
+    from llama_recipes.runtime import launchplan
+
+    plan = launchplan.from_config(str(ROOT / "accelerate_configs" / f"{name}.yaml"))
+    assert plan.backend == "deepspeed" and plan.zero_stage == stage and plan.offload_optimizer == offload
+    assert plan.num_machines == machines and plan.mixed_precision == mixed
+    assert plan.zero3_init == (stage == 3)  # the model loads partitioned (distributed.setup registers the config)
+    # the plan is what accelerate launch hands a rank: the same object read back from that environment
+    again = launchplan.current({**plan.env, "WORLD_SIZE": str(plan.num_processes),
+                                "LOCAL_WORLD_SIZE": str(plan.processes_per_machine)})
+    assert (again.backend, again.zero_stage, again.sharding, again.num_machines) == \
+        (plan.backend, plan.zero_stage, plan.sharding, plan.num_machines)
+    if machines > 1:  # torchrun on each node, no pdsh/ssh: the localhost two-node test runs it
+        assert launchplan.launch_args(str(ROOT / "accelerate_configs" / f"{name}.yaml")).deepspeed_multinode_launcher \
+            == "standard"
+
+
+@pytest.mark.parametrize("name,kind", [("cpu_ddp_2proc", "multi_gpu"), ("cpu_fsdp_2proc", "use_fsdp"),
+                                       ("cpu_deepspeed_2proc", "use_deepspeed")])
 def test_cpu_configs_really_fan_out(name, kind):
     """MULTI_CPU / --cpu would run ONE process without mpirun; these must use the GPU launcher."""
     args, env = _launch(ROOT / "accelerate_configs" / f"{name}.yaml")

@@ -71,10 +71,11 @@ def one_process(root: Path, *overrides: str) -> Run:
     return Run(root, proc)
 
 
-def two_processes(config: str, root: Path, *overrides: str) -> Run:
-    """`accelerate launch` with a CPU config on a free port (two runs never collide)."""
+def two_processes(config: str, root: Path, *overrides: str, flags: tuple = ()) -> Run:
+    """`accelerate launch` with a CPU config on a free port (two runs never collide); `flags` are
+    extra accelerate launch flags (`--zero_stage 2`)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / config),
-           "--main_process_port", str(free_port()), str(ROOT / "run_recipe.py"), str(DEMO_RECIPE),
+           *flags, "--main_process_port", str(free_port()), str(ROOT / "run_recipe.py"), str(DEMO_RECIPE),
            f"output_dir={root / 'out'}", *BASE, *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **THREADS, REPORT_ENV: str(root / "rep")},
                           capture_output=True, text=True, timeout=600)
@@ -162,6 +163,118 @@ def test_fsdp2_lora_shards_and_matches_one_rank(lora_reference, tmp_path):
 
     got, ref = torch.tensor(run.reports[0]["probe_logits"]), torch.tensor(lora_reference.reports[0]["probe_logits"])
     torch.testing.assert_close(got, ref, rtol=0, atol=REL_TOL * ref.abs().max().item())
+
+
+# --------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO-2/3 through accelerate's DeepSpeed path (the CPU stand-in's shim, gloo)
+# --------------------------------------------------------------------------------------------
+DS = "cpu_deepspeed_2proc.yaml"
+ZERO2 = ("--zero_stage", "2")
+
+
+def assert_zero_partitioned(run: Run, stage: int) -> None:
+    """ZeRO-3: every parameter is a partition and the two halves make the model; ZeRO-2: whole
+    parameters on each rank; both: each rank keeps half of the optimizer state."""
+    mems = [r["memory"] for r in run.reports]
+    for m in mems:
+        assert m["zero_stage"] == stage
+        assert m["optim_bytes_full"] > 0 and m["optim_bytes_local"] <= 0.55 * m["optim_bytes_full"], m
+        assert m["master_bytes_local"] > 0  # ZeRO's fp32 copy of this rank's partition
+        if stage == 3:
+            assert m["zero3_params"] == m["params"] > 0, "ZeRO-3 did not partition the parameters"
+            assert m["param_bytes_local"] <= 0.55 * m["param_bytes_full"], m
+        else:
+            assert m["zero3_params"] == 0 and m["param_bytes_local"] == m["param_bytes_full"]
+    if stage == 3:  # partitions cover the model (DeepSpeed pads each to a multiple of the world size)
+        full = mems[0]["param_bytes_full"]
+        assert full <= sum(m["param_bytes_local"] for m in mems) <= full + 4 * 2 * mems[0]["params"]
+    assert f"sharding (DEEPSPEED ZeRO-{stage}): rank 0 " in run.proc.stderr
+
+
+def assert_estimate_matches(run: Run, stage: int, *overrides: str) -> None:
+    """--estimate-memory for this recipe under the same launch plan vs the bytes rank 0 held."""
+    from llama_recipes import memory
+    from llama_recipes.runtime import launchplan
+
+    recipe = _recipe(*BASE, *overrides)
+    shape = memory.recipe_shape(recipe.model)
+    s = memory.setup_from_recipe(recipe)
+    memory.apply_plan(s, launchplan.from_config(str(ROOT / "accelerate_configs" / DS),
+                                                *(ZERO2 if stage == 2 else ())))
+    e = memory.estimate(shape, s)
+    m = run.reports[0]["memory"]
+    assert e.weights == pytest.approx(m["param_bytes_local"], rel=0.05), (e.weights, m)
+    assert e.optimizer == pytest.approx(m["optim_bytes_local"] + m["master_bytes_local"], rel=0.05), (e.optimizer, m)
+
+
+def test_deepspeed_zero3_partitions_and_matches_one_rank(lora_reference, tmp_path):
+    """The DeepSpeed config really runs DeepSpeed (not DDP): ZeRO-3 partitions, same losses as one
+    process, the artifact is a normal adapter that loads in one process with the trained logits,
+    and --estimate-memory's per-rank bytes are what the ranks held."""
+    run = two_processes(DS, tmp_path, "training.per_device_train_batch_size=2")
+    assert_two_ranks(run, "DEEPSPEED")
+    assert_zero_partitioned(run, 3)
+    assert "the model loads partitioned over 2 processes (deepspeed.zero.Init)" in run.proc.stderr
+    assert_same_losses(run, lora_reference)
+    assert_artifact_is_the_trained_model(run, peft=True)
+    assert_estimate_matches(run, 3, "training.per_device_train_batch_size=2")
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_partitions_and_matches_one_rank(lora_reference, tmp_path):
+    run = two_processes(DS, tmp_path, "training.per_device_train_batch_size=2", flags=ZERO2)
+    assert_two_ranks(run, "DEEPSPEED")
+    assert_zero_partitioned(run, 2)
+    assert_same_losses(run, lora_reference)
+    assert_artifact_is_the_trained_model(run, peft=True)
+    assert_estimate_matches(run, 2, "training.per_device_train_batch_size=2")
+
+
+@pytest.mark.slow
+def test_full_finetune_ddp_zero2_zero3_same_losses(tmp_path):
+    """DDP vs ZeRO-2 vs ZeRO-3, full fine-tuning, 2 ranks x batch 2: the same per-step losses as one
+    process with batch 4, and each artifact is a normal model directory with the trained logits."""
+    ref = one_process(tmp_path / "ref", *FULL, "training.per_device_train_batch_size=4")
+    ddp = two_processes("cpu_ddp_2proc.yaml", tmp_path / "ddp", *FULL, "training.per_device_train_batch_size=2")
+    assert_same_losses(ddp, ref)
+    for stage in (2, 3):
+        run = two_processes(DS, tmp_path / f"z{stage}", *FULL, "training.per_device_train_batch_size=2",
+                            flags=ZERO2 if stage == 2 else ())
+        assert_two_ranks(run, "DEEPSPEED")
+        assert_zero_partitioned(run, stage)
+        assert_same_losses(run, ref)
+        assert_artifact_is_the_trained_model(run, peft=False)
+        assert_estimate_matches(run, stage, *FULL, "training.per_device_train_batch_size=2")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_exact_resume_eval_only_and_export(tmp_path, stage):
+    """A ZeRO run killed after checkpoint-2 resumes to the uninterrupted run's losses; its artifact
+    is read by --eval-only and export in one process, as any run's."""
+    import shutil
+
+    flags = ZERO2 if stage == 2 else ()
+    ckpt = ("training.per_device_train_batch_size=2", "training.save_strategy=steps", "training.save_steps=2")
+    first = two_processes(DS, tmp_path, *ckpt, flags=flags)
+    losses = first.losses
+    assert (first.out / "checkpoint-2").is_dir() and list((first.out / "checkpoint-2").glob("global_step2"))
+    # as if both nodes had died right after checkpoint-2
+    (first.out / "metrics.json").unlink()
+    shutil.rmtree(first.out / "checkpoint-4")
+    resumed = two_processes(DS, tmp_path, *ckpt, flags=flags)
+    assert "resum" in resumed.proc.stderr.lower()
+    assert resumed.metrics["train"]["global_step"] == 4
+    assert close(resumed.losses, losses), (resumed.losses, losses)
+    assert_artifact_is_the_trained_model(resumed, peft=True)
+    # the artifact is a normal adapter directory: --eval-only and export in one process
+    ev = run_cli(str(DEMO_RECIPE), "--eval-only", f"output_dir={resumed.out}", *BASE, env=THREADS)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    merged = tmp_path / "merged"
+    ex = subprocess.run([sys.executable, "-m", "llama_recipes.export", str(resumed.out), str(merged)], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300, env={**os.environ, **THREADS})
+    assert ex.returncode == 0, ex.stderr[-3000:]
+    assert (merged / "model.safetensors").is_file()
 
 
 def test_gradient_accumulation_2x2_equals_4x1(lora_reference, tmp_path):

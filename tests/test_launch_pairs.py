@@ -18,6 +18,7 @@ from llama_recipes.errors import UserError
 from llama_recipes.schema import load_recipe
 
 RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml"))
+TWINS = sorted(p for p in (ROOT / "recipes" / "demo").glob("*.yaml"))  # the tiny twins and CPU demos
 GPU_CONFIGS = sorted(p for p in (ROOT / "accelerate_configs").glob("*.yaml") if not p.stem.startswith("cpu_"))
 DESIGN_CARD = ("fsdp_4gpu", "lora_alpaca")
 LAUNCH = re.compile(r"--config_file\s+accelerate_configs/([\w.-]+)\.yaml\b[^\n]*?run_recipe\.py\s+recipes/([\w/.-]+)\.yaml")
@@ -38,7 +39,7 @@ def documented_pairs() -> set[tuple[str, str]]:
 
 
 def check_pair(config: str, recipe: str) -> launchcheck.Check:
-    path = f"recipes/{recipe}.yaml"
+    path = f"recipes/{recipe}.yaml"  # recipe: "lora_alpaca" or "demo/tiny_lora"
     c = launchcheck.check(load_recipe(ROOT / path), str(ROOT / "accelerate_configs" / f"{config}.yaml"), path)
     c.config = f"accelerate_configs/{config}.yaml"  # as a user types it (this process may run elsewhere)
     return c
@@ -47,13 +48,14 @@ def check_pair(config: str, recipe: str) -> launchcheck.Check:
 def matrix() -> dict[tuple[str, str], str | None]:
     """(recipe, config) -> None when the pair validates, else the error's first line."""
     out = {}
-    for r in RECIPES:
+    for r in RECIPES + TWINS:
+        name = r.relative_to(ROOT / "recipes").with_suffix("").as_posix()
         for c in GPU_CONFIGS:
             try:
-                check_pair(c.stem, r.stem)
-                out[r.stem, c.stem] = None
+                check_pair(c.stem, name)
+                out[name, c.stem] = None
             except UserError as e:
-                out[r.stem, c.stem] = e.problem
+                out[name, c.stem] = e.problem
     return out
 
 
@@ -63,17 +65,18 @@ def matrix_markdown() -> str:
     reasons: list[str] = []
     head = "| recipe | " + " | ".join(f"`{c.stem}`" for c in GPU_CONFIGS) + " |"
     lines = [head, "|---|" + "---|" * len(GPU_CONFIGS)]
-    for r in RECIPES:
+    for r in RECIPES + TWINS:
+        name = r.relative_to(ROOT / "recipes").with_suffix("").as_posix()
         row = []
         for c in GPU_CONFIGS:
-            why = cells[r.stem, c.stem]
+            why = cells[name, c.stem]
             if why is None:
                 row.append("✓")
             else:
                 if why not in reasons:
                     reasons.append(why)
                 row.append(f"✗ {reasons.index(why) + 1}")
-        lines.append(f"| `{r.stem}` | " + " | ".join(row) + " |")
+        lines.append(f"| `{name}` | " + " | ".join(row) + " |")
     lines.append("")
     lines += [f"{i}. {why}" for i, why in enumerate(reasons, 1)]
     lines += ["", "Resolved settings of the design card's pair "
@@ -111,7 +114,7 @@ def test_docs_matrix_is_generated_by_this_code():
     ("training.activation_checkpointing=false", "fsdp_4gpu", "activation checkpointing is set twice and disagrees"),
     ("training.bf16=false", "fsdp_4gpu", "mixed precision is set twice and disagrees"),
     ("training.bf16=false", "ddp_4gpu", "mixed precision is set twice and disagrees"),
-    ("method.name=qlora", "fsdp_qlora", "QLoRA under FSDP needs the 4-bit weights stored"),
+    ("method={name: qlora, quant_storage_dtype: float16}", "fsdp_qlora", "QLoRA under FSDP needs the 4-bit weights stored"),
 ])
 def test_real_contradictions_are_one_error_naming_both_places(override, config, expect):
     r = run_cli("recipes/lora_alpaca.yaml", "--config", f"accelerate_configs/{config}.yaml", "--validate", override)
@@ -119,6 +122,19 @@ def test_real_contradictions_are_one_error_naming_both_places(override, config, 
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expect in errors[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_shipped_qlora_pair_just_works():
+    """fsdp_qlora.yaml + qlora_alpaca.yaml: the config makes the 4-bit storage dtype certain, so it is
+    applied (one log line), not asked for; naming another one is the real contradiction (above)."""
+    r = run_cli("recipes/qlora_alpaca.yaml", "--config", "accelerate_configs/fsdp_qlora.yaml", "--validate")
+    assert r.returncode == 0, r.stderr
+    assert "4-bit storage             bfloat16 (method.quant_storage_dtype; FSDP shards it)" in r.stdout
+    assert r.stderr.count("QLoRA under FSDP: method.quant_storage_dtype: bfloat16") == 1
+    # 8-bit cannot be sharded at all: refused
+    r = run_cli("recipes/qlora_alpaca.yaml", "--config", "accelerate_configs/fsdp_qlora.yaml", "--validate",
+                "method.bits=8", "method.quant_type=nf4")
+    assert r.returncode == 2 and "method.bits: 8 (LLM.int8) cannot be sharded by FSDP" in r.stderr, r.stderr
 
 
 def test_same_intent_is_not_a_conflict():
@@ -184,7 +200,8 @@ def _stand_in(config: str, tmp_path, extra=()):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["fsdp_4gpu", "ddp_4gpu", "fsdp_offload", "fsdp1", "single_gpu"])
+@pytest.mark.parametrize("config", ["fsdp_4gpu", "ddp_4gpu", "fsdp_offload", "fsdp1", "single_gpu",
+                                    "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload"])
 def test_cpu_stand_in_runs_the_gpu_launch_line(config, tmp_path):
     """The design card's launch line (and its siblings) on 2 gloo processes: fp32 said once, PASS."""
     r = _stand_in(config, tmp_path)
@@ -195,3 +212,7 @@ def test_cpu_stand_in_runs_the_gpu_launch_line(config, tmp_path):
     if config != "single_gpu":
         assert "2 process(es)" in out
     assert out.count("CPU stand-in: no GPU here, so fp32 in place of") == 1
+    if config.startswith("deepspeed"):  # DeepSpeed's engine really ran, with the config's stage
+        stage = 2 if config == "deepspeed_zero2" else 3
+        assert f"sharding (DEEPSPEED ZeRO-{stage}): rank 0 " in out
+        assert ("CPU stand-in: DeepSpeed offload (optimizer cpu" in out) == config.endswith("offload")

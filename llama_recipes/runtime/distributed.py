@@ -22,7 +22,9 @@ from pathlib import Path
 
 from llama_recipes.errors import UserError
 from llama_recipes.log import get_logger, is_main_process, world_size
+from llama_recipes.runtime import collectives, launchplan
 from llama_recipes.runtime.hardware import has_accelerator, recipe_bf16
+from llama_recipes.runtime.launchplan import LaunchPlan
 
 log = get_logger(__name__)
 
@@ -31,22 +33,28 @@ log = get_logger(__name__)
 REPORT_ENV = "LLAMA_RECIPES_SHARDING_REPORT"
 
 
-def _env_flag(name: str, default: str = "false") -> bool:
-    return os.environ.get(name, default).strip().lower() in ("1", "true", "yes")
+def plan() -> LaunchPlan:
+    """This rank's launch plan (runtime/launchplan.py): the one reader of the launch environment."""
+    return launchplan.current()
 
 
 def fsdp_requested() -> bool:
-    """True when the launch config asked for FSDP (accelerate sets ACCELERATE_USE_FSDP)."""
-    return _env_flag("ACCELERATE_USE_FSDP")
+    """True when the launch config asked for FSDP."""
+    return plan().fsdp
+
+
+def deepspeed_requested() -> bool:
+    """True when the launch config asked for DeepSpeed."""
+    return plan().deepspeed
 
 
 def fsdp_version() -> int:
-    return int(os.environ.get("FSDP_VERSION", "1"))
+    return plan().fsdp_version
 
 
 def launch_precision() -> str:
     """The accelerate config's `mixed_precision` ("no" when not launched by accelerate)."""
-    return os.environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
+    return plan().mixed_precision
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,8 +64,10 @@ def launch_precision() -> str:
 def setup(recipe):
     """Check the recipe against the launch config; return the recipe with conflicts resolved.
 
-    Raises UserError for a conflict that has no safe resolution. Installs the CPU FSDP shim
-    only when FSDP was asked for, several processes run and no accelerator device exists.
+    Raises UserError for a conflict that has no safe resolution. Installs the CPU FSDP or
+    DeepSpeed shim only when one was asked for, several processes run and no accelerator exists.
+    Under DeepSpeed ZeRO-3 with zero3_init_flag, puts the DeepSpeed config in force before the
+    model loads, so that it loads partitioned (no rank holds the whole model).
     """
     # Order matters: conflicts are judged against the launch config as written (the same error
     # on a laptop as on the GPU node), and only then does the CPU stand-in replace what a CPU
@@ -66,39 +76,53 @@ def setup(recipe):
     if not has_accelerator():
         recipe = _cpu_stand_in(recipe)
     recipe = _resolve_auto_bf16(recipe)
+    p = plan()
     if world_size() > 1:
-        kind = f"FSDP{fsdp_version()}" if fsdp_requested() else (
-            "DeepSpeed" if _env_flag("ACCELERATE_USE_DEEPSPEED") else "DDP")
-        log.info("distributed: %s over %d processes, mixed_precision=%s", kind, world_size(), launch_precision())
+        log.info("distributed: %s, mixed_precision=%s", p.describe(), p.mixed_precision)
+    if p.deepspeed:
+        _deepspeed_before_load(p)
     return recipe
 
 
-def resolve(recipe):
-    """The recipe-by-config decisions every rank makes, read from the launch environment only.
+def resolve(recipe, launch: LaunchPlan | None = None):
+    """The recipe-by-config decisions every rank makes, read from the launch plan only.
 
-    Shared by the launch (`setup`) and `--validate --config` (launchcheck.py), so a pair that
-    validates is a pair that launches.
+    Shared by the launch (`setup`, this rank's plan) and `--validate --config` (launchcheck.py,
+    the plan accelerate builds from the config), so a pair that validates is a pair that launches.
     """
-    recipe = _resolve_activation_checkpointing(recipe)
-    recipe = _resolve_mixed_precision(recipe)
-    _check_qlora_under_fsdp(recipe)
+    p = launch or plan()
+    recipe = _resolve_activation_checkpointing(recipe, p)
+    recipe = _resolve_mixed_precision(recipe, p)
+    recipe = _resolve_qlora_storage(recipe, p)
     return recipe
 
 
-def _check_qlora_under_fsdp(recipe) -> None:
-    """FSDP shards floating tensors of one dtype: a 4-bit base must be stored in the model's dtype."""
+def _resolve_qlora_storage(recipe, p: LaunchPlan):
+    """FSDP shards floating tensors of one dtype: a 4-bit base is stored in the model's dtype.
+
+    The launch config makes the value certain: a QLoRA recipe that does not name
+    method.quant_storage_dtype gets it (one log line). A recipe that names another one, or
+    8-bit (LLM.int8, not shardable), is a real contradiction.
+    """
     m = recipe.method
-    if not fsdp_requested() or m.name != "qlora":
-        return
+    if not p.fsdp or m.name != "qlora":
+        return recipe
     if m.bits == 8:
         raise UserError("method.bits: 8 (LLM.int8) cannot be sharded by FSDP",
-                        "use method.bits: 4 with method.quant_storage_dtype: bfloat16, or a DDP/single-GPU config")
+                        "use method.bits: 4 (quant_storage_dtype follows the model dtype), or a DDP/single-GPU config")
     want = recipe.model.dtype if recipe.model.dtype in ("bfloat16", "float16", "float32") else "bfloat16"
-    if m.quant_storage_dtype != want:
+    if m.quant_storage_dtype == want:
+        return recipe
+    if m.quant_storage_dtype is not None:
         raise UserError(
             f"QLoRA under FSDP needs the 4-bit weights stored in the other parameters' dtype ({want}), and "
-            f"method.quant_storage_dtype is {m.quant_storage_dtype or 'unset (uint8)'}",
-            f"set method.quant_storage_dtype: {want} (accelerate_configs/fsdp_qlora.yaml explains why)")
+            f"method.quant_storage_dtype is {m.quant_storage_dtype}",
+            f"set method.quant_storage_dtype: {want}, or remove it (the FSDP config then sets it)")
+    log.info("QLoRA under FSDP: method.quant_storage_dtype: %s (the 4-bit weights are stored in the model's dtype, "
+             "so that FSDP can shard them with the rest; accelerate config)", want)
+    method = m.model_copy(update={"quant_storage_dtype": want})
+    method.__pydantic_fields_set__.add("quant_storage_dtype")
+    return recipe.model_copy(update={"method": method})
 
 
 def _set_training(recipe, **values):
@@ -108,7 +132,7 @@ def _set_training(recipe, **values):
     return recipe.model_copy(update={"training": training})
 
 
-def _resolve_activation_checkpointing(recipe):
+def _resolve_activation_checkpointing(recipe, p: LaunchPlan):
     """One place does activation checkpointing: FSDP (per wrapped layer) when its config asks.
 
     transformers raises if the trainer also checkpoints, so under a config with
@@ -116,7 +140,7 @@ def _resolve_activation_checkpointing(recipe):
     checkpointing (or says nothing: on by default) gets it once, from FSDP, with one log line.
     Only a real contradiction, the recipe saying false while the config says true, is an error.
     """
-    if not (fsdp_requested() and _env_flag("FSDP_ACTIVATION_CHECKPOINTING")):
+    if not p.fsdp_activation_checkpointing:
         return recipe
     t = recipe.training
     if recipe.method.name == "prefix":
@@ -148,13 +172,13 @@ def _resolve_auto_bf16(recipe):
     return _set_training(recipe, bf16=use)
 
 
-def _resolve_mixed_precision(recipe):
+def _resolve_mixed_precision(recipe, p: LaunchPlan):
     """Mixed precision comes from one source: the recipe's training.bf16/fp16 or the config.
 
     A config with `mixed_precision: no` defers to the recipe. A config that names bf16/fp16
     decides for a recipe that is silent; a recipe that says otherwise is an error naming both.
     """
-    launch = launch_precision()
+    launch = p.mixed_precision
     if launch in ("no", ""):
         return recipe
     t = recipe.training
@@ -183,6 +207,70 @@ def _resolve_mixed_precision(recipe):
 
 
 # ---------------------------------------------------------------------------------------------
+# DeepSpeed: the config in force before the model loads, plain weights for readers
+# ---------------------------------------------------------------------------------------------
+# Kept alive for the run: transformers holds only a weak reference to the DeepSpeed config.
+_DS_PLUGIN: list = []
+
+
+def _deepspeed_before_load(p: LaunchPlan) -> None:
+    """Under ZeRO-3: the final artifact is gathered to rank 0, and zero3_init_flag takes effect.
+
+    - The Trainer writes the final model through accelerate's get_state_dict, which under ZeRO-3
+      gathers the partitions to rank 0 only when stage3_gather_16bit_weights_on_model_save is on
+      (the config's zero3_save_16bit_model); otherwise it raises, or writes a DeepSpeed checkpoint
+      that is not a model directory. So it is on, in one log line when the config left it off.
+    - transformers loads a model partitioned (deepspeed.zero.Init) only while a ZeRO-3 config is
+      registered, and the Trainer registers it when its arguments are built, after the model has
+      loaded: every rank would materialise the whole model first. With zero3_init_flag the
+      launch's DeepSpeed config is registered here, before anything loads.
+    """
+    if p.zero_stage != 3:
+        return
+    if not p.zero3_save_16bit:
+        os.environ["ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"] = "true"
+        log.info("DeepSpeed ZeRO-3: the final artifact is gathered to rank 0 (zero3_save_16bit_model on): a normal "
+                 "model or adapter directory, not a DeepSpeed checkpoint")
+    if not p.zero3_init or _DS_PLUGIN:
+        return
+    from accelerate.utils import DeepSpeedPlugin
+
+    if not has_accelerator() and world_size() > 1:
+        from deepspeed import comm
+
+        if not comm.is_initialized():  # zero.Init needs the process group; the stand-in's is gloo
+            comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    plugin = DeepSpeedPlugin()
+    plugin.set_mixed_precision(plan().mixed_precision)
+    plugin.set_deepspeed_weakref()
+    _DS_PLUGIN.append(plugin)
+    log.info("DeepSpeed ZeRO-3 zero3_init_flag: the model loads partitioned over %d processes (deepspeed.zero.Init); "
+             "no rank holds it whole", world_size())
+
+
+@contextmanager
+def evaluable(trainer):
+    """The trainer's model, ready for a forward outside training (the before/after eval).
+
+    Under ZeRO-3 with zero3_init_flag the model is partitioned from the moment it loads, but
+    DeepSpeed installs the hooks that gather a layer for its forward only when its engine is
+    built, inside trainer.train(). Before that, the parameters are gathered for the duration
+    (every rank holds the whole model while it evaluates: for a model that does not fit one
+    device, set eval.before_after: false). After training the engine's hooks do it layer by layer.
+    """
+    model = trainer.model
+    engine_built = trainer.model_wrapped is not model
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_tensor")]
+    if not partitioned or engine_built:
+        yield model
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield model
+
+
+# ---------------------------------------------------------------------------------------------
 # CPU STAND-IN: a GPU launch config run on a machine without GPUs (laptops, CI, tests)
 # ---------------------------------------------------------------------------------------------
 # Everything that differs from the GPU launch lives below this line; the recipe-by-config logic
@@ -192,7 +280,7 @@ def _resolve_mixed_precision(recipe):
 
 def gpu_launch() -> bool:
     """True under `accelerate launch` with a config meant for GPUs (use_cpu: false)."""
-    return "ACCELERATE_MIXED_PRECISION" in os.environ and not _env_flag("ACCELERATE_USE_CPU")
+    return plan().gpu_launch
 
 
 def _cpu_stand_in(recipe):
@@ -226,12 +314,59 @@ def _cpu_stand_in(recipe):
             if fsdp_version() == 1:
                 os.environ["FSDP_SYNC_MODULE_STATES"] = "false"
                 os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
-            if _env_flag("FSDP_OFFLOAD_PARAMS"):
+            if plan().fsdp_offload:
                 log.info("CPU stand-in: fsdp_offload_params off (the shards already live in host memory, and "
                          "torch's CPU offload policy needs an accelerator)")
                 os.environ["FSDP_OFFLOAD_PARAMS"] = "false"
             _install_cpu_fsdp_shim()
+        if deepspeed_requested():
+            p = plan()
+            if p.offload_optimizer != "none" or p.offload_param != "none":
+                log.info("CPU stand-in: DeepSpeed offload (optimizer %s, parameters %s) off: the state already lives "
+                         "in host memory, and ZeRO-Offload's CPU Adam is a compiled op this stand-in does not build",
+                         p.offload_optimizer, p.offload_param)
+                os.environ["ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE"] = "none"
+                os.environ["ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"] = "none"
+            _install_cpu_deepspeed_shim()
     return recipe
+
+
+def _install_cpu_deepspeed_shim() -> None:
+    """TEST/LAPTOP SUPPORT ONLY: let accelerate's real DeepSpeed preparation run on CPU over gloo.
+
+    accelerate 1.15/1.16 switches AcceleratorState to DEEPSPEED only when the CPU was not asked
+    for (`not cpu`), and without a GPU it must be asked for, or it forms no process group: the
+    state stays MULTI_CPU and a DeepSpeed launch silently trains as DDP. DeepSpeed itself runs on
+    CPU (its CPU accelerator, gloo). After accelerate builds its MULTI_CPU state (gloo group
+    formed), this hands the group to deepspeed.comm and makes the state DEEPSPEED with the
+    launch's DeepSpeedPlugin, as accelerate does on a GPU; from there on it is the real code
+    (the Trainer's deepspeed.initialize, ZeRO partitioning, the engine's step).
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    original = AcceleratorState.__init__
+    if getattr(original, "_llama_recipes_cpu_deepspeed", False):
+        return
+
+    def __init__(self, *args, deepspeed_plugin=None, **kwargs):
+        original(self, *args, deepspeed_plugin=deepspeed_plugin, **kwargs)
+        if self.distributed_type == DistributedType.MULTI_CPU:
+            from deepspeed import comm
+
+            if not comm.is_initialized():
+                comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+            plugin = deepspeed_plugin if deepspeed_plugin is not None else DeepSpeedPlugin()
+            plugin.set_mixed_precision(self._mixed_precision)
+            plugin.select(_from_accelerator_state=True)
+            self.deepspeed_plugins = plugin
+            self.distributed_type = DistributedType.DEEPSPEED
+            PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
+            self._mixed_precision = "no"  # DeepSpeed's config holds the precision
+
+    __init__._llama_recipes_cpu_deepspeed = True
+    AcceleratorState.__init__ = __init__
+    log.warning("CPU DeepSpeed shim installed (test/debug support): accelerate's DeepSpeed runs on gloo")
 
 
 def _install_cpu_fsdp_shim() -> None:
@@ -283,8 +418,33 @@ def prepare_trainer(trainer) -> None:
     plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
     if plugin is not None:
         finish_fsdp_plugin(plugin, trainer.model)
-    if os.environ.get(REPORT_ENV):
-        trainer.add_callback(_sharding_report_callback(os.environ[REPORT_ENV]))
+        _plain_names_in_checkpoints(trainer)
+    if os.environ.get(REPORT_ENV) or (world_size() > 1 and plan().backend in ("fsdp", "deepspeed")):
+        trainer.add_callback(_sharding_report_callback(os.environ.get(REPORT_ENV)))
+
+
+def _plain_names_in_checkpoints(trainer) -> None:
+    """Intermediate FSDP checkpoints are written and read with the plain module names.
+
+    With fsdp_activation_checkpointing, torch's CheckpointWrapper renames every layer
+    (`layers.0._checkpoint_wrapped_module...`), and PEFT picks the adapter's entries by module
+    name: the Trainer's sharded checkpoint then held NO model tensor (0 keys) and a resume
+    silently restarted the adapter from its initialisation (loss 6.3 -> 11.0 at the first resumed
+    step of tests/test_multinode.py). Saving and loading inside `_plain_module_names`, as the
+    final save does, keeps them (checkpoint-N/pytorch_model_fsdp_0 has every adapter tensor).
+    """
+    save, load = trainer._save_checkpoint, trainer._load_from_checkpoint
+
+    def _save_checkpoint(model, trial=None):
+        with _plain_module_names(trainer.accelerator.unwrap_model(trainer.model)):
+            return save(model, trial)
+
+    def _load_from_checkpoint(resume_from_checkpoint, model=None):
+        with _plain_module_names(trainer.accelerator.unwrap_model(trainer.model)):
+            return load(resume_from_checkpoint, model)
+
+    trainer._save_checkpoint = _save_checkpoint
+    trainer._load_from_checkpoint = _load_from_checkpoint
 
 
 def finish_fsdp_plugin(plugin, model) -> None:
@@ -401,31 +561,77 @@ def _local_bytes(t) -> int:
     return t.numel() * t.element_size()
 
 
+def _param_bytes(p) -> tuple[int, int]:
+    """(whole, held by this rank) bytes of a parameter: FSDP2 DTensor, ZeRO-3 partition, or plain."""
+    part = getattr(p, "ds_tensor", None)  # DeepSpeed ZeRO-3: p itself is an empty placeholder
+    if part is not None:
+        return p.ds_numel * part.element_size(), part.numel() * part.element_size()
+    return p.numel() * p.element_size(), _local_bytes(p)
+
+
+def _inner_optimizer(optimizer):
+    """torch's optimizer inside accelerate's wrapper and DeepSpeed's ZeRO optimizer."""
+    seen = set()
+    while hasattr(optimizer, "optimizer") and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 def memory_report(model, optimizer) -> dict:
-    """What this rank holds: parameters (local shards) and optimizer state, in bytes."""
+    """What this rank holds: parameters (local shards) and optimizer state, in bytes.
+
+    Collective under DeepSpeed (every rank calls it): ZeRO keeps the optimizer state as flat
+    partitions, so the whole is the sum over ranks. `master_bytes_local` is ZeRO's fp32 copy of
+    this rank's partition of the trained parameters (what its optimizer steps on).
+    """
+    import resource
+
     import torch
     from torch.distributed.tensor import DTensor
 
     params = list(dict.fromkeys(model.parameters()))
+    sizes = [_param_bytes(p) for p in params]
+    p = plan()
     report = {
         "rank": int(os.environ.get("RANK", "0")),
         "world_size": world_size(),
         **_accelerate_view(),
+        "zero_stage": p.zero_stage,
         "sharded": is_sharded(model),
         "dtensor_params": sum(isinstance(p, DTensor) for p in params),
+        "zero3_params": sum(hasattr(p, "ds_tensor") for p in params),
         "params": len(params),
-        "param_bytes_full": sum(p.numel() * p.element_size() for p in params),
-        "param_bytes_local": sum(_local_bytes(p) for p in params),
+        "param_bytes_full": sum(full for full, _ in sizes),
+        "param_bytes_local": sum(local for _, local in sizes),
         "optim_bytes_full": 0,
         "optim_bytes_local": 0,
+        "master_bytes_local": 0,
+        # this process's peak resident memory so far (the model load included): Linux reports KiB
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     if optimizer is not None:
-        for state in optimizer.state.values():
+        inner = _inner_optimizer(optimizer)
+        for state in inner.state.values():
             for v in state.values():
                 if isinstance(v, torch.Tensor) and v.dim() > 0:
                     report["optim_bytes_full"] += v.numel() * v.element_size()
                     report["optim_bytes_local"] += _local_bytes(v)
+        if p.deepspeed:
+            # the keys of the optimizer state: ZeRO-3 empties param_groups between steps
+            report["master_bytes_local"] = sum(q.numel() * q.element_size() for q in inner.state
+                                               if isinstance(q, torch.Tensor))
+            report["optim_bytes_full"] = int(collectives.all_sum([float(report["optim_bytes_local"])])[0])
     return report
+
+
+def sharding_line(reports: list[dict]) -> str:
+    """One log line: what each rank holds of the parameters and the optimizer state."""
+    mib = 2 ** 20
+    held = "; ".join(f"rank {r['rank']} {r['param_bytes_local'] / mib:.2f} of {r['param_bytes_full'] / mib:.2f} MiB "
+                     f"parameters, {r['optim_bytes_local'] / mib:.2f} of {r['optim_bytes_full'] / mib:.2f} MiB optimizer "
+                     "state" for r in reports)
+    return f"sharding ({reports[0]['distributed_type']}{'' if reports[0]['zero_stage'] is None else ' ZeRO-' + str(reports[0]['zero_stage'])}): {held}"
 
 
 def _accelerate_view() -> dict:
@@ -435,16 +641,19 @@ def _accelerate_view() -> dict:
     return {"processes_seen": state.num_processes, "distributed_type": str(state.distributed_type).split(".")[-1]}
 
 
-def _sharding_report_callback(path: str):
+def _sharding_report_callback(path: str | None):
     from transformers import TrainerCallback
 
     class ShardingReport(TrainerCallback):
-        """Writes {path}.rank{N}.json after the first optimizer step and at the end of training."""
+        """Logs what each rank holds after the first optimizer step; with a path, writes
+        {path}.rank{N}.json then and at the end of training."""
 
         def __init__(self):
             self.data = {}
 
         def _write(self):
+            if not path:
+                return
             out = Path(f"{path}.rank{os.environ.get('RANK', '0')}.json")
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(self.data, indent=1))
@@ -452,11 +661,15 @@ def _sharding_report_callback(path: str):
         def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
             if state.global_step == 1:
                 self.data["memory"] = memory_report(model, optimizer)
+                every = collectives.all_gather_object(self.data["memory"])
+                log.info("%s", sharding_line(every))
                 self._write()
 
         def on_train_end(self, args, state, control, model=None, **kw):
             import torch
 
+            if not path:
+                return
             # Logits of the trained (still sharded) model on fixed ids: every rank takes part
             # in the forward; compared in a single process against the saved artifact.
             was_training = model.training
