@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from llama_recipes import heads, methods, modeling
+from llama_recipes import bounds, heads, methods, modeling
 from llama_recipes.errors import RunComplete, UserError, damaged_weights, read_json
 from llama_recipes.log import get_logger, is_main_process
 from llama_recipes.runtime import distributed
@@ -79,7 +79,7 @@ def prepare_output_dir(recipe, overwrite: bool = False) -> Path:
 def _read_recipe_file(path: Path) -> dict:
     """A run's recipe.yaml as a dict; a damaged one is a clear error, not a traceback."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = bounds.safe_load(path.read_text(encoding="utf-8"))  # bounded: a run directory may come from elsewhere
     except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
         raise UserError(f"{path} is damaged and cannot be read ({type(e).__name__})",
                         "restore it, or pass --overwrite to move that run aside and start again") from None
@@ -358,16 +358,38 @@ def read_adapter_run(path) -> tuple[dict, dict | None]:
     return cfg, saved
 
 
-def base_model_config(path, recipe=None) -> tuple[ModelConfig, dict]:
+def base_model_config(path, recipe=None, trust_remote_code: bool = False) -> tuple[ModelConfig, dict]:
     """(model section, method section) to load an adapter's base with: the recipe given (eval and
     dry run evaluate with the user's recipe), else the run's recipe.yaml, else the base named in
-    adapter_config.json."""
+    adapter_config.json. Only the caller grants trust_remote_code (run_model_config)."""
     if recipe is not None:
         return recipe.model, recipe.method.model_dump()
     cfg, saved = read_adapter_run(path)
     if saved:
-        return ModelConfig(**saved["model"]), saved.get("method", {})
-    return ModelConfig(name_or_path=cfg["base_model_name_or_path"]), {}
+        return run_model_config(saved, path, trust_remote_code), saved.get("method", {})
+    return ModelConfig(name_or_path=cfg["base_model_name_or_path"], trust_remote_code=trust_remote_code), {}
+
+
+def run_model_config(saved: dict, path, trust_remote_code: bool = False) -> ModelConfig:
+    """The `model:` section of a run directory's recipe.yaml, with trust_remote_code as the USER says.
+
+    A run directory may come from someone else: its recipe.yaml never grants running the base's own
+    Python code. One that asks for it is refused unless the command line grants it (--trust-remote-code).
+    """
+    model = saved.get("model") if isinstance(saved.get("model"), dict) else None
+    if model is None or not isinstance(model.get("name_or_path"), str):
+        raise UserError(f"{Path(path) / RECIPE_FILE} is damaged: it names no model.name_or_path",
+                        "restore it, or point at an intact run's output_dir")
+    if model.get("trust_remote_code") is True and not trust_remote_code:
+        raise UserError(f"{Path(path) / RECIPE_FILE} was trained with model.trust_remote_code: true: loading its base "
+                        f"({model['name_or_path']}) runs Python code shipped with that model, and a run directory "
+                        "cannot grant that by itself", "read the base model's code; if you trust its authors, "
+                        "pass --trust-remote-code")
+    try:
+        return ModelConfig(**{**model, "trust_remote_code": bool(trust_remote_code)})
+    except ValueError as e:  # pydantic's ValidationError is a ValueError
+        raise UserError(f"{Path(path) / RECIPE_FILE} is damaged: its model section does not validate "
+                        f"({str(e).splitlines()[0][:160]})", "restore it, or point at an intact run's output_dir") from None
 
 
 def load_base(model_cfg: ModelConfig, method_section: dict):

@@ -63,6 +63,12 @@ def _add_export(p) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the merged weights (default: the recipe's model.dtype; QLoRA: compute_dtype)")
     p.add_argument("--verify", action="store_true", help="reload both and print the largest logit difference")
+    _add_trust(p)
+
+
+def _add_trust(p) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run Python code shipped with the base model (a run directory's recipe.yaml never grants it)")
 
 
 def _add_adapters(p) -> None:
@@ -72,6 +78,7 @@ def _add_adapters(p) -> None:
                         "(its prompt or chat template)")
     p.add_argument("--raw", action="store_true", help="pass --prompt text to the model exactly as given")
     p.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
+    _add_trust(p)
 
 
 # -- parsers -----------------------------------------------------------------------------------------
@@ -182,9 +189,9 @@ def _recipe_command(args, command: str | None) -> int:
 def _export(args) -> int:
     from llama_recipes import export
 
-    export.merge_and_export(args.output_dir, args.merged_dir, args.dtype)
+    export.merge_and_export(args.output_dir, args.merged_dir, args.dtype, trust_remote_code=args.trust_remote_code)
     if args.verify:
-        diff = export.max_logit_difference(args.output_dir, args.merged_dir)
+        diff = export.max_logit_difference(args.output_dir, args.merged_dir, trust_remote_code=args.trust_remote_code)
         print(f"max |logit difference| base+adapter vs merged: {diff:.3g}")
     return 0
 
@@ -197,8 +204,13 @@ def _adapters(args) -> int:
         name, sep, path = item.partition("=")
         if not sep:
             raise UserError(f"bad adapter argument {item!r}", "write NAME=OUTPUT_DIR")
+        if not name or not path:
+            raise UserError(f"bad adapter argument {item!r}: empty {'name' if not name else 'path'}", "write NAME=OUTPUT_DIR")
+        if name in runs:
+            raise UserError(f"two adapters are named {name!r} ({runs[name]} and {path}): the second would replace "
+                            "the first", "give each adapter its own NAME")
         runs[name] = path
-    multi = adapters.MultiAdapter(runs)
+    multi = adapters.MultiAdapter(runs, trust_remote_code=args.trust_remote_code)
     print(multi.memory().render())
     for name in runs:
         for prompt, answer in zip(args.prompt, multi.generate(name, args.prompt, args.max_new_tokens, raw=args.raw)):

@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from llama_recipes.errors import UserError
@@ -424,3 +425,46 @@ def check_disk_space(model, recipe, out: Path, free: int | None = None) -> int:
         )
     return need
 
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether an error from a write means the disk (or quota) is full: OSError ENOSPC/EDQUOT, or the
+    same errno as torch's zip writer ("file write failed", inline_container.cc) and safetensors word it."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return any(s in text for s in ("No space left on device", "Disk quota exceeded", "StorageFull", "os error 28",
+                                   "file write failed", "unexpected pos"))
+
+
+def disk_full_error(path: Path, need: int, what: str) -> UserError:
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        free = 0
+    mib = 2**20
+    return UserError(f"disk full: writing {what} to {path} needs about {need / mib:,.1f} MiB ({need:,} bytes); "
+                     f"{free / mib:,.1f} MiB ({free:,} bytes) free",
+                     "free disk space (or point the command at a larger disk) and rerun the same command: what "
+                     "was complete before is kept")
+
+
+@contextmanager
+def writing(path: Path, need: int, what: str):
+    """Check that `path` has `need` bytes free before a write, and word a disk-full error during it."""
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if shutil.disk_usage(probe).free < need:
+        raise disk_full_error(path, need, what)
+    try:
+        yield
+    except Exception as e:
+        if is_disk_full(e):
+            raise disk_full_error(path, need, what) from None
+        raise

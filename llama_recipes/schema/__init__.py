@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from llama_recipes import bounds
 from llama_recipes.errors import RecipeError
 from llama_recipes.schema.base import SEED_MAX, Section, expand_user
 from llama_recipes.schema.checks import redact
@@ -120,8 +121,9 @@ def _real(value):
     return value
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that a key given twice in one mapping is an error.
+class _StrictLoader(bounds.BoundedComposer, yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error, and an alias bomb
+    or a deeply nested document is refused before it is built (bounds.py).
 
     Plain YAML keeps the last one: a second `training:` block would silently replace the whole
     first section.
@@ -188,7 +190,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if not sep or not key:
             raise RecipeError(f"bad override {item!r}", "write overrides as dotted.key=value, e.g. training.learning_rate=1e-4")
         try:
-            value = yaml.safe_load(raw) if raw else ""
+            value = bounds.safe_load(raw) if raw else ""
         except yaml.YAMLError as e:
             if raw.lstrip()[:1] in ("{", "[", '"'):  # meant as structured YAML: say it does not parse
                 problem = getattr(e, "problem", None) or str(e).splitlines()[0]

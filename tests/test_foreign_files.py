@@ -1,0 +1,116 @@
+"""Files from elsewhere (issue 29, "code runs unasked"): a run directory received from someone else, chat
+templates, recipes and GGUF files are bounded and checked before anything runs or is built from them.
+
+Each test fails on the main branch before issue 29 (remote code ran from a run directory's recipe.yaml,
+an alias bomb hung --validate, a template looped for ever, a GGUF with 0 heads divided by zero).
+"""
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from test_bad_inputs import custom_code_model
+from test_resilience import MODEL
+
+from llama_recipes import bounds
+from llama_recipes.cli import console_main
+from llama_recipes.cli import main as cli_main
+
+
+# -- 1. a run directory never grants trust_remote_code ---------------------------------------------------
+
+def _received_run(tmp: Path) -> Path:
+    """A run directory as someone else could send it: a LoRA adapter on a base with its own Python code,
+    and a recipe.yaml that says trust_remote_code: true."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = custom_code_model(tmp / "base")
+    run = tmp / "run"
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(MODEL)),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False))
+    model.save_pretrained(str(run))
+    AutoTokenizer.from_pretrained(str(MODEL)).save_pretrained(str(run))
+    cfg = json.loads((run / "adapter_config.json").read_text())
+    (run / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(base)}))
+    recipe = {"output_dir": str(run), "model": {"name_or_path": str(base), "trust_remote_code": True},
+              "data": {"path": "builtin:demo"}, "method": {"name": "lora", "r": 4, "target_modules": ["q_proj"]}}
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return run
+
+
+def test_a_run_directory_never_grants_trust_remote_code(tmp_path, monkeypatch, capsys):
+    mark = tmp_path / "remote-code-ran"
+    monkeypatch.setenv("REMOTE_CODE_MARK", str(mark))
+    run = _received_run(tmp_path)
+
+    assert console_main(["export", str(run), str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err
+    assert "trust_remote_code: true" in err and "pass --trust-remote-code" in err and "Traceback" not in err
+    assert not mark.exists() and not (tmp_path / "merged").exists()
+
+    assert console_main(["adapters", f"a={run}"]) == 2
+    assert "pass --trust-remote-code" in capsys.readouterr().err
+    assert not mark.exists()
+
+    # Only the user grants it, on the command line: then the base's code runs, and the export works.
+    assert console_main(["export", str(run), str(tmp_path / "merged"), "--trust-remote-code"]) == 0
+    assert mark.exists() and (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def test_two_adapters_with_one_name_are_refused(tmp_path, capsys):
+    assert console_main(["adapters", f"a={tmp_path}/x", f"a={tmp_path}/y"]) == 2
+    assert "two adapters are named 'a'" in capsys.readouterr().err
+
+
+def test_one_adapter_is_not_called_less_memory():
+    from llama_recipes.adapters import MemoryReport
+
+    one = MemoryReport(100 * 2**20, {"a": 2**20}).render()
+    assert "x more" in one and "x less" not in one
+    assert "1.96x less" in MemoryReport(100 * 2**20, {"a": 2**20, "b": 2**20}).render()
+
+
+# -- 3. recipes: alias bombs and deep nesting -------------------------------------------------------------
+
+def _bomb(levels: int = 9) -> str:
+    names = [f"l{i}" for i in range(levels)]
+    lines = [f"  {names[0]}: &{names[0]} [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"  {n}: &{n} [" + ", ".join([f"*{p}"] * 10) + "]" for p, n in zip(names, names[1:])]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("body, message", [
+    ("model:\n  name_or_path: builtin:tiny-llama\n  extra:\n" + "  " + _bomb().replace("\n  ", "\n    "),
+     "expands to more than 100,000 values"),
+    ("output_dir: " + "[" * 10000 + "]" * 10000 + "\n", "nests more than 64 levels deep"),
+    ("output_dir: " + "[" * 100 + "]" * 100 + "\n", "nests more than 64 levels deep"),
+])
+def test_recipe_alias_bomb_and_deep_nesting_are_refused_at_once(tmp_path, capsys, body, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(body)
+    started = time.monotonic()
+    assert cli_main([str(path), "--validate"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "fix:" in err and "Traceback" not in err
+    assert time.monotonic() - started < 10  # main: the bomb hung for minutes (shared machine: generous bound)
+
+
+def test_recipe_yaml_read_back_from_a_run_directory_is_bounded(tmp_path):
+    from llama_recipes.artifacts import read_run
+    from llama_recipes.errors import UserError
+
+    (tmp_path / "recipe.yaml").write_text("bomb:\n" + _bomb())
+    with pytest.raises(UserError, match="expands to more than"):
+        read_run(tmp_path)
+
+
+def test_a_real_recipe_is_far_inside_the_bounds():
+    from llama_recipes.schema import _StrictLoader
+
+    for path in Path(__file__).resolve().parents[1].glob("recipes/**/*.yaml"):
+        node = yaml.compose(path.read_text(), Loader=_StrictLoader)
+        bounds.check_yaml_node(node)  # raises if a shipped recipe were near the bounds
