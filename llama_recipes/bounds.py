@@ -189,35 +189,77 @@ def check_model_config(cfg, source) -> None:
                         "which do not divide them", fix)
 
 
-def check_gguf_tensors(path, cfg) -> None:
-    """The GGUF's tensor shapes against its own metadata (token embedding, one layer's projections)."""
+# GGUF metadata keys (after the architecture prefix, llama.block_count) -> bounds, as GGUF_BOUNDS
+GGUF_KEYS = {"block_count": "num_hidden_layers", "attention.head_count": "num_attention_heads",
+             "attention.head_count_kv": "num_key_value_heads", "embedding_length": "hidden_size",
+             "feed_forward_length": "intermediate_size", "vocab_size": "vocab_size",
+             "context_length": "max_position_embeddings"}
+_PER_LAYER = {  # tensor name in a block -> its shape, fastest dimension first (GGUF order), from the metadata
+    "attn_q.weight": lambda m: (m["hidden"], m["heads"] * m["head_dim"]),
+    "attn_k.weight": lambda m: (m["hidden"], m["kv"] * m["head_dim"]),
+    "attn_v.weight": lambda m: (m["hidden"], m["kv"] * m["head_dim"]),
+    "attn_output.weight": lambda m: (m["heads"] * m["head_dim"], m["hidden"]),
+    "ffn_gate.weight": lambda m: (m["hidden"], m["ffn"]),
+    "ffn_up.weight": lambda m: (m["hidden"], m["ffn"]),
+    "ffn_down.weight": lambda m: (m["ffn"], m["hidden"]),
+    "attn_norm.weight": lambda m: (m["hidden"],),
+    "ffn_norm.weight": lambda m: (m["hidden"],),
+}
+
+
+def check_gguf(path) -> None:
+    """A GGUF's metadata within bounds (before transformers reads it), and its tensors of the shapes that
+    metadata implies. Reads the header only (memory-mapped): no tensor data is touched."""
     try:
         from gguf import GGUFReader
     except ImportError:
-        return
+        return  # the caller reports the missing package
+    fix = "the file is damaged or was written with the wrong metadata: use an intact GGUF (llama.cpp's convert scripts write them)"
     try:
         reader = GGUFReader(str(path))
     except Exception as e:  # noqa: BLE001 - any failure to parse the header is a damaged file
-        raise UserError(f"cannot read the GGUF file {path}: {type(e).__name__}: {str(e).splitlines()[0][:160]}",
-                        "use an intact GGUF file") from None
-    hidden, vocab = getattr(cfg, "hidden_size", None), getattr(cfg, "vocab_size", None)
-    heads, kv = getattr(cfg, "num_attention_heads", None), getattr(cfg, "num_key_value_heads", None)
-    head_dim = getattr(cfg, "head_dim", None) or (hidden // heads if hidden and heads else None)
-    inter = getattr(cfg, "intermediate_size", None)
-    expect = {"token_embd.weight": (hidden, vocab), "blk.0.attn_q.weight": (hidden, heads * head_dim if heads and head_dim else None),
-              "blk.0.attn_k.weight": (hidden, kv * head_dim if kv and head_dim else None),
-              "blk.0.ffn_up.weight": (hidden, inter), "blk.0.ffn_down.weight": (inter, hidden)}
+        raise UserError(f"cannot read the GGUF file {path}: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:160] if str(e) else ''}", fix) from None
+    meta = {}
+    for key, field in reader.fields.items():
+        short = key.split(".", 1)[1] if "." in key else key
+        if short not in GGUF_KEYS or not field.data:
+            continue
+        values = [int(v) for i in field.data for v in field.parts[i].reshape(-1)]
+        lo, hi = GGUF_BOUNDS[GGUF_KEYS[short]]
+        bad = [v for v in values if not lo <= v <= hi]
+        if bad:
+            raise UserError(f"{path}: its metadata says {key} = {bad[0]:,}, outside {lo:,}..{hi:,}", fix)
+        meta[short] = values[0] if len(set(values)) == 1 else None  # per-layer values: not checked below
+    heads, kv, hidden = meta.get("attention.head_count"), meta.get("attention.head_count_kv"), meta.get("embedding_length")
+    key_length = next((int(f.parts[f.data[0]][0]) for k, f in reader.fields.items()
+                       if k.endswith(".attention.key_length") and f.data), None)
+    if heads and hidden and not key_length and hidden % heads:
+        raise UserError(f"{path}: its metadata says embedding_length {hidden} with {heads} attention heads, "
+                        "which do not divide it", fix)
+    if heads and kv and heads % kv:
+        raise UserError(f"{path}: its metadata says {heads} attention heads and {kv} key/value heads, which do "
+                        "not divide them", fix)
+    m = {"hidden": hidden, "heads": heads, "kv": kv or heads, "ffn": meta.get("feed_forward_length"),
+         "head_dim": key_length or (hidden // heads if hidden and heads else None)}
     layers = set()
     for t in reader.tensors:
-        if t.name.startswith("blk."):
-            layers.add(int(t.name.split(".")[1]) if t.name.split(".")[1].isdigit() else -1)
-        want = expect.get(t.name)
-        shape = tuple(int(x) for x in t.shape)  # GGUF lists the fastest dimension first
-        if want and None not in want and shape != want:
-            raise UserError(f"{path}: tensor {t.name} has shape {list(shape)}, its metadata implies {list(want)}",
-                            "the file is damaged or was written with the wrong metadata: use an intact GGUF")
-    n = getattr(cfg, "num_hidden_layers", None)
+        shape = tuple(int(x) for x in t.shape)
+        parts = t.name.split(".")
+        if parts[0] == "blk" and len(parts) > 2 and parts[1].isdigit():
+            layers.add(int(parts[1]))
+            rule = _PER_LAYER.get(".".join(parts[2:]))
+        elif t.name == "token_embd.weight":
+            rule = lambda m: (m["hidden"], meta.get("vocab_size") or shape[-1])  # noqa: E731
+        else:
+            rule = None
+        try:
+            want = rule(m) if rule else None
+        except TypeError:  # a value the rule needs is not in the metadata
+            want = None
+        if want and shape != want:
+            raise UserError(f"{path}: tensor {t.name} has shape {list(shape)}; the file's metadata implies {list(want)}", fix)
+    n = meta.get("block_count")
     if n and layers and layers != set(range(n)):
         raise UserError(f"{path}: its metadata says {n} layers, its tensors hold {len(layers)} "
-                        f"(blk.{min(layers)}..blk.{max(layers)})",
-                        "the file is damaged or was written with the wrong metadata: use an intact GGUF")
+                        f"(blk.{min(layers)}..blk.{max(layers)})", fix)

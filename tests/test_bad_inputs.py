@@ -282,6 +282,10 @@ CASES = {
     "chat-template-syntax-error": (_chat_template(b"{% for m in messages %}{{ m.content }}"), "Jinja syntax error at line 1"),
     "chat-template-file-empty": (_chat_template(b"\n"), "is empty"),
     "chat-template-not-utf8": (_chat_template(b"{{ caf\xe9 }}"), "the chat template file is not UTF-8 text"),
+    "chat-template-include": (_chat_template(b"{% include 'x.jinja' %}{% for m in messages %}{{ m.content }}{% endfor %}"),
+                              "{% include %} and {% import %} are not available in chat templates"),
+    "chat-template-output-huge": (_chat_template(b"{{ 'x' * 100000000 }}{% for m in messages %}{{ m.content }}{% endfor %}"),
+                                  "one conversation rendered to 100,000,"),
     # model
     "model-path-missing": (["model.name_or_path=/nonexistent/model"], "model path /nonexistent/model does not exist"),
     "model-hub-id-offline": (["model.name_or_path=meta-llama/No-Such-Model"], "neither a local directory nor a reachable hub model"),

@@ -114,3 +114,62 @@ def test_a_real_recipe_is_far_inside_the_bounds():
     for path in Path(__file__).resolve().parents[1].glob("recipes/**/*.yaml"):
         node = yaml.compose(path.read_text(), Loader=_StrictLoader)
         bounds.check_yaml_node(node)  # raises if a shipped recipe were near the bounds
+
+
+# -- 2. chat templates: bounded in time ------------------------------------------------------------------
+
+def test_a_template_that_loops_for_ever_is_stopped_and_named(tmp_path, monkeypatch, capsys):
+    from test_bad_inputs import BASE
+
+    monkeypatch.setattr(bounds, "TEMPLATE_SECONDS", 1.0)
+    (tmp_path / "t.jinja").write_text("{% for a in range(100000) %}{% for b in range(100000) %}"
+                                      "{% for c in range(100000) %}x{% endfor %}{% endfor %}{% endfor %}")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "output_dir": str(tmp_path / "out")}))
+    started = time.monotonic()
+    code = cli_main([str(path), "data.path=builtin:chat", f"data.chat_template={tmp_path / 't.jinja'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"{tmp_path / 't.jinja'}: the chat template: rendering one conversation took more than 1 s" in err, err
+    assert time.monotonic() - started < 60  # main: never returned
+
+
+def test_the_template_deadline_gives_back_an_outer_timer():
+    import signal
+
+    fired = []
+    old = signal.signal(signal.SIGALRM, lambda *a: fired.append(1))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        assert bounds.render_template(lambda: "ok") == "ok"
+        time.sleep(0.8)
+        assert fired == [1]  # the outer alarm still fired after the bounded render
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+# -- 3. GGUF files are checked against their own metadata first -----------------------------------------
+
+@pytest.mark.parametrize("kw, message", [
+    ({"meta": {"block_count": 10**9}}, "its metadata says llama.block_count = 1,000,000,000, outside 1..1,024"),
+    ({"meta": {"head_count": 0}}, "its metadata says llama.attention.head_count = 0, outside 1..1,024"),
+    ({"meta": {"head_count": 3}}, "128 with 3 attention heads, which do not divide it"),
+    ({"cut": "blk.2.ffn_up.weight"}, "tensor blk.2.ffn_up.weight has shape [128, 176]; the file's metadata implies [128, 352]"),
+])
+def test_a_gguf_is_checked_against_its_metadata_before_anything_is_built(tmp_path, monkeypatch, capsys, kw, message):
+    from gguf_tiny import write_tiny_gguf
+    from test_bad_inputs import BASE
+
+    monkeypatch.setenv("LLAMA_RECIPES_CACHE", str(tmp_path / "cache"))
+    gguf = write_tiny_gguf(tmp_path / "m.gguf", **kw)
+    path = tmp_path / "r.yaml"
+    recipe = {**BASE, "output_dir": str(tmp_path / "out"), "model": {"name_or_path": str(tmp_path), "gguf_file": gguf.name}}
+    path.write_text(yaml.safe_dump(recipe))
+    for args in (["--estimate-memory"], []):  # the metadata alone (estimate), then the conversion (training)
+        started = time.monotonic()
+        assert cli_main([str(path), *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "fix:" in err and "Traceback" not in err, err
+        assert time.monotonic() - started < 60  # main: 1e9 layers ran for minutes
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))  # nothing converted
