@@ -141,9 +141,10 @@ def claim(recipe, overwrite: bool = False):
         try:
             yield out
         except BaseException:
-            if moved and is_main_process() and not any(out.glob("checkpoint-*")):
+            if moved and is_main_process() and not any(out.glob("checkpoint-*")) and detect(out) is None:
                 _restore(out, moved[-1])
-            elif fresh and not moved and is_main_process() and not any(out.glob("checkpoint-*")):
+            elif fresh and not moved and is_main_process() and not any(out.glob("checkpoint-*")) \
+                    and detect(out) is None:  # a saved artifact (a failure after training) is never removed
                 # Failed before its first checkpoint (a bad data path, a model that does not load):
                 # nothing to resume, and its recipe.yaml would refuse the corrected rerun.
                 _forget(out)
@@ -248,7 +249,8 @@ def whole_run_loss(log_history: list[dict], resumed_at: int, steps_now: int, los
             counted += step - last
             last = step
     steps = counted + steps_now
-    return (total + loss_now * steps_now) / steps if steps else loss_now
+    # steps_now == 0: resumed at the final step (nothing trained now; loss_now is NaN)
+    return (total + (loss_now * steps_now if steps_now else 0.0)) / steps if steps else loss_now
 
 
 def write_metrics(out: Path, metrics: dict) -> None:

@@ -500,3 +500,61 @@ def test_a_run_that_fails_before_training_leaves_nothing_that_refuses_the_correc
     assert cli_main([str(recipe), "data.path=/nonexistent/train.jsonl"]) == 2
     assert out.is_dir() and {p.name for p in out.iterdir()} <= {".llama-recipes.lock"}
     prepare_output_dir(load_recipe(recipe))  # the corrected recipe claims the directory
+
+
+# -- issue 29: nothing lost at the last moment ----------------------------------------------------------
+
+def _after_eval_recipe(tmp_path: Path, out: Path, **training) -> Path:
+    """A run like recipes/demo/tiny_lora.yaml: save_strategy no, an eval before and after training."""
+    return write_recipe(tmp_path, out, extra={"data": {"path": "builtin:topic", "eval_split": "eval", "max_samples": 64,
+                                                       "max_eval_samples": 8},
+                                              "eval": {"before_after": True, "max_new_tokens": 2, "limit": 4}},
+                        **{"max_steps": 4, "save_strategy": "no", **training})
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_during_the_after_training_eval_saves_the_result_first(tmp_path, sig, code):
+    """Issue 29 item 4: main exited 143 with no message and no adapter (SIGTERM), or removed the trained
+    run as "failed before its first checkpoint" (Ctrl-C)."""
+    out, marker = tmp_path / "out", tmp_path / "in-after-eval"
+    recipe = _after_eval_recipe(tmp_path, out)
+    proc = spawn(recipe, {resilience.STAGE_HOOK_ENV: f"after-eval:{marker}"})
+    try:
+        wait_for(marker, proc)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err[-3000:]
+    assert "Traceback" not in err
+    assert f"stopped by {sig.name} after training; the trained result and metrics.json are saved" in err
+    assert "skipped: the after-training eval" in err and "measure it with --eval-only" in err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train"]["global_step"] == 4 and metrics["eval_after"] is None
+    assert all(bool(t.isfinite().all()) for t in adapter(out).values())
+    assert cli_main([str(recipe)]) == 0  # the run is complete: "already complete", nothing changed
+
+
+def test_resume_from_a_checkpoint_of_the_final_step_trains_no_extra_step(tmp_path):
+    """Issue 29 item 0: killed after its final checkpoint (here: inside the after-training eval), the rerun
+    resumed from checkpoint-4 and trained a step 5 (main: global step 5, another adapter)."""
+    out, marker = tmp_path / "out", tmp_path / "in-after-eval"
+    recipe = _after_eval_recipe(tmp_path, out, save_strategy="steps", save_steps=4)
+    proc = spawn(recipe, {resilience.STAGE_HOOK_ENV: f"after-eval:{marker}"})
+    try:
+        wait_for(marker, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert resilience.is_complete(out / "checkpoint-4") and not (out / "metrics.json").exists()
+    assert cli_main([str(recipe)]) == 0
+    ref_out = tmp_path / "reference"
+    assert cli_main([str(_after_eval_recipe(tmp_path, ref_out, save_strategy="steps", save_steps=4))]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train"]["global_step"] == 4 and not (out / "checkpoint-5").exists()
+    assert step_losses(out) == pytest.approx(step_losses(ref_out), abs=1e-6)
+    assert metrics["train"]["train_loss"] == pytest.approx(
+        json.loads((ref_out / "metrics.json").read_text())["train"]["train_loss"], abs=1e-6)
+    a, b = adapter(out), adapter(ref_out)
+    assert all((a[k] - b[k]).abs().max().item() == 0 for k in a)

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -354,6 +355,25 @@ def _callbacks():
     return StopOnSignal, NonFiniteGuard
 
 
+class _NothingLeftToTrain(Exception):
+    """Raised in on_train_begin when the resumed checkpoint is already at the final step."""
+
+
+def _final_step_callback():
+    from transformers import TrainerCallback
+
+    class FinalStepReached(TrainerCallback):
+        """A run resumed from a checkpoint of its final step trains nothing (the HF Trainer would run one
+        more step: its epoch loop only checks max_steps after a step). on_train_begin comes after the
+        checkpoint's weights, optimizer and state are restored, on every rank alike."""
+
+        def on_train_begin(self, args, state, control, **kw):
+            if state.max_steps and state.global_step >= state.max_steps:
+                raise _NothingLeftToTrain()
+
+    return FinalStepReached
+
+
 def install(trainer, recipe):
     """Atomic checkpoints, the signal handler and the non-finite guard, on an already-built trainer."""
     StopOnSignal, NonFiniteGuard = _callbacks()
@@ -361,8 +381,10 @@ def install(trainer, recipe):
     signals = StopOnSignal(out)
     guard = NonFiniteGuard(out, recipe.guards.max_bad_steps, check_grads=not trainer.args.fp16)
     _atomic_checkpoints(trainer, signals)
+    trainer.add_callback(_final_step_callback()())
     trainer.add_callback(signals)
     trainer.add_callback(guard)
+    trainer.stop_on_signal = signals  # after_training reads a signal that came during the last step
 
     original_step = trainer.training_step
 
@@ -378,13 +400,107 @@ def install(trainer, recipe):
     original_train = trainer.train
 
     def train(*args, **kwargs):
+        from transformers.trainer_utils import TrainOutput
+
         try:
             return original_train(*args, **kwargs)
+        except _NothingLeftToTrain:
+            step = trainer.state.global_step
+            log.info("the checkpoint resumed from is at the final step (%d): nothing left to train; saving and "
+                     "evaluating it", step)
+            return TrainOutput(step, float("nan"), {"train_loss": float("nan"), "train_runtime": 0.0})
         finally:  # also when a guard raised mid-training: the process gets its own handlers back
             signals.restore()
 
     trainer.train = train
     return signals, guard
+
+
+# -- after the last optimizer step ---------------------------------------------------------------
+
+STAGE_HOOK_ENV = "LLAMA_RECIPES_TEST_STAGE_HOOK"  # "after-eval:PATH": touch PATH, wait there for a signal (tests)
+
+
+STAGES = {"after-eval": "the after-training eval"}
+
+
+class _CutShort(BaseException):  # BaseException: a library's `except Exception` cannot swallow it
+    pass
+
+
+class after_training:  # lower case: used as `with resilience.after_training(out, trainer) as finishing:`
+    """From the last optimizer step on, SIGTERM/SIGINT cannot lose the trained result.
+
+    Inside the block the artifact is written first; a signal then cuts short only what `skippable`
+    runs (the after-training eval), the rest of the block (metrics.json: the run is complete) still
+    runs, and the block ends with TrainingStopped (exit 143/130) naming what was saved and what was
+    skipped. A second signal gets the default behaviour (immediate exit).
+    """
+
+    CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
+
+    def __init__(self, out: Path, trainer=None):
+        self.out, self.previous, self.skipped, self.in_skippable = Path(out), {}, [], False
+        late = getattr(trainer, "stop_on_signal", None)  # a signal during the last step, after its check
+        self.received = getattr(late, "received", None)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.CODES:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+        self._restore()  # a second signal: the default action
+        log.warning("received %s after training: the result is saved first, then the run stops (send it again "
+                    "to quit now)", signal.Signals(signum).name)
+        if self.in_skippable:
+            raise _CutShort()
+
+    def _restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def skippable(self, stage: str, fn, *args):
+        """fn(*args), unless a signal came or comes while it runs: then None (and it is reported)."""
+        what = STAGES.get(stage, stage)
+        if self.received is None:
+            self.in_skippable = True
+            try:
+                _stage_hook(stage)
+                return fn(*args)
+            except _CutShort:
+                pass
+            finally:
+                self.in_skippable = False
+        self.skipped.append(what)
+        log.warning("%s skipped: a signal came", what)
+        return None
+
+    def __exit__(self, kind, e, tb):
+        self._restore()
+        if e is not None or self.received is None:
+            return False
+        skipped = f"; skipped: {', '.join(self.skipped)}" if self.skipped else ""
+        err = TrainingStopped(f"stopped by {signal.Signals(self.received).name} after training; the trained result "
+                              f"and metrics.json are saved in {self.out}{skipped}",
+                              "nothing to rerun: the run is complete; measure it with --eval-only" if self.skipped
+                              else "nothing to rerun: the run is complete")
+        err.exit_code = self.CODES.get(self.received, 143)
+        raise err
+
+
+def _stage_hook(stage: str) -> None:
+    spec = os.environ.get(STAGE_HOOK_ENV, "")
+    at, _, marker = spec.partition(":")
+    if at != stage:
+        return
+    Path(marker).touch()
+    deadline = time.time() + 120
+    while time.time() < deadline:  # a signal's handler raises out of this sleep
+        time.sleep(0.05)
 
 
 # -- disk ---------------------------------------------------------------------------------------
