@@ -224,12 +224,12 @@ def _guarded(command, args) -> int:
         code = command(args)
         _leave_process_group()
         return code
-    except KeyboardInterrupt:  # Ctrl-C outside training (training stops at a step boundary and saves)
+    except KeyboardInterrupt:  # Ctrl-C outside training, or a second one (the first stops training at a step and saves)
         if getattr(args, "debug", False):
             raise
         if is_main_process():
-            print("error: interrupted (Ctrl-C) before training started or outside it; no trained step was lost\n"
-                  "  fix: rerun the same command", file=sys.stderr)
+            print("error: interrupted (Ctrl-C)\n  fix: rerun the same command (resume: auto continues from the "
+                  "newest checkpoint)", file=sys.stderr)
         return 130
     except UserError as e:
         if getattr(args, "debug", False):
