@@ -558,3 +558,23 @@ def test_resume_from_a_checkpoint_of_the_final_step_trains_no_extra_step(tmp_pat
         json.loads((ref_out / "metrics.json").read_text())["train"]["train_loss"], abs=1e-6)
     a, b = adapter(out), adapter(ref_out)
     assert all((a[k] - b[k]).abs().max().item() == 0 for k in a)
+
+
+def test_weights_made_non_finite_by_a_step_stop_the_run_and_the_advised_fix_works(tmp_path, capsys):
+    """Issue 29 item 7: learning rate 1e39 made every weight inf in one update with a finite loss and gradient;
+    main ended "done", exit 0, with an all-NaN adapter (or saved it as the "last good checkpoint"), and its
+    advice (rerun to resume) was refused as a different recipe."""
+    out = tmp_path / "out"
+    # warmup: step 1 updates with learning rate 0 (checkpoint-1 is good), step 2 with 5e38
+    recipe = write_recipe(tmp_path, out, learning_rate=1e39, warmup_steps=2, max_steps=3, save_steps=1)
+    assert cli_main([str(recipe)]) == 3
+    err = capsys.readouterr().err
+    assert "training diverged: the weights became non-finite (inf/NaN) in the update of step 2" in err, err[-2000:]
+    assert f"last good checkpoint: {out / 'checkpoint-1'}" in err and "rerun with --overwrite" in err
+    assert not (out / "checkpoint-2").exists() and not (out / "adapter_model.safetensors").exists()
+    assert all(bool(t.isfinite().all()) for t in adapter(out / "checkpoint-1").values())
+    # the advice: a lower learning rate, --overwrite
+    fixed = write_recipe(tmp_path, out, learning_rate=3e-3, warmup_steps=2, max_steps=3, save_steps=1)
+    assert cli_main([str(fixed), "--overwrite"]) == 0
+    assert all(bool(t.isfinite().all()) for t in adapter(out).values())
+    assert json.loads((out / "metrics.json").read_text())["train"]["global_step"] == 3

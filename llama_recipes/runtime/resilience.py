@@ -347,12 +347,52 @@ def _callbacks():
                 raise TrainingStopped(
                     f"training diverged: non-finite {what} at step {step} "
                     f"(bad steps: {', '.join(map(str, self.bad_steps))}; guards.max_bad_steps={self.max_bad}); "
-                    f"last good checkpoint: {last if last else 'none saved yet'}",
-                    "lower training.learning_rate or add warmup_steps, check the data for broken rows, prefer "
-                    "bf16/fp32 over fp16; rerun to resume from the last good checkpoint",
-                )
+                    f"last good checkpoint: {last if last else 'none saved yet'}", DIVERGED_FIX)
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            # After the optimizer step, before any checkpoint of it is saved: a finite loss and gradient can
+            # still make an update that overflows the weights (a huge learning rate). Such a step cannot be
+            # skipped any more (the optimizer state moved too): stop, so that no NaN weights are saved.
+            if not collectives.any_rank(not weights_finite(model)):
+                return
+            last = newest_checkpoint(self.out)
+            raise TrainingStopped(
+                f"training diverged: the weights became non-finite (inf/NaN) in the update of step {state.global_step} "
+                f"(learning rate {_current_lr(kw.get('optimizer'))}); nothing of that step was saved; last good "
+                f"checkpoint: {last if last else 'none saved yet'}", DIVERGED_FIX)
 
     return StopOnSignal, NonFiniteGuard
+
+
+# A resumed run keeps the learning rate of its checkpoint (optimizer and scheduler state), and the same
+# data order reaches the same batch again: the fix that works is a new run with a lower rate.
+DIVERGED_FIX = ("lower training.learning_rate (or add training.warmup_steps), check the data for broken rows, prefer "
+                "bf16/fp32 over fp16, and rerun with --overwrite (the diverged run is moved aside, and removed once "
+                "the new run has saved); resuming would restore the same learning rate and data order")
+
+
+def weights_finite(model) -> bool:
+    """Whether every trainable weight is finite (one host sync; DTensor shards and ZeRO partitions locally)."""
+    import torch
+
+    if model is None:
+        return True
+    checks = []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        t = getattr(p, "ds_tensor", None)
+        t = t if t is not None else (p.to_local() if hasattr(p, "to_local") else p)
+        if t.numel():
+            checks.append(torch.isfinite(t.detach()).all())
+    return bool(torch.stack(checks).all().item()) if checks else True
+
+
+def _current_lr(optimizer) -> str:
+    try:
+        return f"{optimizer.param_groups[0]['lr']:.3g}"
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return "?"
 
 
 class _NothingLeftToTrain(Exception):
