@@ -89,15 +89,24 @@ def _read_recipe_file(path: Path) -> dict:
     return data
 
 
+MOVING = ".moving"  # inside a set-aside directory while entries are still being moved into it
+
+
 def _move_aside(out: Path) -> Path:
-    """Move everything in OUTPUT_DIR (but earlier set-asides) to OUTPUT_DIR/.overwritten/STAMP."""
+    """Move everything in OUTPUT_DIR (but earlier set-asides) to OUTPUT_DIR/.overwritten/STAMP.
+
+    STAMP/.moving exists until the last entry is moved: a run killed half way leaves it, and the
+    next run on this directory moves those entries back (recover_interrupted_moves).
+    """
     import time
 
     entries = sorted(p for p in out.iterdir() if p.name not in (REPLACED_DIR, LOCK_FILE))
     dest = out / REPLACED_DIR / time.strftime("%Y%m%d-%H%M%S")
     dest.mkdir(parents=True, exist_ok=False)
+    (dest / MOVING).touch()
     for p in entries:
         os.replace(p, dest / p.name)  # a rename on the same filesystem: nothing is copied or lost
+    (dest / MOVING).unlink()
     names = ", ".join(p.name for p in entries[:8]) + (f" and {len(entries) - 8} more" if len(entries) > 8 else "")
     log.warning("--overwrite: moved the previous contents of %s (%s) to %s; they are removed only when this run "
                 "has saved its artifact, and only if llama-recipes wrote them", out, names, dest)
@@ -107,6 +116,81 @@ def _move_aside(out: Path) -> Path:
 def _set_aside(out: Path) -> list[Path]:
     root = out / REPLACED_DIR
     return sorted(root.iterdir()) if root.is_dir() else []
+
+
+def recover_interrupted_moves(out: Path) -> None:
+    """Undo an --overwrite that was killed while moving the previous run aside: its entries go back."""
+    for d in _set_aside(out):
+        if not (d / MOVING).exists():
+            continue
+        back, kept = [], []
+        for p in sorted(d.iterdir()):
+            if p.name == MOVING:
+                continue
+            if (out / p.name).exists():
+                kept.append(p.name)
+            else:
+                os.replace(p, out / p.name)
+                back.append(p.name)
+        (d / MOVING).unlink()
+        if not kept:
+            d.rmdir()
+        log.warning("an --overwrite was interrupted while moving the previous contents of %s aside: moved %d "
+                    "entries back (%s)%s", out, len(back), ", ".join(back[:8]) or "none",
+                    f"; kept in {d} (a file of that name is in {out} again): {', '.join(kept)}" if kept else "")
+    root = out / REPLACED_DIR
+    if root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
+
+
+# What llama-recipes (and the libraries it calls) write into OUTPUT_DIR: --overwrite deletes only these, per
+# entry, from a previous run it set aside; any other file there (NOTES.md, my_plots/) is the user's and kept.
+OWN_FILES = {RECIPE_FILE, "metrics.json", "metrics.json.tmp", "trainable_parameters.json", "loss_curve.png",
+             "training_args.bin", "adapter_config.json", "adapter_model.safetensors", "config.json",
+             "generation_config.json", "model.safetensors", "model.safetensors.index.json", heads.HEAD_CONFIG,
+             heads.HEAD_WEIGHTS, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+             "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt",
+             "added_tokens.json", LOCK_FILE}
+OWN_DIRS = {"runs", "eval", ".staging"}
+
+
+def is_own_entry(p: Path) -> bool:
+    """Whether a top-level entry of a run directory is one llama-recipes writes."""
+    import re
+
+    name = p.name
+    if p.is_dir():
+        return name in OWN_DIRS or re.fullmatch(r"checkpoint-\d+", name) is not None
+    if name in OWN_FILES or re.fullmatch(r"model-\d+-of-\d+\.safetensors", name):
+        return True
+    if name == "README.md":  # the model card PEFT writes with an adapter; a user's README is kept
+        try:
+            return "library_name: peft" in p.read_text(encoding="utf-8", errors="replace")[:2000]
+        except OSError:
+            return False
+    return False
+
+
+def _clear_set_aside(out: Path, old: Path) -> None:
+    """After a successful --overwrite: delete what llama-recipes wrote in the set-aside run, entry by entry;
+    the user's own files go back into OUTPUT_DIR (or stay set aside when the new run wrote that name)."""
+    if not (old / RECIPE_FILE).is_file():
+        log.warning("--overwrite: %s keeps what was in %s before (not written by llama-recipes)", old, out)
+        return
+    theirs = [p for p in sorted(old.iterdir()) if not is_own_entry(p)]
+    for p in old.iterdir():
+        if p not in theirs:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    back = [p.name for p in theirs if not (out / p.name).exists()]
+    for name in back:
+        os.replace(old / name, out / name)
+    if any(old.iterdir()):
+        log.warning("--overwrite: removed the previous run's files; your own files %s are kept in %s (the new run "
+                    "wrote files of the same names)", ", ".join(p.name for p in old.iterdir()), old)
+    else:
+        old.rmdir()
+        log.info("--overwrite: removed the previous run set aside in %s%s", old,
+                 f"; your own files are back in {out}: {', '.join(back)}" if back else "")
 
 
 @contextmanager
@@ -123,9 +207,17 @@ def claim(recipe, overwrite: bool = False):
     fresh = not (target / RECIPE_FILE).is_file()  # this run writes the recipe record (not a rerun)
     # Under --overwrite the lock comes first: the files of a run still training must not be moved
     # aside. Otherwise prepare_output_dir refuses foreign directories before anything is written.
-    lock = _lock(target) if is_main_process() and overwrite and target.is_dir() else None
+    interrupted = target.is_dir() and any((d / MOVING).exists() for d in _set_aside(target))
+    lock = _lock(target) if is_main_process() and (overwrite or interrupted) and target.is_dir() else None
     try:
+        if lock is not None and interrupted:
+            recover_interrupted_moves(target)
         before = set(_set_aside(target))
+        if before and is_main_process():
+            log.warning("%s holds earlier contents set aside by --overwrite (a run that did not finish, or files "
+                        "llama-recipes did not write): %s; they are kept: delete them when you no longer need them",
+                        target / REPLACED_DIR,
+                        ", ".join(p.name for p in sorted(before)))
         out = prepare_output_dir(recipe, overwrite)
         if lock is None and is_main_process():
             lock = _lock(out)
@@ -153,11 +245,7 @@ def claim(recipe, overwrite: bool = False):
             raise
         if moved and is_main_process():
             for old in moved:
-                if (old / RECIPE_FILE).is_file():
-                    shutil.rmtree(old, ignore_errors=True)
-                    log.info("--overwrite: removed the previous run set aside in %s", old)
-                else:
-                    log.warning("--overwrite: %s keeps what was in %s before (not written by llama-recipes)", old, out)
+                _clear_set_aside(out, old)
             root = out / REPLACED_DIR
             if root.is_dir() and not any(root.iterdir()):
                 root.rmdir()

@@ -578,3 +578,41 @@ def test_weights_made_non_finite_by_a_step_stop_the_run_and_the_advised_fix_work
     assert cli_main([str(fixed), "--overwrite"]) == 0
     assert all(bool(t.isfinite().all()) for t in adapter(out).values())
     assert json.loads((out / "metrics.json").read_text())["train"]["global_step"] == 3
+
+
+def test_overwrite_removes_only_the_files_llama_recipes_wrote(tmp_path, capsys):
+    """Issue 29 item 5: main deleted NOTES.md and my_plots/ that the user had added to a finished run's
+    directory, though it logged that it removes previous contents "only if llama-recipes wrote them"."""
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, out, max_steps=2, save_steps=1)
+    assert cli_main([str(recipe)]) == 0
+    (out / "NOTES.md").write_text("what I learned")
+    (out / "my_plots").mkdir()
+    (out / "my_plots" / "loss.png").write_bytes(b"\x89PNG mine")
+    assert cli_main([str(recipe), "training.learning_rate=1e-3", "--overwrite"]) == 0
+    assert (out / "NOTES.md").read_text() == "what I learned"
+    assert (out / "my_plots" / "loss.png").read_bytes() == b"\x89PNG mine"
+    assert not (out / ".overwritten").exists()  # the previous run's own files are gone
+    assert "learning_rate: 0.001" in (out / "recipe.yaml").read_text()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_an_overwrite_killed_while_moving_aside_is_undone_by_the_next_run(tmp_path, capsys, caplog):
+    """Issue 29 item 5: SIGKILL inside the move-aside left half of the old run in .overwritten/ and the next
+    run never said so. The move is journaled (STAMP/.moving); the next run moves the entries back."""
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, out, max_steps=2, save_steps=1)
+    assert cli_main([str(recipe)]) == 0
+    first = _snapshot(out)
+    # the state a kill leaves half way through artifacts._move_aside: the marker, some entries moved
+    dest = out / ".overwritten" / "20260101-000000"
+    dest.mkdir(parents=True)
+    (dest / ".moving").touch()
+    for name in ("adapter_model.safetensors", "checkpoint-1", "metrics.json", "recipe.yaml"):
+        (out / name).rename(dest / name)
+    capsys.readouterr()
+    assert cli_main([str(recipe)]) == 0  # the same command again: recovered, then "already complete"
+    assert "already complete" in capsys.readouterr().err
+    assert "an --overwrite was interrupted while moving the previous contents" in caplog.text
+    assert "moved 4 entries back" in caplog.text
+    assert _snapshot(out) == first and not (out / ".overwritten").exists()
