@@ -27,7 +27,7 @@ import yaml
 from llama_recipes import bounds, heads, methods, modeling
 from llama_recipes.errors import RunComplete, UserError, damaged_weights, read_json
 from llama_recipes.log import get_logger, is_main_process
-from llama_recipes.runtime import distributed
+from llama_recipes.runtime import collectives, distributed, resilience
 from llama_recipes.schema import same_run
 from llama_recipes.schema.method import METHOD_MODELS
 from llama_recipes.schema.model import ModelConfig
@@ -38,6 +38,7 @@ RECIPE_FILE = "recipe.yaml"
 
 REPLACED_DIR = ".overwritten"  # where --overwrite moves a previous run until the new one has saved
 LOCK_FILE = ".llama-recipes.lock"  # held (flock) by the run training into OUTPUT_DIR
+ARTIFACT_STAGING = ".staging-artifact"  # the final artifact is written here, then moved into OUTPUT_DIR
 
 
 def prepare_output_dir(recipe, overwrite: bool = False) -> Path:
@@ -151,7 +152,7 @@ OWN_FILES = {RECIPE_FILE, "metrics.json", "metrics.json.tmp", "trainable_paramet
              heads.HEAD_WEIGHTS, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
              "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt",
              "added_tokens.json", LOCK_FILE}
-OWN_DIRS = {"runs", "eval", ".staging"}
+OWN_DIRS = {"runs", "eval", ".staging", ARTIFACT_STAGING}
 
 
 def is_own_entry(p: Path) -> bool:
@@ -381,11 +382,32 @@ def dir_size_mb(path: Path, pattern: str = "*.safetensors") -> float:
 
 
 def save(trainer, tokenizer, out: Path, method) -> None:
-    """Write the final artifact of `method` (safetensors + JSON) and the tokenizer into OUTPUT_DIR."""
-    if method.kind == "head":
-        heads.save(trainer.model, tokenizer, trainer.model.head_config, out)  # collective under FSDP
-    else:
-        save_artifact(trainer, tokenizer, out)
+    """Write the final artifact of `method` (safetensors + JSON) and the tokenizer into OUTPUT_DIR.
+
+    Written into OUTPUT_DIR/.staging-artifact, then moved in file by file: a save that fails (disk full)
+    leaves no half artifact that a reader would take for a result, and says "disk full" with the bytes.
+    """
+    tmp = Path(out) / ARTIFACT_STAGING
+    if is_main_process():
+        shutil.rmtree(tmp, ignore_errors=True)
+    collectives.barrier()
+    weights, _ = resilience.checkpoint_bytes(trainer.model, method.peft or method.kind == "head", save_only_model=True)
+    try:
+        # No refusal on the free-space estimate here: the trained weights exist only in memory, so the save
+        # is always tried; a full disk during it is worded with the path and the bytes.
+        with resilience.writing(out, weights, "the final artifact", precheck=False):
+            if method.kind == "head":
+                heads.save(trainer.model, tokenizer, trainer.model.head_config, tmp)  # collective under FSDP
+            else:
+                save_artifact(trainer, tokenizer, tmp)
+        if is_main_process():
+            for f in sorted(tmp.iterdir()):
+                os.replace(f, Path(out) / f.name)
+    finally:
+        if is_main_process():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if is_main_process() and method.kind != "head":
+        _check_not_empty(Path(out))
 
 
 def save_artifact(trainer, tokenizer, out: Path) -> None:
@@ -403,7 +425,6 @@ def save_artifact(trainer, tokenizer, out: Path) -> None:
         # The Trainer also pickles its arguments; the artifact is safetensors + JSON only
         # (recipe.yaml already records every setting).
         (out / "training_args.bin").unlink(missing_ok=True)
-        _check_not_empty(out)
 
 
 def _check_not_empty(out: Path) -> None:

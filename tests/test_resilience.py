@@ -616,3 +616,55 @@ def test_an_overwrite_killed_while_moving_aside_is_undone_by_the_next_run(tmp_pa
     assert "an --overwrite was interrupted while moving the previous contents" in caplog.text
     assert "moved 4 entries back" in caplog.text
     assert _snapshot(out) == first and not (out / ".overwritten").exists()
+
+
+def _on_a_small_disk(tmp_path: Path, size: str, *argv: str) -> tuple[int, str, Path]:
+    """Run `argv` (a CLI) with tmp_path/disk a private tmpfs of `size` (a real ENOSPC, no mock); returns
+    (exit code, stderr, a copy of what the disk held afterwards)."""
+    import shutil
+
+    disk, after = tmp_path / "disk", tmp_path / "after"
+    disk.mkdir()
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {disk}"],
+                           capture_output=True) if shutil.which("unshare") else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("a private tmpfs mount (unshare -rm) is not allowed here: a real full disk cannot be made")
+    script = f'mount -t tmpfs -o size={size} tmpfs "$0" && "$@"; rc=$?; cp -a "$0" {after}; exit $rc'
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", script, str(disk), *argv], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return r.returncode, r.stderr, after
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "final"])
+def test_disk_full_says_so_with_the_path_and_bytes_and_keeps_what_was_complete(tmp_path, where):
+    """Issue 29 item 6: main ended in an ENOSPC traceback and removed the output directory (final save),
+    or in torch's "enforce fail at inline_container.cc" (checkpoint)."""
+    out = tmp_path / "disk" / "out"
+    if where == "checkpoint":  # checkpoint-1 (~0.6 MB) fits in 900 KiB, checkpoint-2 does not
+        recipe = write_recipe(tmp_path, out, max_steps=3, save_steps=1, extra={"guards": {"check_disk": False}})
+        size, what = "900k", "checkpoint-2"
+    else:  # the recipe record fits, the final adapter (0.15 MB) does not
+        recipe = write_recipe(tmp_path, out, max_steps=2, save_strategy="no", extra={"guards": {"check_disk": False}})
+        size, what = "64k", "the final artifact"
+    code, err, after = _on_a_small_disk(tmp_path, size, sys.executable, str(ROOT / "run_recipe.py"), str(recipe))
+    assert code == 2, err[-3000:]
+    assert f"disk full: writing {what} to {out} needs about" in err and "bytes) free" in err, err[-2000:]
+    assert "Traceback" not in err and "rerun the same command" in err
+    if where == "checkpoint":
+        assert resilience.is_complete(after / "out" / "checkpoint-1")  # what was complete is kept
+        assert not (after / "out" / "checkpoint-2").exists() and not (after / "out" / ".staging").exists()
+        assert all(bool(t.isfinite().all()) for t in adapter(after / "out" / "checkpoint-1").values())
+    else:
+        assert not (after / "out" / "adapter_model.safetensors").exists()  # no half artifact
+        assert not (after / "out" / ".staging-artifact").exists()
+
+
+def test_export_onto_a_full_disk_leaves_no_half_merged_directory(tmp_path):
+    """Issue 29 item 6: an export killed or out of disk mid-write left a half MERGED dir the rerun refused."""
+    out = tmp_path / "run"
+    assert cli_main([str(write_recipe(tmp_path, out, max_steps=1, save_strategy="no"))]) == 0
+    merged = tmp_path / "disk" / "merged"
+    code, err, after = _on_a_small_disk(tmp_path, "1m", sys.executable, "-m", "llama_recipes.cli", "export",
+                                        str(out), str(merged))
+    assert code == 2 and f"disk full: writing the merged model to {merged.parent} needs about" in err, err[-2000:]
+    assert "Traceback" not in err and list(after.iterdir()) == []  # neither MERGED nor a partial one

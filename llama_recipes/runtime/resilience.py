@@ -232,8 +232,17 @@ def _atomic_checkpoints(trainer, signals=None) -> None:
             shutil.rmtree(staging / name, ignore_errors=True)
         collectives.barrier()  # before any rank writes its RNG state there
         trainer._get_output_dir = lambda trial=None: str(staging)
+        weights, optim = checkpoint_bytes(trainer.model, hasattr(trainer.model, "peft_config"),
+                                          bool(trainer.args.save_only_model))
         try:
-            original_save(model, trial)
+            # No refusal on the estimate (that would stop a run that may fit); a full disk during the write
+            # is worded, and the previous checkpoints stay complete (atomic rename).
+            with writing(run_dir, weights + optim, name, precheck=False):
+                original_save(model, trial)
+        except UserError:
+            if is_main_process():
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
         finally:
             del trainer._get_output_dir  # back to the class method
         _save_hook(trainer.state.global_step, signals)
@@ -611,12 +620,13 @@ def disk_full_error(path: Path, need: int, what: str) -> UserError:
 
 
 @contextmanager
-def writing(path: Path, need: int, what: str):
-    """Check that `path` has `need` bytes free before a write, and word a disk-full error during it."""
+def writing(path: Path, need: int, what: str, precheck: bool = True):
+    """Check that `path` has `need` bytes free before a write (unless not `precheck`), and word a disk-full
+    error during it (ENOSPC from Python, torch's zip writer or safetensors) with the path and the bytes."""
     probe = Path(path)
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    if shutil.disk_usage(probe).free < need:
+    if precheck and shutil.disk_usage(probe).free < need:
         raise disk_full_error(path, need, what)
     try:
         yield
