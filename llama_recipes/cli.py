@@ -25,6 +25,17 @@ OVERRIDES_HELP = "Overrides use dotted keys: training.learning_rate=1e-4 method.
 
 # -- arguments, shared by the subcommands and run_recipe.py's single parser ------------------------
 
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (argparse then prints one usage line, exit 2, no traceback)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} is not a positive number")
+    return n
+
+
 def _add_recipe(p) -> None:
     p.add_argument("recipe", help="path to a recipe YAML (see recipes/)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides applied on top of the recipe")
@@ -52,7 +63,7 @@ def _add_eval_target(p, when: str = "") -> None:
 
 
 def _add_estimate(p) -> None:
-    p.add_argument("--gpus", type=int, metavar="N", help="number of GPUs to estimate for (default: from --config or 1)")
+    p.add_argument("--gpus", type=_positive_int, metavar="N", help="number of GPUs to estimate for (default: from --config or 1)")
     p.add_argument("--gpu-memory", metavar="SIZE", help="memory per GPU, e.g. 80GB or 24GiB")
     p.add_argument("--compare", action="store_true", help="estimate every method side by side")
 
@@ -77,7 +88,7 @@ def _add_adapters(p) -> None:
                    help="a prompt to answer with every adapter, rendered as each run's training rendered prompts "
                         "(its prompt or chat template)")
     p.add_argument("--raw", action="store_true", help="pass --prompt text to the model exactly as given")
-    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32, metavar="N")
     _add_trust(p)
 
 
@@ -138,6 +149,13 @@ def build_command_parser(prog: str = "llama-recipes") -> tuple[argparse.Argument
 
 def _command_from_flags(args) -> str:
     """The command run_recipe.py's flags name, in the order they always took precedence."""
+    chosen = [f for f, on in (("--estimate-memory", args.estimate_memory), ("--dry-run", args.dry_run),
+                              ("--eval-only", args.eval_only or args.checkpoint or args.base)) if on]
+    if len(chosen) > 1:  # one of them would be ignored without a word
+        raise UserError(f"{' and '.join(chosen)} are different commands (--checkpoint and --base belong to --eval-only)",
+                        "run one of them at a time")
+    if args.checkpoint and args.base:
+        raise UserError("--checkpoint and --base name two different models to evaluate", "pass one of them")
     if args.estimate_memory:
         return "estimate"
     if args.dry_run:

@@ -210,6 +210,13 @@ def _mlp_head(tmp, recipe):
     recipe["data"] = {"path": "builtin:classify", "max_samples": 16}
     return []
 
+def _head_packing(tmp, recipe):
+    recipe["method"] = {"name": "classifier_head"}
+    recipe["data"] = {"path": "builtin:classify", "max_samples": 16}
+    recipe["training"]["packing"] = True
+    return []
+
+
 # id -> (setup or overrides, text the message must contain)
 CASES = {
     # recipe
@@ -254,6 +261,23 @@ CASES = {
     "prompt-template-malformed": (["data.prompt_template='Q: {instruction'"], "data.prompt_template: not a valid format string"),
     "prompt-template-positional-field": (["data.prompt_template='Q: {0}'"], "field {0} is not a column name"),
     "columns-map-two-onto-one": (["data.columns={instruction: q, output: q}"], "instruction and output both map to column 'q'"),
+    "yaml-alias-bomb": (_body("output_dir: o\nx:\n  a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"  {n}: &{n} [" + ", ".join([f"*{p}"] * 10) + "]\n" for p, n in zip("abcdefgh", "bcdefghi"))),
+                        "expands to more than 100,000 values once its YAML aliases"),
+    "yaml-nested-too-deep": (_body("output_dir: " + "[" * 10000 + "]" * 10000 + "\n"), "nests more than 64 levels deep"),
+    "yes-no-as-seed": (["seed=no"], "`seed: false` is a yes/no value"),
+    "yes-no-as-rank": (["method.r=true"], "`r: true` is a yes/no value"),
+    "yes-no-as-max-steps": (["training.max_steps=on"], "`max_steps: true` is a yes/no value"),
+    "bf16-and-fp16": (["training.bf16=true", "training.fp16=true"], "training.bf16 and training.fp16 are both true"),
+    "fp16-without-gpu": (["training.fp16=true"], "training.fp16: true without a GPU"),
+    "output-dir-empty": (["output_dir="], "output_dir is empty"),
+    "load-best-without-eval": (["training.load_best_model_at_end=true"], "load_best_model_at_end needs evaluation"),
+    "head-with-packing": (_head_packing, "training.packing with method classifier_head"),
+    "cosine-min-lr-without-kwargs": (["training.lr_scheduler_type=cosine_with_min_lr"], "needs training.lr_scheduler_kwargs"),
+    "optim-package-missing": (["training.optim=galore_adamw"], "needs the Python package galore_torch"),
+    "report-to-not-installed": (["training.report_to=wandb"], "needs the Python package wandb"),
+    "push-to-hub-offline": (["training.push_to_hub=true"], "push_to_hub with HF_HUB_OFFLINE set"),
+    "two-commands-in-flags": (["--estimate-memory", "--eval-only", "--base"], "are different commands"),
     # data
     "data-file-missing": (["data.path=/nonexistent/train.jsonl"], "data file or directory not found: /nonexistent/train.jsonl"),
     "data-file-type": (_file("train.txt", "hello\n"), "unsupported data file type '.txt'"),

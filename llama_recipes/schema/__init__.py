@@ -31,6 +31,7 @@ from llama_recipes.schema.guards import (
 )
 from llama_recipes.schema.method import PEFT_METHODS, MethodConfig, check_combinations
 from llama_recipes.schema.model import ModelConfig
+from llama_recipes.schema import sanity
 from llama_recipes.schema.training import TrainingConfig
 
 
@@ -62,6 +63,7 @@ class Recipe(Section):
         check_combinations(self)
         check_method_freeze(self)
         check_data(self)
+        sanity.check(self)  # settings that cannot work together (schema/sanity.py)
         return self
 
     @property

@@ -1,0 +1,62 @@
+"""Settings that validate one by one but cannot work together, refused before anything loads.
+
+Each was accepted and then ignored (one is only warned about: warmup longer than training), or failed late (after the model loaded, after training):
+issue 29's "settings accepted and ignored" and "late failures that validation can catch".
+`check(recipe)` is called once from Recipe's combination checks.
+"""
+import importlib.util
+import os
+
+from llama_recipes.log import get_logger
+from llama_recipes.schema.finetune import HEAD_METHODS
+
+log = get_logger(__name__)
+
+# optim value prefix -> the package it needs (transformers imports it only when the optimizer is built)
+OPTIM_PACKAGES = {"adamw_bnb": "bitsandbytes", "adamw_8bit": "bitsandbytes", "paged_": "bitsandbytes",
+                  "lion_8bit": "bitsandbytes", "lion_32bit": "bitsandbytes", "rmsprop_bnb": "bitsandbytes",
+                  "ademamix": "bitsandbytes", "adamw_apex": "apex", "galore": "galore_torch", "apollo": "apollo_torch",
+                  "lomo": "lomo_optim", "adalomo": "lomo_optim", "grokadamw": "grokadamw", "schedule_free": "schedulefree",
+                  "adamw_torch_4bit": "torchao", "adamw_torch_8bit": "torchao", "stable_adamw": "torch_optimi"}
+REPORTERS = {"wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml", "neptune": "neptune", "clearml": "clearml",
+             "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio", "tensorboard": "tensorboard"}
+
+
+def check(recipe) -> None:
+    """Raise ValueError (pydantic makes it a RecipeError naming the recipe) for a combination that cannot work."""
+    t = recipe.training
+    get = lambda key, default=None: getattr(t, key, default)  # noqa: E731 (TrainingConfig fields follow TRL)
+    if not str(recipe.output_dir).strip() or recipe.output_dir == ".":
+        raise ValueError("output_dir is empty: the run would write into the current directory; set output_dir")
+    if get("bf16") is True and get("fp16") is True:
+        raise ValueError("training.bf16 and training.fp16 are both true: choose one precision")
+    steps, warmup = get("max_steps", -1), get("warmup_steps", 0)
+    if steps and steps > 0 and isinstance(warmup, (int, float)) and warmup >= steps:  # a warning: a short trial run
+        log.warning("training.warmup_steps=%g with max_steps=%d: the learning rate is still warming up when training "
+                    "ends (training.learning_rate=%g is never reached); lower warmup_steps for a full run",
+                    warmup, steps, get("learning_rate", 0) or 0)
+    if get("load_best_model_at_end") and (recipe.data.eval_split is None or str(get("eval_strategy", "no")) == "no"):
+        raise ValueError("training.load_best_model_at_end needs evaluation during training: set data.eval_split and "
+                         "training.eval_strategy (steps or epoch, matching save_strategy)")
+    if recipe.method.name in HEAD_METHODS and get("packing"):
+        raise ValueError(f"training.packing with method {recipe.method.name}: a task head classifies one text per "
+                         "row, packed rows mix several; remove training.packing")
+    if get("lr_scheduler_type") == "cosine_with_min_lr":
+        kw = get("lr_scheduler_kwargs") or {}
+        if not isinstance(kw, dict) or not ({"min_lr", "min_lr_rate"} & set(kw)):
+            raise ValueError("training.lr_scheduler_type: cosine_with_min_lr needs training.lr_scheduler_kwargs with "
+                             "min_lr or min_lr_rate, e.g. {min_lr_rate: 0.1}")
+    optim = str(get("optim", "") or "")
+    for prefix, package in OPTIM_PACKAGES.items():
+        if optim.startswith(prefix) and importlib.util.find_spec(package) is None:
+            raise ValueError(f"training.optim={optim} needs the Python package {package}, which is not installed: "
+                             f"pip install {package.replace('_', '-')}, or choose another optim (adamw_torch)")
+    report = get("report_to")
+    for name in [report] if isinstance(report, str) else list(report or []):
+        package = REPORTERS.get(str(name))
+        if package and importlib.util.find_spec(package) is None:
+            raise ValueError(f"training.report_to: {name} needs the Python package {package}, which is not installed: "
+                             f"pip install {package}, or use report_to: none")
+    if get("push_to_hub") and os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes"):
+        raise ValueError("training.push_to_hub with HF_HUB_OFFLINE set: the upload would fail after training; "
+                         "unset HF_HUB_OFFLINE (and log in), or set push_to_hub: false")
