@@ -220,16 +220,18 @@ def claim(recipe, overwrite: bool = False):
                         target / REPLACED_DIR,
                         ", ".join(p.name for p in sorted(before)))
         out = prepare_output_dir(recipe, overwrite)
-        if lock is None and is_main_process():
-            lock = _lock(out)
         metrics = out / "metrics.json"
         if not overwrite and metrics.is_file() and detect(out) is not None:
             # metrics.json is written last: this recipe's run finished here. Training again would
-            # add steps to a finished run and rewrite its artifact.
-            step = (json.loads(metrics.read_text()).get("train") or {}).get("global_step", "?")
+            # add steps to a finished run and rewrite its artifact. Said before the lock is taken:
+            # a finished run on read-only storage is complete, not an error.
+            saved = read_json(metrics, "restore it, or pass --overwrite to train the run again")
+            step = ((saved.get("train") if isinstance(saved, dict) else None) or {}).get("global_step", "?")
             raise RunComplete(f"this run is already complete: {out} holds its artifact and metrics.json "
                               f"(step {step}); nothing was changed", "evaluate it with --eval-only; pass "
                               "--overwrite to train it again, or choose another output_dir")
+        if lock is None and is_main_process():
+            lock = _lock(out)
         moved = [p for p in _set_aside(out) if p not in before]
         try:
             yield out
@@ -278,7 +280,11 @@ def _lock(out: Path):
     """
     import fcntl
 
-    f = open(out / LOCK_FILE, "a+")
+    try:
+        f = open(out / LOCK_FILE, "a+")
+    except OSError as e:
+        raise UserError(f"cannot write to output_dir {out}: {e.strerror}",
+                        "choose a writable output_dir (read-only storage can be evaluated with --eval-only)") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

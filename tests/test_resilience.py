@@ -668,3 +668,46 @@ def test_export_onto_a_full_disk_leaves_no_half_merged_directory(tmp_path):
                                         str(out), str(merged))
     assert code == 2 and f"disk full: writing the merged model to {merged.parent} needs about" in err, err[-2000:]
     assert "Traceback" not in err and list(after.iterdir()) == []  # neither MERGED nor a partial one
+
+
+def _damage(ckpt: Path, how: str) -> None:
+    import datetime
+
+    import torch
+
+    if how == "step-not-a-number":
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        (ckpt / "trainer_state.json").write_text(json.dumps({**state, "global_step": "two"}))
+    elif how == "weights-missing":
+        (ckpt / "adapter_model.safetensors").unlink()
+    elif how == "pickle-refused":  # an object weights-only loading refuses (the Trainer would raise on resume)
+        torch.save({"when": datetime.datetime(2026, 1, 1)}, ckpt / "rng_state.pth")
+    elif how == "another-rank":
+        cfg = json.loads((ckpt / "adapter_config.json").read_text())
+        (ckpt / "adapter_config.json").write_text(json.dumps({**cfg, "r": 8}))
+
+
+DAMAGE = {"step-not-a-number": "trainer_state.json holds global_step 'two', not a step number", "weights-missing": "it holds no weights",
+          "pickle-refused": "rng_state.pth is damaged (ValueError: refused by weights-only loading",
+          "another-rank": "its adapter has LoRA rank 8, the recipe's method.r is 4"}
+
+
+def test_a_damaged_or_foreign_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
+    """Issue 29 item 11: each of these ended in a raw error on main instead of the fallback to the previous
+    good checkpoint that a truncated file already got."""
+    import shutil
+
+    first = tmp_path / "first"
+    assert cli_main([str(write_recipe(tmp_path, first, max_steps=4, save_steps=2))]) == 0
+    ref = json.loads((first / "metrics.json").read_text())
+    for how, message in DAMAGE.items():
+        out = tmp_path / how
+        shutil.copytree(first, out)
+        (out / "metrics.json").unlink()  # killed after checkpoint-4 was written, before the end
+        _damage(out / "checkpoint-4", how)
+        caplog.clear()
+        assert cli_main([str(write_recipe(tmp_path, out, name=f"{how}.yaml", max_steps=4, save_steps=2))]) == 0, how
+        assert f"checkpoint-4 cannot be resumed from: {message}" in caplog.text, (how, caplog.text[-2000:])
+        assert "resuming from the previous complete checkpoint, checkpoint-2" in caplog.text
+        assert step_losses(out) == pytest.approx({int(k): v for k, v in step_losses(first).items()}, abs=1e-5), how
+        assert json.loads((out / "metrics.json").read_text())["train"]["global_step"] == ref["train"]["global_step"] == 4

@@ -61,12 +61,14 @@ def complete_checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
-def checkpoint_problem(path: Path) -> str | None:
+def checkpoint_problem(path: Path, recipe=None) -> str | None:
     """Why a complete-looking checkpoint cannot be resumed from (None when it can).
 
-    Cheap checks only: trainer_state.json parses, every safetensors header matches its file size,
-    every torch pickle (optimizer, scheduler, RNG) has its zip directory, which a truncated file
-    lacks. A bit flip inside a tensor is not caught here.
+    Cheap checks only: trainer_state.json parses and holds a step number, weights are there, every
+    safetensors header matches its file size, every torch pickle (optimizer, scheduler, RNG) has its
+    zip directory, which a truncated file lacks, and the small ones (RNG, scheduler) load with
+    weights_only; with `recipe`, an adapter of the recipe's LoRA rank. A bit flip inside a tensor
+    is not caught here.
     """
     import zipfile
 
@@ -74,9 +76,15 @@ def checkpoint_problem(path: Path) -> str | None:
 
     path = Path(path)
     try:
-        json.loads((path / "trainer_state.json").read_text())["global_step"]
-    except (OSError, ValueError, KeyError) as e:
+        state = json.loads((path / "trainer_state.json").read_text())
+        step = state["global_step"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
         return f"trainer_state.json is unreadable ({type(e).__name__})"
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return f"trainer_state.json holds global_step {step!r}, not a step number"
+    if not any(p.suffix in (".safetensors", ".bin") or p.name.startswith(("pytorch_model_fsdp", "global_step"))
+               for p in path.iterdir()):
+        return "it holds no weights (no *.safetensors)"
     for f in sorted(path.iterdir()):
         try:
             if f.suffix == ".safetensors":
@@ -84,9 +92,32 @@ def checkpoint_problem(path: Path) -> str | None:
                     h.keys()
             elif f.suffix in (".pt", ".pth", ".bin"):
                 zipfile.ZipFile(f).close()
+                if f.name in ("rng_state.pth", "scheduler.pt") or f.name.startswith("rng_state_"):
+                    _weights_only_load(f)  # small files the Trainer loads with weights_only=True
         except Exception as e:  # noqa: BLE001 - any failure to open means it cannot be resumed
             return f"{f.name} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
+    if recipe is not None and (path / "adapter_config.json").is_file():
+        try:
+            saved = json.loads((path / "adapter_config.json").read_text())
+        except (OSError, ValueError) as e:
+            return f"adapter_config.json is unreadable ({type(e).__name__})"
+        want = getattr(recipe.method, "r", None)
+        if want is not None and isinstance(saved, dict) and saved.get("r") not in (None, want):
+            return f"its adapter has LoRA rank {saved.get('r')}, the recipe's method.r is {want} (another run's checkpoint)"
     return None
+
+
+def _weights_only_load(f: Path) -> None:
+    """Load as the Trainer will on resume: weights_only, with its numpy allowlist (transformers 5.x
+    trainer_pt_utils.safe_globals), so a pickle it would refuse is found before resuming."""
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+
+    try:
+        with safe_globals():
+            torch.load(str(f), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"refused by weights-only loading: {str(e).splitlines()[0][:60] if str(e) else type(e).__name__}") from None
 
 
 def newest_checkpoint(out: Path) -> Path | None:
@@ -153,14 +184,14 @@ def resume_checkpoint(recipe, out: Path, overwrite: bool = False) -> str | None:
             return None
         damaged = []
         for ckpt in reversed(done):  # the newest one that opens
-            problem = checkpoint_problem(ckpt)
+            problem = checkpoint_problem(ckpt, recipe)
             if problem is None:
                 break
             damaged.append(ckpt)
             log.warning("%s cannot be resumed from: %s", ckpt, problem)
         else:
             raise UserError(f"every checkpoint in {out} is damaged (newest: {done[-1].name}: "
-                            f"{checkpoint_problem(done[-1])})",
+                            f"{checkpoint_problem(done[-1], recipe)})",
                             "move the damaged checkpoint-N directories away, or pass --overwrite to start over")
         if damaged:
             log.warning("resuming from the previous complete checkpoint, %s; the damaged %s are not deleted "
@@ -174,7 +205,7 @@ def resume_checkpoint(recipe, out: Path, overwrite: bool = False) -> str | None:
         why = "does not exist" if not path.exists() else f"is not a complete checkpoint (no {COMPLETE_MARKER})"
         raise UserError(f"resume: {path} {why}",
                         f"point resume at a checkpoint-N directory that holds {COMPLETE_MARKER}, or use resume: auto")
-    problem = checkpoint_problem(path)
+    problem = checkpoint_problem(path, recipe)
     if problem:
         raise UserError(f"resume: {path} cannot be resumed from: {problem}",
                         "point resume at another checkpoint-N, or use resume: auto (it skips damaged ones)")
