@@ -85,7 +85,13 @@ def merge_and_export(adapter_dir: str | Path, merged_dir: str | Path, dtype: str
     config = model.config
     if getattr(config, "quantization_config", None) is not None:  # QLoRA: the merged model is dense
         del config.quantization_config
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir), trust_remote_code=trust_remote_code)
+    if any((adapter_dir / f).is_file() for f in modeling.TOKENIZER_FILES):
+        tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir), trust_remote_code=trust_remote_code)
+    else:  # a run directory without its tokenizer files: the base's, which training started from
+        base_cfg, _ = artifacts.base_model_config(adapter_dir, trust_remote_code=trust_remote_code)
+        log.warning("%s holds no tokenizer files: the merged model gets the base's tokenizer (%s)", adapter_dir,
+                    base_cfg.tokenizer or base_cfg.name_or_path)
+        tokenizer = modeling.load_tokenizer(base_cfg)
     # Written under a temporary name and renamed: an export killed (or out of disk) mid-write leaves no
     # half MERGED_DIR that a rerun would refuse as "not empty".
     tmp = merged_dir.parent / f".{merged_dir.name}.partial-{os.getpid()}"

@@ -217,6 +217,17 @@ def _head_packing(tmp, recipe):
     return []
 
 
+def _list_index_override(tmp, recipe):
+    recipe["method"]["target_modules"] = ["q_proj", "v_proj"]
+    return ["method.target_modules.0=k_proj"]
+
+
+def _output_in_model(tmp, recipe):
+    shutil.copytree(MODEL, tmp / "model")
+    recipe["output_dir"] = str(tmp / "model")
+    return [f"model.name_or_path={tmp / 'model'}"]
+
+
 # id -> (setup or overrides, text the message must contain)
 CASES = {
     # recipe
@@ -278,6 +289,9 @@ CASES = {
     "report-to-not-installed": (["training.report_to=wandb"], "needs the Python package wandb"),
     "push-to-hub-offline": (["training.push_to_hub=true"], "push_to_hub with HF_HUB_OFFLINE set"),
     "two-commands-in-flags": (["--estimate-memory", "--eval-only", "--base"], "are different commands"),
+    "override-list-index": (_list_index_override, "method.target_modules is a list, and list items cannot be set one by one"),
+    "output-dir-is-the-model-dir": (_output_in_model, "is the directory of model.name_or_path"),
+    "eval-split-is-the-train-split": (["data.eval_split=train"], "the held-out numbers would be measured on training rows"),
     # data
     "data-file-missing": (["data.path=/nonexistent/train.jsonl"], "data file or directory not found: /nonexistent/train.jsonl"),
     "data-file-type": (_file("train.txt", "hello\n"), "unsupported data file type '.txt'"),
@@ -290,6 +304,8 @@ CASES = {
     "data-row-missing-column": (_file("rows.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n'),
                                 "row 1: column `output`: missing value"),
     "data-hub-id-offline": (["data.path=someone/no-such-dataset"], "cannot load dataset 'someone/no-such-dataset'"),
+    "drop-last-leaves-no-batch": (["data.max_samples=2", "training.per_device_train_batch_size=4",
+                                   "training.dataloader_drop_last=true"], "training ran zero optimizer steps"),
     "empty-after-tokenization": (["training.max_length=8"], "no training examples left after tokenization"),
     "over-length-drop-drops-all": (["training.max_length=8", "data.over_length=drop"],
                                    "data.over_length: drop dropped every training example"),

@@ -173,3 +173,19 @@ def test_a_gguf_is_checked_against_its_metadata_before_anything_is_built(tmp_pat
         assert message in err and "fix:" in err and "Traceback" not in err, err
         assert time.monotonic() - started < 60  # main: 1e9 layers ran for minutes
     assert not list((tmp_path / "cache").rglob("*.safetensors"))  # nothing converted
+
+
+def test_export_without_tokenizer_files_and_into_a_file_path(tmp_path, capsys):
+    """Issue 29 item 13: export of a run without tokenizer files, or into a path that is a file, tracebacked."""
+    from test_resilience import write_recipe
+
+    out = tmp_path / "run"
+    assert cli_main([str(write_recipe(tmp_path, out, max_steps=1, save_strategy="no"))]) == 0
+    (tmp_path / "afile").write_text("x")
+    assert console_main(["export", str(out), str(tmp_path / "afile")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    for f in out.glob("tokenizer*"):
+        f.unlink()
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+    assert console_main(["export", str(out), str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "tokenizer.json").is_file() and (tmp_path / "merged" / "model.safetensors").is_file()

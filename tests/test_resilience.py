@@ -711,3 +711,27 @@ def test_a_damaged_or_foreign_newest_checkpoint_falls_back_with_a_warning(tmp_pa
         assert "resuming from the previous complete checkpoint, checkpoint-2" in caplog.text
         assert step_losses(out) == pytest.approx({int(k): v for k, v in step_losses(first).items()}, abs=1e-5), how
         assert json.loads((out / "metrics.json").read_text())["train"]["global_step"] == ref["train"]["global_step"] == 4
+
+
+@pytest.mark.slow  # two spawned runs in a mount namespace, ~50 s on the loaded machine
+def test_read_only_storage_rerun_is_complete_and_eval_only_says_so_first(tmp_path):
+    """Issue 29 item 12: rerunning a finished run on read-only storage failed on the lock file (documented:
+    "already complete", exit 0); --eval-only ran the whole eval, then failed to write."""
+    import shutil
+
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("a private read-only bind mount (unshare -rm) is not allowed here")
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, out, max_steps=1, save_strategy="no", extra={"data": {"path": "builtin:demo",
+                                                                                        "max_samples": 16, "eval_split": 0.25}})
+    assert cli_main([str(recipe)]) == 0
+    py, entry = sys.executable, str(ROOT / "run_recipe.py")
+    script = (f'mount --bind {out} {out} && mount -o remount,bind,ro {out} && '
+              f'{py} {entry} {recipe} 2>{tmp_path}/rerun.err; echo $? > {tmp_path}/rerun.rc; '
+              f'{py} {entry} {recipe} --eval-only 2>{tmp_path}/eval.err; echo $? > {tmp_path}/eval.rc')
+    subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    rerun, evaluated = (tmp_path / "rerun.err").read_text(), (tmp_path / "eval.err").read_text()
+    assert (tmp_path / "rerun.rc").read_text().strip() == "0" and "this run is already complete" in rerun, rerun[-2000:]
+    assert (tmp_path / "eval.rc").read_text().strip() == "2", evaluated[-2000:]
+    assert f"cannot write the eval results to {out / 'eval'}: Read-only file system" in evaluated
+    assert "Traceback" not in rerun + evaluated and "Loading weights" not in evaluated  # said before any model loads

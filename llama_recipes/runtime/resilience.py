@@ -483,7 +483,15 @@ def install(trainer, recipe):
         from transformers.trainer_utils import TrainOutput
 
         try:
-            return original_train(*args, **kwargs)
+            result = original_train(*args, **kwargs)
+            if result.global_step == 0:  # the Trainer only warns, and the untrained model would be saved as the result
+                raise UserError(
+                    "training ran zero optimizer steps: the data loader yielded no complete batch "
+                    f"({len(trainer.train_dataset) if hasattr(trainer.train_dataset, '__len__') else '?'} training "
+                    f"examples, batch {trainer.args.per_device_train_batch_size} x {trainer.args.gradient_accumulation_steps} "
+                    f"accumulation, dataloader_drop_last={trainer.args.dataloader_drop_last})",
+                    "add training rows, lower training.per_device_train_batch_size, or set dataloader_drop_last: false")
+            return result
         except _NothingLeftToTrain:
             step = trainer.state.global_step
             log.info("the checkpoint resumed from is at the final step (%d): nothing left to train; saving and "

@@ -201,7 +201,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             value = raw  # a plain string that happens not to parse (a: b: c) is taken as written
         node = data
         parts = key.split(".")
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node.get(part), list):  # `a.b.0=x` would replace the list by a mapping {0: x}
+                where = ".".join(parts[:i + 1])
+                raise RecipeError(f"override {item!r}: {where} is a list, and list items cannot be set one by one",
+                                  f"set the whole list: {where}=[a, b, c]")
             if not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]

@@ -22,12 +22,26 @@ REPORTERS = {"wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml", "nept
              "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio", "tensorboard": "tensorboard"}
 
 
+def _real(path: str) -> str:
+    return os.path.realpath(os.path.expanduser(path))
+
+
 def check(recipe) -> None:
     """Raise ValueError (pydantic makes it a RecipeError naming the recipe) for a combination that cannot work."""
     t = recipe.training
     get = lambda key, default=None: getattr(t, key, default)  # noqa: E731 (TrainingConfig fields follow TRL)
     if not str(recipe.output_dir).strip() or recipe.output_dir == ".":
         raise ValueError("output_dir is empty: the run would write into the current directory; set output_dir")
+    out = _real(recipe.output_dir)
+    for key, value in (("model.name_or_path", recipe.model.name_or_path), ("model.tokenizer", recipe.model.tokenizer),
+                       ("data.path", getattr(recipe.data, "path", None))):
+        if isinstance(value, str) and os.path.exists(os.path.expanduser(value)) and out in (
+                _real(value), os.path.dirname(_real(value)) if os.path.isfile(os.path.expanduser(value)) else None):
+            raise ValueError(f"output_dir {recipe.output_dir} is the directory of {key} ({value}): the run would write "
+                             f"its files among the {key.split('.')[0]}'s; choose another output_dir")
+    if recipe.data.eval_split is not None and recipe.data.eval_split == getattr(recipe.data, "split", "train"):
+        raise ValueError(f"data.eval_split is {recipe.data.eval_split!r}, the split training reads: the held-out numbers "
+                         "would be measured on training rows; name another split or give a fraction (e.g. 0.1)")
     if get("bf16") is True and get("fp16") is True:
         raise ValueError("training.bf16 and training.fp16 are both true: choose one precision")
     steps, warmup = get("max_steps", -1), get("warmup_steps", 0)
