@@ -469,6 +469,10 @@ def read_run(path) -> tuple[dict | None, dict | None]:
 def read_adapter_run(path) -> tuple[dict, dict | None]:
     """read_run for a directory that must hold a PEFT adapter (a clear error otherwise)."""
     cfg, saved = read_run(path)
+    if cfg is None and detect(path) == "head":
+        raise UserError(f"{path} is a task-head run (head_config.json): its artifact is the head, used as it is, with "
+                        "nothing to merge into the base", "evaluate it with --eval-only --checkpoint "
+                        f"{path}, or load it in Python with llama_recipes.heads.load")
     if cfg is None:
         raise UserError(f"{path} has no adapter_config.json",
                         "pass the output_dir of a PEFT run (full fine-tuning already saves a standalone model)")

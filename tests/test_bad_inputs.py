@@ -292,6 +292,8 @@ CASES = {
     "override-list-index": (_list_index_override, "method.target_modules is a list, and list items cannot be set one by one"),
     "output-dir-is-the-model-dir": (_output_in_model, "is the directory of model.name_or_path"),
     "eval-split-is-the-train-split": (["data.eval_split=train"], "the held-out numbers would be measured on training rows"),
+    "retain-file-missing": (["eval.retain=[/nonexistent/retain.jsonl]"], "eval.retain: /nonexistent/retain.jsonl does not exist"),
+    "prompt-template-huge-width": (["data.prompt_template='Q: {instruction:300000000}'"], "pads every prompt to 300,000,000"),
     # data
     "data-file-missing": (["data.path=/nonexistent/train.jsonl"], "data file or directory not found: /nonexistent/train.jsonl"),
     "data-file-type": (_file("train.txt", "hello\n"), "unsupported data file type '.txt'"),

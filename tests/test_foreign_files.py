@@ -189,3 +189,28 @@ def test_export_without_tokenizer_files_and_into_a_file_path(tmp_path, capsys):
     (out / "chat_template.jinja").unlink(missing_ok=True)
     assert console_main(["export", str(out), str(tmp_path / "merged")]) == 0
     assert (tmp_path / "merged" / "tokenizer.json").is_file() and (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def test_a_local_directory_named_like_a_token_is_recorded_as_it_is(tmp_path):
+    """Issue 29 item 9: a base directory named like an HF token was written as <redacted> into recipe.yaml, and
+    the run could no longer be exported or dry-run. Only values that are not existing local paths are redacted."""
+    import shutil
+
+    from llama_recipes.schema import validate_recipe
+    from test_bad_inputs import BASE
+
+    base = tmp_path / ("hf_" + "a" * 30)
+    shutil.copytree(MODEL, base)
+    recipe = validate_recipe({**BASE, "output_dir": str(tmp_path / "o"), "model": {"name_or_path": str(base)},
+                              "training": {**BASE["training"], "run_name": "hf_" + "b" * 30}})
+    saved = recipe.to_dict()
+    assert saved["model"]["name_or_path"] == str(base)
+    assert saved["training"]["run_name"] == "<redacted>"  # a token-shaped value that is not a path still is
+
+
+def test_exporting_a_head_run_says_what_a_head_artifact_is(tmp_path, capsys):
+    """Issue 29 item 14: main told a head run's user that "full fine-tuning already saves a standalone model"."""
+    (tmp_path / "head_config.json").write_text(json.dumps({"method": "mlp_head"}))
+    assert console_main(["export", str(tmp_path), str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err
+    assert "is a task-head run" in err and "--eval-only --checkpoint" in err and "full fine-tuning" not in err

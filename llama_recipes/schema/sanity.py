@@ -6,6 +6,7 @@ issue 29's "settings accepted and ignored" and "late failures that validation ca
 """
 import importlib.util
 import os
+import re
 
 from llama_recipes.log import get_logger
 from llama_recipes.schema.finetune import HEAD_METHODS
@@ -18,6 +19,7 @@ OPTIM_PACKAGES = {"adamw_bnb": "bitsandbytes", "adamw_8bit": "bitsandbytes", "pa
                   "ademamix": "bitsandbytes", "adamw_apex": "apex", "galore": "galore_torch", "apollo": "apollo_torch",
                   "lomo": "lomo_optim", "adalomo": "lomo_optim", "grokadamw": "grokadamw", "schedule_free": "schedulefree",
                   "adamw_torch_4bit": "torchao", "adamw_torch_8bit": "torchao", "stable_adamw": "torch_optimi"}
+MAX_FORMAT_WIDTH = 10_000  # a prompt template's {field:N} width; 300,000,000 allocated 300 MB per row
 REPORTERS = {"wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml", "neptune": "neptune", "clearml": "clearml",
              "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio", "tensorboard": "tensorboard"}
 
@@ -42,6 +44,22 @@ def check(recipe) -> None:
     if recipe.data.eval_split is not None and recipe.data.eval_split == getattr(recipe.data, "split", "train"):
         raise ValueError(f"data.eval_split is {recipe.data.eval_split!r}, the split training reads: the held-out numbers "
                          "would be measured on training rows; name another split or give a fraction (e.g. 0.1)")
+    for ref in recipe.eval.retain or []:  # read only after the main eval: a missing file is said now
+        if isinstance(ref, str) and ref.startswith(("/", ".", "~")) and not os.path.exists(os.path.expanduser(ref)):
+            raise ValueError(f"eval.retain: {ref} does not exist (it would be found missing only after the main eval)")
+    template = getattr(recipe.data, "prompt_template", None)
+    if isinstance(template, str):
+        import string
+
+        try:
+            specs = [spec for _, _, spec, _ in string.Formatter().parse(template) if spec]
+        except ValueError:
+            specs = []  # a malformed template: its own validator says so
+        for spec in specs:
+            width = max((int(n) for n in re.findall(r"\d+", spec)), default=0)
+            if width > MAX_FORMAT_WIDTH:
+                raise ValueError(f"data.prompt_template: the format spec {{...:{spec}}} pads every prompt to {width:,} "
+                                 f"characters (at most {MAX_FORMAT_WIDTH:,}); remove the width")
     if get("bf16") is True and get("fp16") is True:
         raise ValueError("training.bf16 and training.fp16 are both true: choose one precision")
     steps, warmup = get("max_steps", -1), get("warmup_steps", 0)
