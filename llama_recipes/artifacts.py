@@ -394,6 +394,7 @@ def save(trainer, tokenizer, out: Path, method) -> None:
     leaves no half artifact that a reader would take for a result, and says "disk full" with the bytes.
     """
     tmp = Path(out) / ARTIFACT_STAGING
+    resilience.keep_run_record(trainer, out)  # OUTPUT_DIR removed during training: the record comes back first
     if is_main_process():
         shutil.rmtree(tmp, ignore_errors=True)
     collectives.barrier()

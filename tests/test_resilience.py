@@ -735,3 +735,28 @@ def test_read_only_storage_rerun_is_complete_and_eval_only_says_so_first(tmp_pat
     assert (tmp_path / "eval.rc").read_text().strip() == "2", evaluated[-2000:]
     assert f"cannot write the eval results to {out / 'eval'}: Read-only file system" in evaluated
     assert "Traceback" not in rerun + evaluated and "Loading weights" not in evaluated  # said before any model loads
+
+
+def test_output_dir_removed_during_training_stays_this_runs(tmp_path, capsys):
+    """Issue 29 item 9: `rm -rf OUTPUT_DIR` during training was recreated silently without recipe.yaml, and the
+    rerun then refused the directory as "not written by llama-recipes"."""
+    import shutil
+
+    from transformers import TrainerCallback
+
+    from llama_recipes import pipeline
+    from llama_recipes.schema import load_recipe
+
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, out, max_steps=4, save_steps=2)
+
+    class RemoveOutputDir(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:
+                shutil.rmtree(out)
+
+    pipeline.train(load_recipe(recipe), callbacks=[RemoveOutputDir()])
+    assert (out / "recipe.yaml").is_file() and resilience.is_complete(out / "checkpoint-4")
+    capsys.readouterr()
+    assert cli_main([str(recipe)]) == 0
+    assert "already complete" in capsys.readouterr().err

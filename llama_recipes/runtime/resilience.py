@@ -257,6 +257,7 @@ def _atomic_checkpoints(trainer, signals=None) -> None:
 
     def save_checkpoint(model, trial=None):
         run_dir = Path(run_dir_of(trial))
+        keep_run_record(trainer, run_dir)
         staging = run_dir / STAGING
         name = f"checkpoint-{trainer.state.global_step}"
         if trainer.args.should_save and is_main_process():  # RANK: should_save alone was true on every rank under torchrun on CPU
@@ -460,6 +461,8 @@ def install(trainer, recipe):
     out = Path(trainer.args.output_dir)
     signals = StopOnSignal(out)
     guard = NonFiniteGuard(out, recipe.guards.max_bad_steps, check_grads=not trainer.args.fp16)
+    record = out / "recipe.yaml"  # artifacts.RECIPE_FILE, written when the run claimed OUTPUT_DIR
+    trainer.run_record = record.read_bytes() if record.is_file() else None
     _atomic_checkpoints(trainer, signals)
     trainer.add_callback(_final_step_callback()())
     trainer.add_callback(signals)
@@ -502,6 +505,20 @@ def install(trainer, recipe):
 
     trainer.train = train
     return signals, guard
+
+
+def keep_run_record(trainer, out: Path) -> None:
+    """OUTPUT_DIR (or its recipe.yaml) removed during training: write the record again before a save, so
+    that the checkpoints and the artifact stay this run's (a rerun resumes or says "complete" instead of
+    refusing a directory "not written by llama-recipes")."""
+    record = getattr(trainer, "run_record", None)
+    path = Path(out) / "recipe.yaml"
+    if record is None or not is_main_process() or path.is_file():
+        return
+    Path(out).mkdir(parents=True, exist_ok=True)
+    path.write_bytes(record)
+    log.warning("%s was removed during training (or its recipe.yaml was): wrote recipe.yaml again; checkpoints "
+                "saved before the removal are gone, this save and the next ones are kept", out)
 
 
 # -- after the last optimizer step ---------------------------------------------------------------
