@@ -78,11 +78,15 @@ def role_problem(messages: list[dict]) -> str:
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    from jinja2.exceptions import TemplateError
+    from jinja2.exceptions import SecurityError, TemplateError
 
     try:  # bounded in time and size (a template may come from a downloaded model or GGUF: bounds.py)
         return bounds.render_template(lambda: tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt))
+    except SecurityError as e:  # the template itself reached for Python internals: not the rows' fault
+        raise UserError(f"the chat template tried something Jinja's sandbox forbids ({e})",
+                        "do not use this template (a chat template never needs Python internals); set "
+                        "data.chat_template to a plain one") from None
     except TemplateError as e:  # raise_exception(...) in the template: roles it refuses, alternation
         roles = [m["role"] for m in messages]
         raise TemplateRefusal(f"the chat template refuses a conversation: {e} (roles: {roles})",

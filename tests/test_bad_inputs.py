@@ -324,6 +324,8 @@ CASES = {
     "chat-template-syntax-error": (_chat_template(b"{% for m in messages %}{{ m.content }}"), "Jinja syntax error at line 1"),
     "chat-template-file-empty": (_chat_template(b"\n"), "is empty"),
     "chat-template-not-utf8": (_chat_template(b"{{ caf\xe9 }}"), "the chat template file is not UTF-8 text"),
+    "chat-template-unsafe": (_chat_template(b"{{ messages.__class__.__mro__ }}{% for m in messages %}{{ m.content }}{% endfor %}"),
+                             "the chat template tried something Jinja's sandbox forbids"),
     "chat-template-include": (_chat_template(b"{% include 'x.jinja' %}{% for m in messages %}{{ m.content }}{% endfor %}"),
                               "{% include %} and {% import %} are not available in chat templates"),
     "chat-template-output-huge": (_chat_template(b"{{ 'x' * 100000000 }}{% for m in messages %}{{ m.content }}{% endfor %}"),
