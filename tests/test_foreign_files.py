@@ -13,7 +13,6 @@ import yaml
 from test_bad_inputs import custom_code_model
 from test_resilience import MODEL
 
-from llama_recipes import bounds
 from llama_recipes.cli import console_main
 from llama_recipes.cli import main as cli_main
 
@@ -109,6 +108,7 @@ def test_recipe_yaml_read_back_from_a_run_directory_is_bounded(tmp_path):
 
 
 def test_a_real_recipe_is_far_inside_the_bounds():
+    from llama_recipes import bounds
     from llama_recipes.schema import _StrictLoader
 
     for path in Path(__file__).resolve().parents[1].glob("recipes/**/*.yaml"):
@@ -120,6 +120,8 @@ def test_a_real_recipe_is_far_inside_the_bounds():
 
 def test_a_template_that_loops_for_ever_is_stopped_and_named(tmp_path, monkeypatch, capsys):
     from test_bad_inputs import BASE
+
+    from llama_recipes import bounds
 
     monkeypatch.setattr(bounds, "TEMPLATE_SECONDS", 1.0)
     (tmp_path / "t.jinja").write_text("{% for a in range(100000) %}{% for b in range(100000) %}"
@@ -136,6 +138,8 @@ def test_a_template_that_loops_for_ever_is_stopped_and_named(tmp_path, monkeypat
 
 def test_the_template_deadline_gives_back_an_outer_timer():
     import signal
+
+    from llama_recipes import bounds
 
     fired = []
     old = signal.signal(signal.SIGALRM, lambda *a: fired.append(1))

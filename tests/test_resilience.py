@@ -760,3 +760,27 @@ def test_output_dir_removed_during_training_stays_this_runs(tmp_path, capsys):
     capsys.readouterr()
     assert cli_main([str(recipe)]) == 0
     assert "already complete" in capsys.readouterr().err
+
+
+def test_resuming_onto_edited_training_data_is_refused(tmp_path, monkeypatch, capsys):
+    """Issue 29 item 8: editing the data file of an interrupted run, then resuming, continued on other rows
+    without a word. The checkpoint records the data it was trained on, as recipe.yaml records the settings."""
+    rows = tmp_path / "rows.jsonl"
+    data = [json.dumps({"instruction": f"Repeat the word {w}.", "output": w}) for w in
+            ("owl hat cup pen box sun map key fig jar log net oak pig rug ski".split() * 4)]
+    rows.write_text("\n".join(data) + "\n")
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, out, max_steps=4, save_steps=2, extra={"data": {"path": str(rows)}})
+    monkeypatch.setenv(resilience.SAVE_HOOK_ENV, "4:raise")  # interrupted after checkpoint-2
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        cli_main([str(recipe)])
+    monkeypatch.delenv(resilience.SAVE_HOOK_ENV)
+    assert (out / "checkpoint-2" / resilience.DATA_FINGERPRINT).is_file()
+    rows.write_text("\n".join(data[:-1] + [json.dumps({"instruction": "Repeat the word elk.", "output": "elk"})]) + "\n")
+    capsys.readouterr()
+    assert cli_main([str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "the training data changed since checkpoint-2 was saved" in err and "Traceback" not in err
+    rows.write_text("\n".join(data) + "\n")  # the data the run started with: it resumes
+    assert cli_main([str(recipe)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["train"]["global_step"] == 4

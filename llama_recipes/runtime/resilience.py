@@ -287,6 +287,8 @@ def _atomic_checkpoints(trainer, signals=None) -> None:
                 trainer.state.save_to_json(str(tmp / COMPLETE_MARKER))
             # Not needed to resume, and a pickle that would carry training.hub_token in clear.
             (tmp / "training_args.bin").unlink(missing_ok=True)
+            if getattr(trainer, "data_fingerprint", None):  # the data this checkpoint was trained on
+                (tmp / DATA_FINGERPRINT).write_text(json.dumps(trainer.data_fingerprint) + "\n")
             _fsync_tree(tmp)
             if final.exists():  # same step saved before (a rerun): swap, never leave neither
                 old = staging / f"old-{name}"
@@ -461,6 +463,7 @@ def install(trainer, recipe):
     out = Path(trainer.args.output_dir)
     signals = StopOnSignal(out)
     guard = NonFiniteGuard(out, recipe.guards.max_bad_steps, check_grads=not trainer.args.fp16)
+    trainer.data_fingerprint = data_fingerprint(trainer.train_dataset)
     record = out / "recipe.yaml"  # artifacts.RECIPE_FILE, written when the run claimed OUTPUT_DIR
     trainer.run_record = record.read_bytes() if record.is_file() else None
     _atomic_checkpoints(trainer, signals)
@@ -485,6 +488,7 @@ def install(trainer, recipe):
     def train(*args, **kwargs):
         from transformers.trainer_utils import TrainOutput
 
+        check_same_data(trainer, kwargs.get("resume_from_checkpoint"))
         try:
             result = original_train(*args, **kwargs)
             if result.global_step == 0:  # the Trainer only warns, and the untrained model would be saved as the result
@@ -505,6 +509,47 @@ def install(trainer, recipe):
 
     trainer.train = train
     return signals, guard
+
+
+DATA_FINGERPRINT = "data_fingerprint.json"
+
+
+def data_fingerprint(ds) -> dict | None:
+    """What identifies the training examples a checkpoint was trained on: their number and a hash of the
+    token ids of up to 2,000 of them, evenly spaced (a few ms; the recipe's fingerprint covers the settings)."""
+    import hashlib
+
+    try:
+        n = len(ds)
+        if "input_ids" not in ds.column_names:
+            return None
+        idx = list(range(n)) if n <= 2000 else [i * n // 2000 for i in range(2000)]
+        h = hashlib.sha256()
+        for ids in ds.select(idx)["input_ids"]:
+            h.update(json.dumps(list(ids)).encode())
+    except (AttributeError, TypeError, KeyError):  # not a datasets.Dataset (an iterable one): nothing recorded
+        return None
+    return {"examples": n, "sha256": h.hexdigest()[:16]}
+
+
+def check_same_data(trainer, resume) -> None:
+    """Refuse to resume onto other training data than the checkpoint was trained on (an edited data file):
+    the data position the Trainer restores would point into different rows."""
+    if not resume:
+        return
+    path = Path(resume) / DATA_FINGERPRINT
+    now = getattr(trainer, "data_fingerprint", None)
+    if not path.is_file() or now is None:
+        return
+    try:
+        then = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if then != now:
+        raise UserError(f"the training data changed since {Path(resume).name} was saved ({then.get('examples')} "
+                        f"examples, hash {then.get('sha256')}; now {now['examples']} examples, hash {now['sha256']}): "
+                        "resuming would continue on other rows", "restore the data the run started with, or pass "
+                        "--overwrite to train again on the new data (or choose another output_dir)")
 
 
 def keep_run_record(trainer, out: Path) -> None:
