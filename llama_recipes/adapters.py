@@ -37,8 +37,11 @@ class MemoryReport:
         n = len(self.adapter_bytes)
         lines = [f"base model: {self.base_bytes / mb:,.2f} MiB"]
         lines += [f"adapter {k}: {v / mb:,.3f} MiB" for k, v in self.adapter_bytes.items()]
+        ratio = self.separate / max(self.shared, 1)
+        # one adapter: base + adapter is MORE than one model alone (the sharing pays from two adapters on)
+        than = f"{ratio:.2f}x less" if ratio >= 1 else f"{1 / ratio:.2f}x more: sharing a base pays from 2 adapters on"
         lines.append(f"one base + {n} adapters: {self.shared / mb:,.2f} MiB   vs   {n} full models: "
-                     f"{self.separate / mb:,.2f} MiB   ({self.separate / max(self.shared, 1):.2f}x less)")
+                     f"{self.separate / mb:,.2f} MiB   ({than})")
         return "\n".join(lines)
 
 
@@ -49,7 +52,7 @@ def _tensor_bytes(tensors) -> int:
 class MultiAdapter:
     """One base model in memory and named adapters on top of it (PEFT's multi-adapter PeftModel)."""
 
-    def __init__(self, runs: dict[str, str | Path]):
+    def __init__(self, runs: dict[str, str | Path], trust_remote_code: bool = False):
         if not runs:
             raise UserError("no adapters given", "pass NAME=OUTPUT_DIR for at least one PEFT run")
         from peft import PeftModel
@@ -59,7 +62,9 @@ class MultiAdapter:
         for name, path in self.runs.items():
             cfg, recipe = artifacts.read_adapter_run(path)
             types[name] = cfg.get("peft_type")
-            bases[name] = (recipe or {}).get("model") or {"name_or_path": cfg["base_model_name_or_path"]}
+            # the base as the run's recipe names it; trust_remote_code only as this caller grants it
+            bases[name] = (artifacts.run_model_config(recipe, path, trust_remote_code).model_dump() if recipe else
+                           {"name_or_path": cfg["base_model_name_or_path"], "trust_remote_code": trust_remote_code})
             method = methods.REGISTRY.get((recipe or {}).get("method", {}).get("name"))
             if method is not None and method.quantized:
                 raise UserError(f"adapter {name} is a QLoRA adapter", "merge it (llama_recipes.export) or load it alone")

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import yaml
 
-from llama_recipes import heads, methods, modeling, objectives
+from llama_recipes import bounds, heads, methods, modeling, objectives
 from llama_recipes.errors import RunComplete, UserError, damaged_weights, read_json
 from llama_recipes.log import get_logger, is_main_process
-from llama_recipes.runtime import distributed, zero3
+from llama_recipes.runtime import collectives, distributed, resilience, zero3
 from llama_recipes.schema import same_run
 from llama_recipes.schema.method import METHOD_MODELS
 from llama_recipes.schema.model import ModelConfig
@@ -39,6 +39,7 @@ RECIPE_FILE = "recipe.yaml"
 
 REPLACED_DIR = ".overwritten"  # where --overwrite moves a previous run until the new one has saved
 LOCK_FILE = ".llama-recipes.lock"  # held (flock) by the run training into OUTPUT_DIR
+ARTIFACT_STAGING = ".staging-artifact"  # the final artifact is written here, then moved into OUTPUT_DIR
 
 
 def prepare_output_dir(recipe, overwrite: bool = False) -> Path:
@@ -80,7 +81,7 @@ def prepare_output_dir(recipe, overwrite: bool = False) -> Path:
 def _read_recipe_file(path: Path) -> dict:
     """A run's recipe.yaml as a dict; a damaged one is a clear error, not a traceback."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = bounds.safe_load(path.read_text(encoding="utf-8"))  # bounded: a run directory may come from elsewhere
     except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
         raise UserError(f"{path} is damaged and cannot be read ({type(e).__name__})",
                         "restore it, or pass --overwrite to move that run aside and start again") from None
@@ -90,15 +91,24 @@ def _read_recipe_file(path: Path) -> dict:
     return data
 
 
+MOVING = ".moving"  # inside a set-aside directory while entries are still being moved into it
+
+
 def _move_aside(out: Path) -> Path:
-    """Move everything in OUTPUT_DIR (but earlier set-asides) to OUTPUT_DIR/.overwritten/STAMP."""
+    """Move everything in OUTPUT_DIR (but earlier set-asides) to OUTPUT_DIR/.overwritten/STAMP.
+
+    STAMP/.moving exists until the last entry is moved: a run killed half way leaves it, and the
+    next run on this directory moves those entries back (recover_interrupted_moves).
+    """
     import time
 
     entries = sorted(p for p in out.iterdir() if p.name not in (REPLACED_DIR, LOCK_FILE))
     dest = out / REPLACED_DIR / time.strftime("%Y%m%d-%H%M%S")
     dest.mkdir(parents=True, exist_ok=False)
+    (dest / MOVING).touch()
     for p in entries:
         os.replace(p, dest / p.name)  # a rename on the same filesystem: nothing is copied or lost
+    (dest / MOVING).unlink()
     names = ", ".join(p.name for p in entries[:8]) + (f" and {len(entries) - 8} more" if len(entries) > 8 else "")
     log.warning("--overwrite: moved the previous contents of %s (%s) to %s; they are removed only when this run "
                 "has saved its artifact, and only if llama-recipes wrote them", out, names, dest)
@@ -108,6 +118,81 @@ def _move_aside(out: Path) -> Path:
 def _set_aside(out: Path) -> list[Path]:
     root = out / REPLACED_DIR
     return sorted(root.iterdir()) if root.is_dir() else []
+
+
+def recover_interrupted_moves(out: Path) -> None:
+    """Undo an --overwrite that was killed while moving the previous run aside: its entries go back."""
+    for d in _set_aside(out):
+        if not (d / MOVING).exists():
+            continue
+        back, kept = [], []
+        for p in sorted(d.iterdir()):
+            if p.name == MOVING:
+                continue
+            if (out / p.name).exists():
+                kept.append(p.name)
+            else:
+                os.replace(p, out / p.name)
+                back.append(p.name)
+        (d / MOVING).unlink()
+        if not kept:
+            d.rmdir()
+        log.warning("an --overwrite was interrupted while moving the previous contents of %s aside: moved %d "
+                    "entries back (%s)%s", out, len(back), ", ".join(back[:8]) or "none",
+                    f"; kept in {d} (a file of that name is in {out} again): {', '.join(kept)}" if kept else "")
+    root = out / REPLACED_DIR
+    if root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
+
+
+# What llama-recipes (and the libraries it calls) write into OUTPUT_DIR: --overwrite deletes only these, per
+# entry, from a previous run it set aside; any other file there (NOTES.md, my_plots/) is the user's and kept.
+OWN_FILES = {RECIPE_FILE, "metrics.json", "metrics.json.tmp", "trainable_parameters.json", "loss_curve.png",
+             "training_args.bin", "adapter_config.json", "adapter_model.safetensors", "config.json",
+             "generation_config.json", "model.safetensors", "model.safetensors.index.json", heads.HEAD_CONFIG,
+             heads.HEAD_WEIGHTS, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+             "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt",
+             "added_tokens.json", LOCK_FILE}
+OWN_DIRS = {"runs", "eval", ".staging", ARTIFACT_STAGING}
+
+
+def is_own_entry(p: Path) -> bool:
+    """Whether a top-level entry of a run directory is one llama-recipes writes."""
+    import re
+
+    name = p.name
+    if p.is_dir():
+        return name in OWN_DIRS or re.fullmatch(r"checkpoint-\d+", name) is not None
+    if name in OWN_FILES or re.fullmatch(r"model-\d+-of-\d+\.safetensors", name):
+        return True
+    if name == "README.md":  # the model card PEFT writes with an adapter; a user's README is kept
+        try:
+            return "library_name: peft" in p.read_text(encoding="utf-8", errors="replace")[:2000]
+        except OSError:
+            return False
+    return False
+
+
+def _clear_set_aside(out: Path, old: Path) -> None:
+    """After a successful --overwrite: delete what llama-recipes wrote in the set-aside run, entry by entry;
+    the user's own files go back into OUTPUT_DIR (or stay set aside when the new run wrote that name)."""
+    if not (old / RECIPE_FILE).is_file():
+        log.warning("--overwrite: %s keeps what was in %s before (not written by llama-recipes)", old, out)
+        return
+    theirs = [p for p in sorted(old.iterdir()) if not is_own_entry(p)]
+    for p in old.iterdir():
+        if p not in theirs:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    back = [p.name for p in theirs if not (out / p.name).exists()]
+    for name in back:
+        os.replace(old / name, out / name)
+    if any(old.iterdir()):
+        log.warning("--overwrite: removed the previous run's files; your own files %s are kept in %s (the new run "
+                    "wrote files of the same names)", ", ".join(p.name for p in old.iterdir()), old)
+    else:
+        old.rmdir()
+        log.info("--overwrite: removed the previous run set aside in %s%s", old,
+                 f"; your own files are back in {out}: {', '.join(back)}" if back else "")
 
 
 @contextmanager
@@ -124,27 +209,38 @@ def claim(recipe, overwrite: bool = False):
     fresh = not (target / RECIPE_FILE).is_file()  # this run writes the recipe record (not a rerun)
     # Under --overwrite the lock comes first: the files of a run still training must not be moved
     # aside. Otherwise prepare_output_dir refuses foreign directories before anything is written.
-    lock = _lock(target) if is_main_process() and overwrite and target.is_dir() else None
+    interrupted = target.is_dir() and any((d / MOVING).exists() for d in _set_aside(target))
+    lock = _lock(target) if is_main_process() and (overwrite or interrupted) and target.is_dir() else None
     try:
+        if lock is not None and interrupted:
+            recover_interrupted_moves(target)
         before = set(_set_aside(target))
+        if before and is_main_process():
+            log.warning("%s holds earlier contents set aside by --overwrite (a run that did not finish, or files "
+                        "llama-recipes did not write): %s; they are kept: delete them when you no longer need them",
+                        target / REPLACED_DIR,
+                        ", ".join(p.name for p in sorted(before)))
         out = prepare_output_dir(recipe, overwrite)
-        if lock is None and is_main_process():
-            lock = _lock(out)
         metrics = out / "metrics.json"
         if not overwrite and metrics.is_file() and detect(out) is not None:
             # metrics.json is written last: this recipe's run finished here. Training again would
-            # add steps to a finished run and rewrite its artifact.
-            step = (json.loads(metrics.read_text()).get("train") or {}).get("global_step", "?")
+            # add steps to a finished run and rewrite its artifact. Said before the lock is taken:
+            # a finished run on read-only storage is complete, not an error.
+            saved = read_json(metrics, "restore it, or pass --overwrite to train the run again")
+            step = ((saved.get("train") if isinstance(saved, dict) else None) or {}).get("global_step", "?")
             raise RunComplete(f"this run is already complete: {out} holds its artifact and metrics.json "
                               f"(step {step}); nothing was changed", "evaluate it with --eval-only; pass "
                               "--overwrite to train it again, or choose another output_dir")
+        if lock is None and is_main_process():
+            lock = _lock(out)
         moved = [p for p in _set_aside(out) if p not in before]
         try:
             yield out
         except BaseException:
-            if moved and is_main_process() and not any(out.glob("checkpoint-*")):
+            if moved and is_main_process() and not any(out.glob("checkpoint-*")) and detect(out) is None:
                 _restore(out, moved[-1])
-            elif fresh and not moved and is_main_process() and not any(out.glob("checkpoint-*")):
+            elif fresh and not moved and is_main_process() and not any(out.glob("checkpoint-*")) \
+                    and detect(out) is None:  # a saved artifact (a failure after training) is never removed
                 # Failed before its first checkpoint (a bad data path, a model that does not load):
                 # nothing to resume, and its recipe.yaml would refuse the corrected rerun.
                 _forget(out)
@@ -153,11 +249,7 @@ def claim(recipe, overwrite: bool = False):
             raise
         if moved and is_main_process():
             for old in moved:
-                if (old / RECIPE_FILE).is_file():
-                    shutil.rmtree(old, ignore_errors=True)
-                    log.info("--overwrite: removed the previous run set aside in %s", old)
-                else:
-                    log.warning("--overwrite: %s keeps what was in %s before (not written by llama-recipes)", old, out)
+                _clear_set_aside(out, old)
             root = out / REPLACED_DIR
             if root.is_dir() and not any(root.iterdir()):
                 root.rmdir()
@@ -189,7 +281,11 @@ def _lock(out: Path):
     """
     import fcntl
 
-    f = open(out / LOCK_FILE, "a+")
+    try:
+        f = open(out / LOCK_FILE, "a+")
+    except OSError as e:
+        raise UserError(f"cannot write to output_dir {out}: {e.strerror}",
+                        "choose a writable output_dir (read-only storage can be evaluated with --eval-only)") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -249,7 +345,8 @@ def whole_run_loss(log_history: list[dict], resumed_at: int, steps_now: int, los
             counted += step - last
             last = step
     steps = counted + steps_now
-    return (total + loss_now * steps_now) / steps if steps else loss_now
+    # steps_now == 0: resumed at the final step (nothing trained now; loss_now is NaN)
+    return (total + (loss_now * steps_now if steps_now else 0.0)) / steps if steps else loss_now
 
 
 def write_metrics(out: Path, metrics: dict) -> None:
@@ -292,11 +389,33 @@ def dir_size_mb(path: Path, pattern: str = "*.safetensors") -> float:
 
 
 def save(trainer, tokenizer, out: Path, method) -> None:
-    """Write the final artifact of `method` (safetensors + JSON) and the tokenizer into OUTPUT_DIR."""
-    if method.kind == "head":
-        heads.save(trainer.model, tokenizer, trainer.model.head_config, out)  # collective under FSDP
-    else:
-        save_artifact(trainer, tokenizer, out)
+    """Write the final artifact of `method` (safetensors + JSON) and the tokenizer into OUTPUT_DIR.
+
+    Written into OUTPUT_DIR/.staging-artifact, then moved in file by file: a save that fails (disk full)
+    leaves no half artifact that a reader would take for a result, and says "disk full" with the bytes.
+    """
+    tmp = Path(out) / ARTIFACT_STAGING
+    resilience.keep_run_record(trainer, out)  # OUTPUT_DIR removed during training: the record comes back first
+    if is_main_process():
+        shutil.rmtree(tmp, ignore_errors=True)
+    collectives.barrier()
+    weights, _ = resilience.checkpoint_bytes(trainer.model, method.peft or method.kind == "head", save_only_model=True)
+    try:
+        # No refusal on the free-space estimate here: the trained weights exist only in memory, so the save
+        # is always tried; a full disk during it is worded with the path and the bytes.
+        with resilience.writing(out, weights, "the final artifact", precheck=False):
+            if method.kind == "head":
+                heads.save(trainer.model, tokenizer, trainer.model.head_config, tmp)  # collective under FSDP
+            else:
+                save_artifact(trainer, tokenizer, tmp)
+        if is_main_process():
+            for f in sorted(tmp.iterdir()):
+                os.replace(f, Path(out) / f.name)
+    finally:
+        if is_main_process():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if is_main_process() and method.kind != "head":
+        _check_not_empty(Path(out))
 
 
 def save_artifact(trainer, tokenizer, out: Path) -> None:
@@ -314,7 +433,6 @@ def save_artifact(trainer, tokenizer, out: Path) -> None:
         # The Trainer also pickles its arguments; the artifact is safetensors + JSON only
         # (recipe.yaml already records every setting).
         (out / "training_args.bin").unlink(missing_ok=True)
-        _check_not_empty(out)
 
 
 def _check_not_empty(out: Path) -> None:
@@ -353,22 +471,48 @@ def read_run(path) -> tuple[dict | None, dict | None]:
 def read_adapter_run(path) -> tuple[dict, dict | None]:
     """read_run for a directory that must hold a PEFT adapter (a clear error otherwise)."""
     cfg, saved = read_run(path)
+    if cfg is None and detect(path) == "head":
+        raise UserError(f"{path} is a task-head run (head_config.json): its artifact is the head, used as it is, with "
+                        "nothing to merge into the base", "evaluate it with --eval-only --checkpoint "
+                        f"{path}, or load it in Python with llama_recipes.heads.load")
     if cfg is None:
         raise UserError(f"{path} has no adapter_config.json",
                         "pass the output_dir of a PEFT run (full fine-tuning already saves a standalone model)")
     return cfg, saved
 
 
-def base_model_config(path, recipe=None) -> tuple[ModelConfig, dict]:
+def base_model_config(path, recipe=None, trust_remote_code: bool = False) -> tuple[ModelConfig, dict]:
     """(model section, method section) to load an adapter's base with: the recipe given (eval and
     dry run evaluate with the user's recipe), else the run's recipe.yaml, else the base named in
-    adapter_config.json."""
+    adapter_config.json. Only the caller grants trust_remote_code (run_model_config)."""
     if recipe is not None:
         return recipe.model, recipe.method.model_dump()
     cfg, saved = read_adapter_run(path)
     if saved:
-        return ModelConfig(**saved["model"]), saved.get("method", {})
-    return ModelConfig(name_or_path=cfg["base_model_name_or_path"]), {}
+        return run_model_config(saved, path, trust_remote_code), saved.get("method", {})
+    return ModelConfig(name_or_path=cfg["base_model_name_or_path"], trust_remote_code=trust_remote_code), {}
+
+
+def run_model_config(saved: dict, path, trust_remote_code: bool = False) -> ModelConfig:
+    """The `model:` section of a run directory's recipe.yaml, with trust_remote_code as the USER says.
+
+    A run directory may come from someone else: its recipe.yaml never grants running the base's own
+    Python code. One that asks for it is refused unless the command line grants it (--trust-remote-code).
+    """
+    model = saved.get("model") if isinstance(saved.get("model"), dict) else None
+    if model is None or not isinstance(model.get("name_or_path"), str):
+        raise UserError(f"{Path(path) / RECIPE_FILE} is damaged: it names no model.name_or_path",
+                        "restore it, or point at an intact run's output_dir")
+    if model.get("trust_remote_code") is True and not trust_remote_code:
+        raise UserError(f"{Path(path) / RECIPE_FILE} was trained with model.trust_remote_code: true: loading its base "
+                        f"({model['name_or_path']}) runs Python code shipped with that model, and a run directory "
+                        "cannot grant that by itself", "read the base model's code; if you trust its authors, "
+                        "pass --trust-remote-code")
+    try:
+        return ModelConfig(**{**model, "trust_remote_code": bool(trust_remote_code)})
+    except ValueError as e:  # pydantic's ValidationError is a ValueError
+        raise UserError(f"{Path(path) / RECIPE_FILE} is damaged: its model section does not validate "
+                        f"({str(e).splitlines()[0][:160]})", "restore it, or point at an intact run's output_dir") from None
 
 
 def run_objective(path, recipe=None):

@@ -26,6 +26,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+from llama_recipes import bounds
 from llama_recipes.errors import UserError
 from llama_recipes.log import get_logger
 from llama_recipes.runtime.zero3 import plain_loading
@@ -137,21 +138,21 @@ def _convert_into(gguf: Path, out: Path) -> None:
     except ImportError:
         raise UserError("reading GGUF files needs the Python package gguf", "pip install gguf") from None
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kw = {"gguf_file": gguf.name}
+    # The file's metadata first, checked against sane bounds and its own tensors (bounds.py): a model of
+    # 1e9 layers or 0 heads is never built.
+    cfg = _read_config(gguf)
     try:
         loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kw)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
-    except (ValueError, OSError, KeyError) as e:
+    except (ValueError, OSError, KeyError, RuntimeError) as e:
         raise UserError(f"cannot read the GGUF file {gguf}: {str(e).splitlines()[0][:200]}",
                         "use a GGUF of an architecture transformers reads (llama, mistral, qwen2, ...); "
                         "llama.cpp's convert scripts write them") from None
     # The GGUF-loaded model keeps `quantization_config` and refuses save_pretrained: rebuild the
     # same architecture without it (transformers 5.24) and load the dequantized weights into it.
-    cfg = AutoConfig.from_pretrained(str(gguf.parent), **kw)
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
     cfg.dtype = torch.float32
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
@@ -185,13 +186,27 @@ def gguf_config(cfg):
     done = converted_dir(src)
     from transformers import AutoConfig
 
-    if is_converted(done):
+    if is_converted(done):  # checked when it was converted
         return AutoConfig.from_pretrained(str(done))
     try:
         import gguf as _gguf  # noqa: F401
     except ImportError:
         raise UserError("reading GGUF files needs the Python package gguf", "pip install gguf") from None
-    c = AutoConfig.from_pretrained(str(src.parent), gguf_file=src.name)
+    return _read_config(src)
+
+
+def _read_config(gguf: Path):
+    """The transformers config in a GGUF's metadata (no quantization_config), within bounds.py's limits."""
+    from transformers import AutoConfig
+
+    bounds.check_gguf(gguf)  # metadata in bounds, tensors of the shapes it implies: before transformers parses it
+    try:
+        c = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (ValueError, OSError, KeyError, TypeError, ZeroDivisionError, OverflowError) as e:
+        raise UserError(f"cannot read the GGUF file {gguf}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
+                        "use a GGUF of an architecture transformers reads (llama, mistral, qwen2, ...); "
+                        "llama.cpp's convert scripts write them") from None
     if hasattr(c, "quantization_config"):
         del c.quantization_config
+    bounds.check_model_config(c, gguf)
     return c

@@ -27,6 +27,7 @@ the same tokens.
 """
 from pathlib import Path
 
+from llama_recipes import bounds
 from llama_recipes.errors import UserError
 from llama_recipes.log import get_logger
 
@@ -77,10 +78,15 @@ def role_problem(messages: list[dict]) -> str:
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    from jinja2.exceptions import TemplateError
+    from jinja2.exceptions import SecurityError, TemplateError
 
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    try:  # bounded in time and size (a template may come from a downloaded model or GGUF: bounds.py)
+        return bounds.render_template(lambda: tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt))
+    except SecurityError as e:  # the template itself reached for Python internals: not the rows' fault
+        raise UserError(f"the chat template tried something Jinja's sandbox forbids ({e})",
+                        "do not use this template (a chat template never needs Python internals); set "
+                        "data.chat_template to a plain one") from None
     except TemplateError as e:  # raise_exception(...) in the template: roles it refuses, alternation
         roles = [m["role"] for m in messages]
         raise TemplateRefusal(f"the chat template refuses a conversation: {e} (roles: {roles})",
@@ -241,8 +247,8 @@ def check_template(tokenizer, only_assistant: bool = True, sample: list[dict] | 
     log.info("data: assistant-only loss, spans derived from the chat template: in %r the supervised tokens are %r",
              tokenizer.decode(ids)[-300:], supervised[-200:])
     if re.search(r"\{%-?\s*generation\s*-?%\}", tokenizer.chat_template):
-        marked = tokenizer.apply_chat_template(conversation[1], tokenize=True, return_dict=True,
-                                               return_assistant_tokens_mask=True)
+        marked = bounds.render_template(lambda: tokenizer.apply_chat_template(
+            conversation[1], tokenize=True, return_dict=True, return_assistant_tokens_mask=True))
         if list(marked["assistant_masks"]) != mask:
             log.warning("data: the chat template's {%% generation %%} markers would supervise %r; training "
                         "supervises %r (each answer through its end-of-turn token, docs/data.md)",

@@ -26,6 +26,17 @@ OVERRIDES_HELP = "Overrides use dotted keys: training.learning_rate=1e-4 method.
 
 # -- arguments, shared by the subcommands and run_recipe.py's single parser ------------------------
 
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (argparse then prints one usage line, exit 2, no traceback)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} is not a positive number")
+    return n
+
+
 def _add_recipe(p) -> None:
     p.add_argument("recipe", help="path to a recipe YAML (see recipes/)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides applied on top of the recipe")
@@ -53,7 +64,7 @@ def _add_eval_target(p, when: str = "") -> None:
 
 
 def _add_estimate(p) -> None:
-    p.add_argument("--gpus", type=int, metavar="N", help="number of GPUs to estimate for (default: from --config or 1)")
+    p.add_argument("--gpus", type=_positive_int, metavar="N", help="number of GPUs to estimate for (default: from --config or 1)")
     p.add_argument("--gpu-memory", metavar="SIZE", help="memory per GPU, e.g. 80GB or 24GiB")
     p.add_argument("--compare", action="store_true", help="estimate every method side by side")
 
@@ -73,6 +84,12 @@ def _add_export(p) -> None:
                    help="dtype of the merged weights (default: the recipe's model.dtype; QLoRA: compute_dtype)")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
                    help="reload and compare with the trained model (default: on for GGUF, off for safetensors)")
+    _add_trust(p)
+
+
+def _add_trust(p) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run Python code shipped with the base model (a run directory's recipe.yaml never grants it)")
 
 
 def _add_adapters(p) -> None:
@@ -81,7 +98,8 @@ def _add_adapters(p) -> None:
                    help="a prompt to answer with every adapter, rendered as each run's training rendered prompts "
                         "(its prompt or chat template)")
     p.add_argument("--raw", action="store_true", help="pass --prompt text to the model exactly as given")
-    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32, metavar="N")
+    _add_trust(p)
 
 
 # -- parsers -----------------------------------------------------------------------------------------
@@ -141,6 +159,13 @@ def build_command_parser(prog: str = "llama-recipes") -> tuple[argparse.Argument
 
 def _command_from_flags(args) -> str:
     """The command run_recipe.py's flags name, in the order they always took precedence."""
+    chosen = [f for f, on in (("--estimate-memory", args.estimate_memory), ("--dry-run", args.dry_run),
+                              ("--eval-only", args.eval_only or args.checkpoint or args.base)) if on]
+    if len(chosen) > 1:  # one of them would be ignored without a word
+        raise UserError(f"{' and '.join(chosen)} are different commands (--checkpoint and --base belong to --eval-only)",
+                        "run one of them at a time")
+    if args.checkpoint and args.base:
+        raise UserError("--checkpoint and --base name two different models to evaluate", "pass one of them")
     if args.estimate_memory:
         return "estimate"
     if args.dry_run:
@@ -201,9 +226,9 @@ def _export(args) -> int:
         raise UserError("--quant and --ollama are GGUF options", "add --format gguf")
     from llama_recipes import export
 
-    export.merge_and_export(args.output_dir, args.merged_dir, args.dtype)
+    export.merge_and_export(args.output_dir, args.merged_dir, args.dtype, trust_remote_code=args.trust_remote_code)
     if args.verify:
-        diff = export.max_logit_difference(args.output_dir, args.merged_dir)
+        diff = export.max_logit_difference(args.output_dir, args.merged_dir, trust_remote_code=args.trust_remote_code)
         print(f"max |logit difference| base+adapter vs merged: {diff:.3g}")
     return 0
 
@@ -216,8 +241,13 @@ def _adapters(args) -> int:
         name, sep, path = item.partition("=")
         if not sep:
             raise UserError(f"bad adapter argument {item!r}", "write NAME=OUTPUT_DIR")
+        if not name or not path:
+            raise UserError(f"bad adapter argument {item!r}: empty {'name' if not name else 'path'}", "write NAME=OUTPUT_DIR")
+        if name in runs:
+            raise UserError(f"two adapters are named {name!r} ({runs[name]} and {path}): the second would replace "
+                            "the first", "give each adapter its own NAME")
         runs[name] = path
-    multi = adapters.MultiAdapter(runs)
+    multi = adapters.MultiAdapter(runs, trust_remote_code=args.trust_remote_code)
     print(multi.memory().render())
     for name in runs:
         for prompt, answer in zip(args.prompt, multi.generate(name, args.prompt, args.max_new_tokens, raw=args.raw)):
@@ -231,6 +261,13 @@ def _guarded(command, args) -> int:
         code = command(args)
         _leave_process_group()
         return code
+    except KeyboardInterrupt:  # Ctrl-C outside training, or a second one (the first stops training at a step and saves)
+        if getattr(args, "debug", False):
+            raise
+        if is_main_process():
+            print("error: interrupted (Ctrl-C)\n  fix: rerun the same command (resume: auto continues from the "
+                  "newest checkpoint)", file=sys.stderr)
+        return 130
     except UserError as e:
         if getattr(args, "debug", False):
             raise

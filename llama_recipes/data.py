@@ -636,9 +636,7 @@ def apply_chat_template_choice(recipe, tokenizer, sample=None, assistant_spans: 
         return
     try:
         chat.check_template(tokenizer, only_assistant=not recipe.data.train_on_prompt, sample=sample)
-    except UserError as e:  # name the template: the recipe's, or the model's own
-        where = "data.chat_template" if recipe.data.chat_template else \
-            f"chat template of {recipe.model.tokenizer or recipe.model.name_or_path}"
+    except UserError as e:  # name the template: the recipe's (its file), or the model's own
         raise type(e)(e.problem, e.fix, e.where or where) from None
 
 

@@ -101,6 +101,7 @@ def eval_only(recipe, args) -> int:
     """Evaluate one artifact (or the base) with the recipe's eval settings; returns the exit code."""
     target = resolve_target(recipe, getattr(args, "checkpoint", None), getattr(args, "base", False))
     harness.check(recipe)  # lm-eval installed: before minutes of loading and measuring
+    _check_writable(target.results_dir)  # before minutes of eval, not after
     if target.kind == "head":
         return _eval_head(recipe, target)
     objective = objectives.get(recipe.objective.name)
@@ -314,6 +315,20 @@ def _eval_head(recipe, target: Target) -> int:
 
 
 # -- output ------------------------------------------------------------------------------------
+def _check_writable(out: Path) -> None:
+    """Results go to OUT (the artifact's eval/): a read-only place is said before the eval runs."""
+    import tempfile
+
+    if not is_main_process():
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise UserError(f"cannot write the eval results to {out}: {e.strerror}",
+                        "copy the run to writable storage (or make it writable), then rerun --eval-only") from None
+
+
 def write_results(out: Path, results: dict, predictions: list[dict]) -> None:
     """eval_results.json (+ predictions.jsonl) in OUT, written once, by rank 0."""
     if not is_main_process():

@@ -98,20 +98,24 @@ def _train_and_save(recipe, method, objective, out: Path, overwrite: bool, callb
         at = resilience.checkpoint_step(Path(resume)) or 0
         result.metrics["train_loss"] = artifacts.whole_run_loss(
             trainer.state.log_history, at, result.global_step - at, result.metrics["train_loss"])
-    after = measure("after", reference=before)
 
     # -- save -----------------------------------------------------------------------------------
-    artifacts.save(trainer, tokenizer, out, method)
-    freeze.save_report(out, param_report)
-    metrics = artifacts.run_metrics(recipe, trainer, result, started, objective=recipe.objective.name, data_format=built[2], data=data_stats,
-                                    **objective.metrics_fields(trainer.model), trainable_params=trainable, total_params=total,
-                                    eval_before=before, eval_after=after)
-    line, sizes = artifacts.size_report(out, trainer.model, method)
-    log.info(line)
-    metrics.update(sizes)
-    artifacts.write_metrics(out, metrics)
-    artifacts.plot_loss(out, trainer.state.log_history)
-    if before and after:
-        log.info("\n%s", objective.before_after_table(before, after))
-    log.info("done in %.0f s; artifacts in %s", metrics["wall_seconds"], out)
+    # The result first: from here a signal (preemption, Ctrl-C) cuts only the after-training eval
+    # short, and the run ends 143/130 once the artifact and metrics.json are written (resilience).
+    with resilience.after_training(out, trainer) as finishing:
+        artifacts.save(trainer, tokenizer, out, method)
+        after = finishing.skippable("after-eval", measure, "after", before)
+        freeze.save_report(out, param_report)
+        metrics = artifacts.run_metrics(recipe, trainer, result, started, objective=recipe.objective.name,
+                                        data_format=built[2], data=data_stats,
+                                        **objective.metrics_fields(trainer.model), trainable_params=trainable,
+                                        total_params=total, eval_before=before, eval_after=after)
+        line, sizes = artifacts.size_report(out, trainer.model, method)
+        log.info(line)
+        metrics.update(sizes)
+        artifacts.write_metrics(out, metrics)
+        artifacts.plot_loss(out, trainer.state.log_history)
+        if before and after:
+            log.info("\n%s", objective.before_after_table(before, after))
+        log.info("done in %.0f s; artifacts in %s", metrics["wall_seconds"], out)
     return Run(metrics, trainer, tokenizer, out, eval_raw, recipe)

@@ -16,7 +16,9 @@ def _permute(w, n_head: int):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path: Path) -> Path:
+def write_tiny_gguf(path: Path, meta: dict | None = None, cut: str | None = None) -> Path:
+    """`meta` replaces config values in the metadata (block_count, head_count: a damaged or hostile file);
+    `cut` names a GGUF tensor written with half its rows (a shape that contradicts the metadata)."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -25,14 +27,15 @@ def write_tiny_gguf(path: Path) -> Path:
     tok_cfg = json.loads((TINY / "tokenizer_config.json").read_text())
     weights = load_file(str(TINY / "model.safetensors"))
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    meta = meta or {}
 
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("tiny-llama")
-    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_block_count(meta.get("block_count", cfg["num_hidden_layers"]))
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
     w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(heads)
+    w.add_head_count(meta.get("head_count", heads))
     w.add_head_count_kv(kv)
     w.add_rope_dimension_count(cfg["head_dim"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
@@ -68,7 +71,8 @@ def write_tiny_gguf(path: Path) -> Path:
             t = _permute(t, heads)
         elif rest == "self_attn.k_proj":
             t = _permute(t, kv)
-        w.add_tensor(f"blk.{i}.{per_layer[rest]}.weight", t)
+        name = f"blk.{i}.{per_layer[rest]}.weight"
+        w.add_tensor(name, t[: t.shape[0] // 2] if name == cut else t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

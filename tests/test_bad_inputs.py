@@ -210,6 +210,24 @@ def _mlp_head(tmp, recipe):
     recipe["data"] = {"path": "builtin:classify", "max_samples": 16}
     return []
 
+def _head_packing(tmp, recipe):
+    recipe["method"] = {"name": "classifier_head"}
+    recipe["data"] = {"path": "builtin:classify", "max_samples": 16}
+    recipe["training"]["packing"] = True
+    return []
+
+
+def _list_index_override(tmp, recipe):
+    recipe["method"]["target_modules"] = ["q_proj", "v_proj"]
+    return ["method.target_modules.0=k_proj"]
+
+
+def _output_in_model(tmp, recipe):
+    shutil.copytree(MODEL, tmp / "model")
+    recipe["output_dir"] = str(tmp / "model")
+    return [f"model.name_or_path={tmp / 'model'}"]
+
+
 # id -> (setup or overrides, text the message must contain)
 CASES = {
     # recipe
@@ -254,6 +272,28 @@ CASES = {
     "prompt-template-malformed": (["data.prompt_template='Q: {instruction'"], "data.prompt_template: not a valid format string"),
     "prompt-template-positional-field": (["data.prompt_template='Q: {0}'"], "field {0} is not a column name"),
     "columns-map-two-onto-one": (["data.columns={instruction: q, output: q}"], "instruction and output both map to column 'q'"),
+    "yaml-alias-bomb": (_body("output_dir: o\nx:\n  a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"  {n}: &{n} [" + ", ".join([f"*{p}"] * 10) + "]\n" for p, n in zip("abcdefgh", "bcdefghi"))),
+                        "expands to more than 100,000 values once its YAML aliases"),
+    "yaml-nested-too-deep": (_body("output_dir: " + "[" * 10000 + "]" * 10000 + "\n"), "nests more than 64 levels deep"),
+    "yes-no-as-seed": (["seed=no"], "`seed: false` is a yes/no value"),
+    "yes-no-as-rank": (["method.r=true"], "`r: true` is a yes/no value"),
+    "yes-no-as-max-steps": (["training.max_steps=on"], "`max_steps: true` is a yes/no value"),
+    "bf16-and-fp16": (["training.bf16=true", "training.fp16=true"], "training.bf16 and training.fp16 are both true"),
+    "fp16-without-gpu": (["training.fp16=true"], "training.fp16: true without a GPU"),
+    "output-dir-empty": (["output_dir="], "output_dir is empty"),
+    "load-best-without-eval": (["training.load_best_model_at_end=true"], "load_best_model_at_end needs evaluation"),
+    "head-with-packing": (_head_packing, "training.packing with method classifier_head"),
+    "cosine-min-lr-without-kwargs": (["training.lr_scheduler_type=cosine_with_min_lr"], "needs training.lr_scheduler_kwargs"),
+    "optim-package-missing": (["training.optim=galore_adamw"], "needs the Python package galore_torch"),
+    "report-to-not-installed": (["training.report_to=wandb"], "needs the Python package wandb"),
+    "push-to-hub-offline": (["training.push_to_hub=true"], "push_to_hub with HF_HUB_OFFLINE set"),
+    "two-commands-in-flags": (["--estimate-memory", "--eval-only", "--base"], "are different commands"),
+    "override-list-index": (_list_index_override, "method.target_modules is a list, and list items cannot be set one by one"),
+    "output-dir-is-the-model-dir": (_output_in_model, "is the directory of model.name_or_path"),
+    "eval-split-is-the-train-split": (["data.eval_split=train"], "the held-out numbers would be measured on training rows"),
+    "retain-file-missing": (["eval.retain=[/nonexistent/retain.jsonl]"], "eval.retain: /nonexistent/retain.jsonl does not exist"),
+    "prompt-template-huge-width": (["data.prompt_template='Q: {instruction:300000000}'"], "pads every prompt to 300,000,000"),
     # data
     "data-file-missing": (["data.path=/nonexistent/train.jsonl"], "data file or directory not found: /nonexistent/train.jsonl"),
     "data-file-type": (_file("train.txt", "hello\n"), "unsupported data file type '.txt'"),
@@ -266,6 +306,8 @@ CASES = {
     "data-row-missing-column": (_file("rows.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n'),
                                 "row 1: column `output`: missing value"),
     "data-hub-id-offline": (["data.path=someone/no-such-dataset"], "cannot load dataset 'someone/no-such-dataset'"),
+    "drop-last-leaves-no-batch": (["data.max_samples=2", "training.per_device_train_batch_size=4",
+                                   "training.dataloader_drop_last=true"], "training ran zero optimizer steps"),
     "empty-after-tokenization": (["training.max_length=8"], "no training examples left after tokenization"),
     "over-length-drop-drops-all": (["training.max_length=8", "data.over_length=drop"],
                                    "data.over_length: drop dropped every training example"),
@@ -282,6 +324,12 @@ CASES = {
     "chat-template-syntax-error": (_chat_template(b"{% for m in messages %}{{ m.content }}"), "Jinja syntax error at line 1"),
     "chat-template-file-empty": (_chat_template(b"\n"), "is empty"),
     "chat-template-not-utf8": (_chat_template(b"{{ caf\xe9 }}"), "the chat template file is not UTF-8 text"),
+    "chat-template-unsafe": (_chat_template(b"{{ messages.__class__.__mro__ }}{% for m in messages %}{{ m.content }}{% endfor %}"),
+                             "the chat template tried something Jinja's sandbox forbids"),
+    "chat-template-include": (_chat_template(b"{% include 'x.jinja' %}{% for m in messages %}{{ m.content }}{% endfor %}"),
+                              "{% include %} and {% import %} are not available in chat templates"),
+    "chat-template-output-huge": (_chat_template(b"{{ 'x' * 100000000 }}{% for m in messages %}{{ m.content }}{% endfor %}"),
+                                  "one conversation rendered to 100,000,"),
     # model
     "model-path-missing": (["model.name_or_path=/nonexistent/model"], "model path /nonexistent/model does not exist"),
     "model-hub-id-offline": (["model.name_or_path=meta-llama/No-Such-Model"], "neither a local directory nor a reachable hub model"),

@@ -120,3 +120,18 @@ def test_user_errors_exit_2_with_error_line(tmp_path):
     assert r.returncode == 2 and "\nerror: " in "\n" + r.stderr, r.stderr
     assert "missing has no adapter_config.json" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["estimate", "recipes/demo/tiny_lora.yaml", "--gpus", "-2"], "argument --gpus: -2 is not a positive number"),
+    (["estimate", "recipes/demo/tiny_lora.yaml", "--gpus", "two"], "argument --gpus: 'two' is not a whole number"),
+    (["adapters", "a=x", "--max-new-tokens", "0"], "argument --max-new-tokens: 0 is not a positive number"),
+])
+def test_flag_values_that_make_no_sense_are_one_usage_line(argv, message, capsys):
+    """Issue 29 item 10: `--estimate-memory --gpus -2` answered FITS on main."""
+    from llama_recipes.cli import console_main
+
+    with pytest.raises(SystemExit) as e:
+        console_main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err

@@ -500,3 +500,287 @@ def test_a_run_that_fails_before_training_leaves_nothing_that_refuses_the_correc
     assert cli_main([str(recipe), "data.path=/nonexistent/train.jsonl"]) == 2
     assert out.is_dir() and {p.name for p in out.iterdir()} <= {".llama-recipes.lock"}
     prepare_output_dir(load_recipe(recipe))  # the corrected recipe claims the directory
+
+
+# -- issue 29: nothing lost at the last moment ----------------------------------------------------------
+
+def _after_eval_recipe(tmp_path: Path, out: Path, **training) -> Path:
+    """A run like recipes/demo/tiny_lora.yaml: save_strategy no, an eval before and after training."""
+    return write_recipe(tmp_path, out, extra={"data": {"path": "builtin:topic", "eval_split": "eval", "max_samples": 64,
+                                                       "max_eval_samples": 8},
+                                              "eval": {"before_after": True, "max_new_tokens": 2, "limit": 4}},
+                        **{"max_steps": 4, "save_strategy": "no", **training})
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_during_the_after_training_eval_saves_the_result_first(tmp_path, sig, code):
+    """Issue 29 item 4: main exited 143 with no message and no adapter (SIGTERM), or removed the trained
+    run as "failed before its first checkpoint" (Ctrl-C)."""
+    out, marker = tmp_path / "out", tmp_path / "in-after-eval"
+    recipe = _after_eval_recipe(tmp_path, out)
+    proc = spawn(recipe, {resilience.STAGE_HOOK_ENV: f"after-eval:{marker}"})
+    try:
+        wait_for(marker, proc)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err[-3000:]
+    assert "Traceback" not in err
+    assert f"stopped by {sig.name} after training; the trained result and metrics.json are saved" in err
+    assert "skipped: the after-training eval" in err and "measure it with --eval-only" in err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train"]["global_step"] == 4 and metrics["eval_after"] is None
+    assert all(bool(t.isfinite().all()) for t in adapter(out).values())
+    assert cli_main([str(recipe)]) == 0  # the run is complete: "already complete", nothing changed
+
+
+def test_resume_from_a_checkpoint_of_the_final_step_trains_no_extra_step(tmp_path):
+    """Issue 29 item 0: killed after its final checkpoint (here: inside the after-training eval), the rerun
+    resumed from checkpoint-4 and trained a step 5 (main: global step 5, another adapter)."""
+    out, marker = tmp_path / "out", tmp_path / "in-after-eval"
+    recipe = _after_eval_recipe(tmp_path, out, save_strategy="steps", save_steps=4)
+    proc = spawn(recipe, {resilience.STAGE_HOOK_ENV: f"after-eval:{marker}"})
+    try:
+        wait_for(marker, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert resilience.is_complete(out / "checkpoint-4") and not (out / "metrics.json").exists()
+    assert cli_main([str(recipe)]) == 0
+    ref_out = tmp_path / "reference"
+    assert cli_main([str(_after_eval_recipe(tmp_path, ref_out, save_strategy="steps", save_steps=4))]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train"]["global_step"] == 4 and not (out / "checkpoint-5").exists()
+    assert step_losses(out) == pytest.approx(step_losses(ref_out), abs=1e-6)
+    assert metrics["train"]["train_loss"] == pytest.approx(
+        json.loads((ref_out / "metrics.json").read_text())["train"]["train_loss"], abs=1e-6)
+    a, b = adapter(out), adapter(ref_out)
+    assert all((a[k] - b[k]).abs().max().item() == 0 for k in a)
+
+
+def test_weights_made_non_finite_by_a_step_stop_the_run_and_the_advised_fix_works(tmp_path, capsys):
+    """Issue 29 item 7: learning rate 1e39 made every weight inf in one update with a finite loss and gradient;
+    main ended "done", exit 0, with an all-NaN adapter (or saved it as the "last good checkpoint"), and its
+    advice (rerun to resume) was refused as a different recipe."""
+    out = tmp_path / "out"
+    # warmup: step 1 updates with learning rate 0 (checkpoint-1 is good), step 2 with 5e38
+    recipe = write_recipe(tmp_path, out, learning_rate=1e39, warmup_steps=2, max_steps=3, save_steps=1)
+    assert cli_main([str(recipe)]) == 3
+    err = capsys.readouterr().err
+    assert "training diverged: the weights became non-finite (inf/NaN) in the update of step 2" in err, err[-2000:]
+    assert f"last good checkpoint: {out / 'checkpoint-1'}" in err and "rerun with --overwrite" in err
+    assert not (out / "checkpoint-2").exists() and not (out / "adapter_model.safetensors").exists()
+    assert all(bool(t.isfinite().all()) for t in adapter(out / "checkpoint-1").values())
+    # the advice: a lower learning rate, --overwrite
+    fixed = write_recipe(tmp_path, out, learning_rate=3e-3, warmup_steps=2, max_steps=3, save_steps=1)
+    assert cli_main([str(fixed), "--overwrite"]) == 0
+    assert all(bool(t.isfinite().all()) for t in adapter(out).values())
+    assert json.loads((out / "metrics.json").read_text())["train"]["global_step"] == 3
+
+
+def test_overwrite_removes_only_the_files_llama_recipes_wrote(tmp_path, capsys):
+    """Issue 29 item 5: main deleted NOTES.md and my_plots/ that the user had added to a finished run's
+    directory, though it logged that it removes previous contents "only if llama-recipes wrote them"."""
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, out, max_steps=2, save_steps=1)
+    assert cli_main([str(recipe)]) == 0
+    (out / "NOTES.md").write_text("what I learned")
+    (out / "my_plots").mkdir()
+    (out / "my_plots" / "loss.png").write_bytes(b"\x89PNG mine")
+    assert cli_main([str(recipe), "training.learning_rate=1e-3", "--overwrite"]) == 0
+    assert (out / "NOTES.md").read_text() == "what I learned"
+    assert (out / "my_plots" / "loss.png").read_bytes() == b"\x89PNG mine"
+    assert not (out / ".overwritten").exists()  # the previous run's own files are gone
+    assert "learning_rate: 0.001" in (out / "recipe.yaml").read_text()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_an_overwrite_killed_while_moving_aside_is_undone_by_the_next_run(tmp_path, capsys, caplog):
+    """Issue 29 item 5: SIGKILL inside the move-aside left half of the old run in .overwritten/ and the next
+    run never said so. The move is journaled (STAMP/.moving); the next run moves the entries back."""
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, out, max_steps=2, save_steps=1)
+    assert cli_main([str(recipe)]) == 0
+    first = _snapshot(out)
+    # the state a kill leaves half way through artifacts._move_aside: the marker, some entries moved
+    dest = out / ".overwritten" / "20260101-000000"
+    dest.mkdir(parents=True)
+    (dest / ".moving").touch()
+    for name in ("adapter_model.safetensors", "checkpoint-1", "metrics.json", "recipe.yaml"):
+        (out / name).rename(dest / name)
+    capsys.readouterr()
+    assert cli_main([str(recipe)]) == 0  # the same command again: recovered, then "already complete"
+    assert "already complete" in capsys.readouterr().err
+    assert "an --overwrite was interrupted while moving the previous contents" in caplog.text
+    assert "moved 4 entries back" in caplog.text
+    assert _snapshot(out) == first and not (out / ".overwritten").exists()
+
+
+def _on_a_small_disk(tmp_path: Path, size: str, *argv: str) -> tuple[int, str, Path]:
+    """Run `argv` (a CLI) with tmp_path/disk a private tmpfs of `size` (a real ENOSPC, no mock); returns
+    (exit code, stderr, a copy of what the disk held afterwards)."""
+    import shutil
+
+    disk, after = tmp_path / "disk", tmp_path / "after"
+    disk.mkdir()
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {disk}"],
+                           capture_output=True) if shutil.which("unshare") else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("a private tmpfs mount (unshare -rm) is not allowed here: a real full disk cannot be made")
+    script = f'mount -t tmpfs -o size={size} tmpfs "$0" && "$@"; rc=$?; cp -a "$0" {after}; exit $rc'
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", script, str(disk), *argv], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return r.returncode, r.stderr, after
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "final"])
+def test_disk_full_says_so_with_the_path_and_bytes_and_keeps_what_was_complete(tmp_path, where):
+    """Issue 29 item 6: main ended in an ENOSPC traceback and removed the output directory (final save),
+    or in torch's "enforce fail at inline_container.cc" (checkpoint)."""
+    out = tmp_path / "disk" / "out"
+    if where == "checkpoint":  # checkpoint-1 (~0.6 MB) fits in 900 KiB, checkpoint-2 does not
+        recipe = write_recipe(tmp_path, out, max_steps=3, save_steps=1, extra={"guards": {"check_disk": False}})
+        size, what = "900k", "checkpoint-2"
+    else:  # the recipe record fits, the final adapter (0.15 MB) does not
+        recipe = write_recipe(tmp_path, out, max_steps=2, save_strategy="no", extra={"guards": {"check_disk": False}})
+        size, what = "64k", "the final artifact"
+    code, err, after = _on_a_small_disk(tmp_path, size, sys.executable, str(ROOT / "run_recipe.py"), str(recipe))
+    assert code == 2, err[-3000:]
+    assert f"disk full: writing {what} to {out} needs about" in err and "bytes) free" in err, err[-2000:]
+    assert "Traceback" not in err and "rerun the same command" in err
+    if where == "checkpoint":
+        assert resilience.is_complete(after / "out" / "checkpoint-1")  # what was complete is kept
+        assert not (after / "out" / "checkpoint-2").exists() and not (after / "out" / ".staging").exists()
+        assert all(bool(t.isfinite().all()) for t in adapter(after / "out" / "checkpoint-1").values())
+    else:
+        assert not (after / "out" / "adapter_model.safetensors").exists()  # no half artifact
+        assert not (after / "out" / ".staging-artifact").exists()
+
+
+def test_export_onto_a_full_disk_leaves_no_half_merged_directory(tmp_path):
+    """Issue 29 item 6: an export killed or out of disk mid-write left a half MERGED dir the rerun refused."""
+    out = tmp_path / "run"
+    assert cli_main([str(write_recipe(tmp_path, out, max_steps=1, save_strategy="no"))]) == 0
+    merged = tmp_path / "disk" / "merged"
+    code, err, after = _on_a_small_disk(tmp_path, "1m", sys.executable, "-m", "llama_recipes.cli", "export",
+                                        str(out), str(merged))
+    assert code == 2 and f"disk full: writing the merged model to {merged.parent} needs about" in err, err[-2000:]
+    assert "Traceback" not in err and list(after.iterdir()) == []  # neither MERGED nor a partial one
+
+
+def _damage(ckpt: Path, how: str) -> None:
+    import datetime
+
+    import torch
+
+    if how == "step-not-a-number":
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        (ckpt / "trainer_state.json").write_text(json.dumps({**state, "global_step": "two"}))
+    elif how == "weights-missing":
+        (ckpt / "adapter_model.safetensors").unlink()
+    elif how == "pickle-refused":  # an object weights-only loading refuses (the Trainer would raise on resume)
+        torch.save({"when": datetime.datetime(2026, 1, 1)}, ckpt / "rng_state.pth")
+    elif how == "another-rank":
+        cfg = json.loads((ckpt / "adapter_config.json").read_text())
+        (ckpt / "adapter_config.json").write_text(json.dumps({**cfg, "r": 8}))
+
+
+DAMAGE = {"step-not-a-number": "trainer_state.json holds global_step 'two', not a step number", "weights-missing": "it holds no weights",
+          "pickle-refused": "rng_state.pth is damaged (ValueError: refused by weights-only loading",
+          "another-rank": "its adapter has LoRA rank 8, the recipe's method.r is 4"}
+
+
+def test_a_damaged_or_foreign_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
+    """Issue 29 item 11: each of these ended in a raw error on main instead of the fallback to the previous
+    good checkpoint that a truncated file already got."""
+    import shutil
+
+    first = tmp_path / "first"
+    assert cli_main([str(write_recipe(tmp_path, first, max_steps=4, save_steps=2))]) == 0
+    ref = json.loads((first / "metrics.json").read_text())
+    for how, message in DAMAGE.items():
+        out = tmp_path / how
+        shutil.copytree(first, out)
+        (out / "metrics.json").unlink()  # killed after checkpoint-4 was written, before the end
+        _damage(out / "checkpoint-4", how)
+        caplog.clear()
+        assert cli_main([str(write_recipe(tmp_path, out, name=f"{how}.yaml", max_steps=4, save_steps=2))]) == 0, how
+        assert f"checkpoint-4 cannot be resumed from: {message}" in caplog.text, (how, caplog.text[-2000:])
+        assert "resuming from the previous complete checkpoint, checkpoint-2" in caplog.text
+        assert step_losses(out) == pytest.approx({int(k): v for k, v in step_losses(first).items()}, abs=1e-5), how
+        assert json.loads((out / "metrics.json").read_text())["train"]["global_step"] == ref["train"]["global_step"] == 4
+
+
+@pytest.mark.slow  # two spawned runs in a mount namespace, ~50 s on the loaded machine
+def test_read_only_storage_rerun_is_complete_and_eval_only_says_so_first(tmp_path):
+    """Issue 29 item 12: rerunning a finished run on read-only storage failed on the lock file (documented:
+    "already complete", exit 0); --eval-only ran the whole eval, then failed to write."""
+    import shutil
+
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("a private read-only bind mount (unshare -rm) is not allowed here")
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, out, max_steps=1, save_strategy="no", extra={"data": {"path": "builtin:demo",
+                                                                                        "max_samples": 16, "eval_split": 0.25}})
+    assert cli_main([str(recipe)]) == 0
+    py, entry = sys.executable, str(ROOT / "run_recipe.py")
+    script = (f'mount --bind {out} {out} && mount -o remount,bind,ro {out} && '
+              f'{py} {entry} {recipe} 2>{tmp_path}/rerun.err; echo $? > {tmp_path}/rerun.rc; '
+              f'{py} {entry} {recipe} --eval-only 2>{tmp_path}/eval.err; echo $? > {tmp_path}/eval.rc')
+    subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    rerun, evaluated = (tmp_path / "rerun.err").read_text(), (tmp_path / "eval.err").read_text()
+    assert (tmp_path / "rerun.rc").read_text().strip() == "0" and "this run is already complete" in rerun, rerun[-2000:]
+    assert (tmp_path / "eval.rc").read_text().strip() == "2", evaluated[-2000:]
+    assert f"cannot write the eval results to {out / 'eval'}: Read-only file system" in evaluated
+    assert "Traceback" not in rerun + evaluated and "Loading weights" not in evaluated  # said before any model loads
+
+
+def test_output_dir_removed_during_training_stays_this_runs(tmp_path, capsys):
+    """Issue 29 item 9: `rm -rf OUTPUT_DIR` during training was recreated silently without recipe.yaml, and the
+    rerun then refused the directory as "not written by llama-recipes"."""
+    import shutil
+
+    from transformers import TrainerCallback
+
+    from llama_recipes import pipeline
+    from llama_recipes.schema import load_recipe
+
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, out, max_steps=4, save_steps=2)
+
+    class RemoveOutputDir(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:
+                shutil.rmtree(out)
+
+    pipeline.train(load_recipe(recipe), callbacks=[RemoveOutputDir()])
+    assert (out / "recipe.yaml").is_file() and resilience.is_complete(out / "checkpoint-4")
+    capsys.readouterr()
+    assert cli_main([str(recipe)]) == 0
+    assert "already complete" in capsys.readouterr().err
+
+
+def test_resuming_onto_edited_training_data_is_refused(tmp_path, monkeypatch, capsys):
+    """Issue 29 item 8: editing the data file of an interrupted run, then resuming, continued on other rows
+    without a word. The checkpoint records the data it was trained on, as recipe.yaml records the settings."""
+    rows = tmp_path / "rows.jsonl"
+    data = [json.dumps({"instruction": f"Repeat the word {w}.", "output": w}) for w in
+            ("owl hat cup pen box sun map key fig jar log net oak pig rug ski".split() * 4)]
+    rows.write_text("\n".join(data) + "\n")
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, out, max_steps=4, save_steps=2, extra={"data": {"path": str(rows)}})
+    monkeypatch.setenv(resilience.SAVE_HOOK_ENV, "4:raise")  # interrupted after checkpoint-2
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        cli_main([str(recipe)])
+    monkeypatch.delenv(resilience.SAVE_HOOK_ENV)
+    assert (out / "checkpoint-2" / resilience.DATA_FINGERPRINT).is_file()
+    rows.write_text("\n".join(data[:-1] + [json.dumps({"instruction": "Repeat the word elk.", "output": "elk"})]) + "\n")
+    capsys.readouterr()
+    assert cli_main([str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "the training data changed since checkpoint-2 was saved" in err and "Traceback" not in err
+    rows.write_text("\n".join(data) + "\n")  # the data the run started with: it resumes
+    assert cli_main([str(recipe)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["train"]["global_step"] == 4

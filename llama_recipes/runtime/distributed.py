@@ -308,6 +308,10 @@ def _cpu_stand_in(recipe):
         if changed:
             log.info("CPU stand-in: no GPU here, so fp32 in place of %s", ", ".join(changed))
             recipe = _set_training(recipe, bf16=False, fp16=False)
+    elif getattr(recipe.training, "fp16", False) is True:  # CPU torch has no fp16 autocast: fp32, recorded as fp16
+        raise UserError("training.fp16: true without a GPU: the CPU has no fp16 mixed precision, so the run would train "
+                        "in fp32 (bit for bit) and be recorded as fp16",
+                        "remove training.fp16 (training.bf16: auto uses bf16 where this CPU has it natively)")
     if world_size() > 1:
         os.environ["ACCELERATE_USE_CPU"] = "true"
         if fsdp_requested():

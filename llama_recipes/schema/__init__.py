@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from llama_recipes import bounds
 from llama_recipes.errors import RecipeError
 from llama_recipes.schema.base import SEED_MAX, Section, expand_user
 from llama_recipes.schema.checks import redact
@@ -34,6 +35,7 @@ from llama_recipes.schema.model import ModelConfig
 from llama_recipes.schema.objective import SPECS as OBJECTIVE_SPECS
 from llama_recipes.schema.objective import ObjectiveConfig, default_objective
 from llama_recipes.schema.objective import check_combinations as check_objective
+from llama_recipes.schema import sanity
 from llama_recipes.schema.training import TrainingConfig
 
 
@@ -77,6 +79,7 @@ class Recipe(Section):
         check_combinations(self)
         check_method_freeze(self)
         check_data(self)
+        sanity.check(self)  # settings that cannot work together (schema/sanity.py)
         return self
 
     @property
@@ -143,8 +146,9 @@ def _real(value):
     return value
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that a key given twice in one mapping is an error.
+class _StrictLoader(bounds.BoundedComposer, yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error, and an alias bomb
+    or a deeply nested document is refused before it is built (bounds.py).
 
     Plain YAML keeps the last one: a second `training:` block would silently replace the whole
     first section.
@@ -211,7 +215,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if not sep or not key:
             raise RecipeError(f"bad override {item!r}", "write overrides as dotted.key=value, e.g. training.learning_rate=1e-4")
         try:
-            value = yaml.safe_load(raw) if raw else ""
+            value = bounds.safe_load(raw) if raw else ""
         except yaml.YAMLError as e:
             if raw.lstrip()[:1] in ("{", "[", '"'):  # meant as structured YAML: say it does not parse
                 problem = getattr(e, "problem", None) or str(e).splitlines()[0]
@@ -220,7 +224,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             value = raw  # a plain string that happens not to parse (a: b: c) is taken as written
         node = data
         parts = key.split(".")
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node.get(part), list):  # `a.b.0=x` would replace the list by a mapping {0: x}
+                where = ".".join(parts[:i + 1])
+                raise RecipeError(f"override {item!r}: {where} is a list, and list items cannot be set one by one",
+                                  f"set the whole list: {where}=[a, b, c]")
             if not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]

@@ -19,5 +19,16 @@ def redact(data: Any, key: str = "") -> Any:
     if data is not None and SECRET_KEY.search(key) and key not in NOT_SECRET:
         return REDACTED
     if isinstance(data, str):
+        if HF_TOKEN_VALUE.search(data) and _is_local_path(data):  # a directory named like a token is no secret,
+            return data                                            # and redacting it loses the run's base or data
         return HF_TOKEN_VALUE.sub(REDACTED, data)
     return data
+
+
+def _is_local_path(value: str) -> bool:
+    import os
+
+    try:
+        return "\n" not in value and len(value) < 4096 and os.path.exists(os.path.expanduser(value))
+    except (OSError, ValueError):
+        return False
