@@ -68,3 +68,23 @@ def test_sizes_are_mebibytes_and_say_so():
     for module in (adapters, artifacts, export):
         assert not re.search(r"\d\}? MB\b|f\} MB|MB on disk|MB\)", inspect.getsource(module)), module.__name__
     assert " MB on disk" not in (DOCS / "methods.md").read_text()
+
+
+def _numbers_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("real_model_numbers", ROOT / "scripts" / "real_model_numbers.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_demo_numbers_blocks_are_generated():
+    """README's demo numbers and docs/real_models.md's are the rendering of docs/real_model_numbers.json."""
+    script = _numbers_script()
+    data = json.loads(script.NUMBERS.read_text())
+    for doc in script.BLOCKS:
+        text = doc.read_text()
+        assert script.replace_block(text, script.render(data, doc), doc) == text, \
+            f"{doc.name} is stale: python scripts/real_model_numbers.py"
+    assert set(script.DEMOS) <= set(data["demos"]), "a demo has no recorded numbers: run it, then the script"
