@@ -86,9 +86,30 @@ def blocks(paths=DOCS) -> list[Block]:
     return out
 
 
+def without_substitutions(line: str) -> str:
+    """The line with each `$( ... )` replaced by a word (what it calls runs through the shims anyway)."""
+    out, depth = [], 0
+    i = 0
+    while i < len(line):
+        if line.startswith("$(", i):
+            depth += 1
+            i += 2
+            continue
+        if depth and line[i] == "(":
+            depth += 1
+        elif depth and line[i] == ")":
+            depth -= 1
+            if depth == 0:
+                out.append("SUBST")
+        elif not depth:
+            out.append(line[i])
+        i += 1
+    return "".join(out)
+
+
 def programs(line: str) -> list[str]:
     """The programs a command line calls (assignment-only parts have none)."""
-    lex = shlex.shlex(line, posix=True, punctuation_chars=";&|")
+    lex = shlex.shlex(without_substitutions(line), posix=True, punctuation_chars=";&|")
     lex.whitespace_split = True
     lex.commenters = "#"
     out, at_start = [], True
