@@ -1,10 +1,12 @@
 """Several adapters on one loaded base: switch by name for eval and generation, no base reload.
 
-    llama-recipes adapters NAME=OUTPUT_DIR [NAME=OUTPUT_DIR ...] [--prompt TEXT ...]
+    llama-recipes adapters NAME=OUTPUT_DIR [NAME=OUTPUT_DIR ...] [--prompt TEXT [--input TEXT] ...]
     python -m llama_recipes.adapters NAME=OUTPUT_DIR ...          (the same)
 
 Every OUTPUT_DIR is a PEFT run's directory on the same base model. Prints the memory arithmetic
 (one base + N adapters versus N full models) and, with --prompt, each adapter's greedy answer.
+For runs trained on alpaca data, `--input` gives the i-th prompt its `input` field (the instruction
+is the --prompt), so a task trained with inputs is asked the way it was trained.
 """
 import string
 import sys
@@ -104,21 +106,34 @@ class MultiAdapter:
                 sizes[name] = _tensor_bytes(f.get_tensor(k) for k in f.keys())
         return MemoryReport(self.base_bytes, sizes)
 
-    def generate(self, name: str, prompts: list[str], max_new_tokens: int = 32, raw: bool = False) -> list[str]:
+    def generate(self, name: str, prompts: list[str], max_new_tokens: int = 32, raw: bool = False,
+                 inputs: list[str] | None = None) -> list[str]:
         """Greedy answers of adapter `name`. Each prompt is rendered as that run's training rendered its
-        prompts (prompt template, or chat template for chat data), unless `raw`."""
+        prompts (prompt template, or chat template for chat data), unless `raw`. `inputs[i]` is the alpaca
+        `input` of prompts[i] (missing ones are empty)."""
+        inputs = list(inputs or [])
+        if len(inputs) > len(prompts):
+            raise UserError(f"{len(inputs)} --input for {len(prompts)} --prompt",
+                            "the i-th --input goes with the i-th --prompt: give at most one per prompt")
         if raw:
+            if inputs:
+                raise UserError("--input with --raw", "--raw passes --prompt as given: put the input into it")
             return measure.generate(self.use(name), self.tokenizer, prompts, max_new_tokens)
-        texts, special = prompt_renderer(self.runs[name], self.tokenizer)
-        return measure.generate(self.use(name), self.tokenizer, [texts(p) for p in prompts], max_new_tokens,
-                                add_special_tokens=special)
+        texts, special, fmt = prompt_renderer(self.runs[name], self.tokenizer)
+        if any(inputs) and fmt != "alpaca":
+            raise UserError(f"--input given, but adapter {name} was trained on {fmt} data, which has no input field",
+                            "drop --input, or put the text into --prompt")
+        inputs += [""] * (len(prompts) - len(inputs))
+        return measure.generate(self.use(name), self.tokenizer, [texts(p, i) for p, i in zip(prompts, inputs)],
+                                max_new_tokens, add_special_tokens=special)
 
 
 def prompt_renderer(path: Path, tokenizer):
-    """(render, add_special_tokens): what a run's training made of a user's text, from its recipe.yaml and
-    metrics.json (the data format it detected). alpaca: the instruction in the recipe's prompt template
-    (default: the Alpaca template); summarization: the document; chat: one user turn through the chat
-    template the run saved with its tokenizer; text, or a run without that record: the text as given."""
+    """(render(text, input), add_special_tokens, format): what a run's training made of a user's text, from
+    its recipe.yaml and metrics.json (the data format it detected). alpaca: the instruction (and input) in
+    the recipe's prompt template (default: the Alpaca template); summarization: the document; chat: one
+    user turn through the chat template the run saved with its tokenizer; text, or a run without that
+    record: the text as given. `input` is used by alpaca only."""
     _, saved = artifacts.read_run(path)
     data_cfg = (saved or {}).get("data") or {}
     metrics = path / "metrics.json"
@@ -127,23 +142,24 @@ def prompt_renderer(path: Path, tokenizer):
     template = data_cfg.get("prompt_template")
     fields = [f for _, f, _, _ in string.Formatter().parse(template) if f] if template else []
     if fmt == "alpaca":  # other columns a custom template names are left empty
-        return (lambda t: data.render_alpaca({**dict.fromkeys(fields, ""), "instruction": t, "input": "", "output": ""},
-                                             template)["prompt"]), True
+        return (lambda t, i="": data.render_alpaca({**dict.fromkeys(fields, ""), "instruction": t, "input": i,
+                                                    "output": ""}, template)["prompt"]), True, fmt
     if fmt == "summarization":
-        return (lambda t: (template or data.SUMMARY_PROMPT).format(**{**dict.fromkeys(fields, ""), "document": t})), True
+        return (lambda t, i="": (template or data.SUMMARY_PROMPT).format(
+            **{**dict.fromkeys(fields, ""), "document": t})), True, fmt
     if fmt == "prompt_completion" and template and len(set(fields)) == 1:
-        return (lambda t: template.format(**{fields[0]: t})), True
+        return (lambda t, i="": template.format(**{fields[0]: t})), True, fmt
     if fmt == "chat":
         chat = tokenizer
         if (path / "tokenizer_config.json").is_file():  # the template training installed (data.chat_template)
             chat = modeling.load_tokenizer(ModelConfig(name_or_path=str(path)))
         if getattr(chat, "chat_template", None):
             # the template adds BOS itself (as in measure.generation_pairs)
-            return (lambda t: chat.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                                       add_generation_prompt=True)), False
+            return (lambda t, i="": chat.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                                             add_generation_prompt=True)), False, fmt
     if fmt in ("auto", None):
         log.warning("%s records no data format (no metrics.json): prompts are passed as given", path)
-    return (lambda t: t), True
+    return (lambda t, i="": t), True, fmt
 
 
 if __name__ == "__main__":  # `python -m llama_recipes.adapters` is the `llama-recipes adapters` command

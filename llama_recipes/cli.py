@@ -6,7 +6,7 @@
     llama-recipes dry-run RECIPE [overrides]                            = run_recipe.py --dry-run
     llama-recipes export OUTPUT_DIR MERGED_DIR [--dtype D] [--verify]   = python -m llama_recipes.export
     llama-recipes export OUTPUT_DIR OUT.gguf --format gguf|gguf-lora [--quant Q] [--ollama] [--no-verify]
-    llama-recipes adapters NAME=DIR ... [--prompt TEXT]                 = python -m llama_recipes.adapters
+    llama-recipes adapters NAME=DIR ... [--prompt TEXT [--input TEXT]]  = python -m llama_recipes.adapters
 
 `python run_recipe.py RECIPE [flags]` (`main`) is the same recipe commands chosen by flags, and
 shares their arguments. Only argparse is imported before a command runs (and PyYAML and pydantic
@@ -97,6 +97,9 @@ def _add_adapters(p) -> None:
     p.add_argument("--prompt", action="append", default=[],
                    help="a prompt to answer with every adapter, rendered as each run's training rendered prompts "
                         "(its prompt or chat template)")
+    p.add_argument("--input", action="append", default=[], metavar="TEXT",
+                   help="the alpaca `input` of the i-th --prompt, in order (alpaca runs only; that --prompt is the "
+                        "instruction; --input '' for a prompt without one)")
     p.add_argument("--raw", action="store_true", help="pass --prompt text to the model exactly as given")
     p.add_argument("--max-new-tokens", type=_positive_int, default=32, metavar="N")
     _add_trust(p)
@@ -249,9 +252,11 @@ def _adapters(args) -> int:
         runs[name] = path
     multi = adapters.MultiAdapter(runs, trust_remote_code=args.trust_remote_code)
     print(multi.memory().render())
+    inputs = args.input + [""] * max(0, len(args.prompt) - len(args.input))
     for name in runs:
-        for prompt, answer in zip(args.prompt, multi.generate(name, args.prompt, args.max_new_tokens, raw=args.raw)):
-            print(json.dumps({"adapter": name, "prompt": prompt, "answer": answer}))
+        answers = multi.generate(name, args.prompt, args.max_new_tokens, raw=args.raw, inputs=args.input)
+        for prompt, inp, answer in zip(args.prompt, inputs, answers):
+            print(json.dumps({"adapter": name, "prompt": prompt, **({"input": inp} if inp else {}), "answer": answer}))
     return 0
 
 

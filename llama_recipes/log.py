@@ -7,6 +7,7 @@ so this needs no torch.distributed call and works before the process group exist
 import logging
 import os
 import sys
+import warnings
 
 # bitsandbytes 0.50 on CPUs with avx512_bf16 tries, at import, to fetch an optional kernel from the
 # HF hub ("Failed to load CPU gemm_4bit_forward from kernels-community ... pip install kernels")
@@ -14,6 +15,20 @@ import sys
 # sends users after a package they do not need. Only that message is dropped.
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: "kernels-community" not in record.getMessage())
+# Offline, that same attempt makes the `kernels` package say "Skipping publisher trust check for
+# 'kernels-community/quantization-bitsandbytes' because Hugging Face Hub is in offline mode" on every
+# run: about bitsandbytes' own optional kernel, never one the user asked for. Only that repository's
+# line is dropped (a kernel the user loads keeps its trust message).
+logging.getLogger("kernels._internals.hf_hub").addFilter(
+    lambda record: "kernels-community/quantization-bitsandbytes" not in record.getMessage())
+# PEFT 0.21 reads transformers 5.24's deprecated alias `is_gradient_checkpointing` whenever it wraps a
+# model: a FutureWarning on every run about code that is neither ours nor the user's.
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+# transformers' Trainer asks DDP to look for unused parameters whenever the model is not a
+# PreTrainedModel (every PEFT model), and torch then warns once per rank that it found none: a hint
+# about a setting the recipe already exposes (training.ddp_find_unused_parameters: false), not a fault.
+warnings.filterwarnings("ignore", message=r"find_unused_parameters=True was specified in DDP constructor",
+                        category=UserWarning)
 
 
 def rank() -> int:

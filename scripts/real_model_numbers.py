@@ -1,16 +1,19 @@
-"""The README's real-model numbers, from the smollm2 demo runs' metrics.json (so the docs cannot drift).
+"""The demos' measured numbers in the docs, from the demo runs' metrics.json (so the docs cannot drift).
 
-    python run_recipe.py recipes/demo/smollm2_lora.yaml             # each demo once (about 5 min each)
+    python run_recipe.py recipes/demo/tiny_lora.yaml                # `make demo` (under a minute)
+    python run_recipe.py recipes/demo/smollm2_lora.yaml             # each real-model demo once (about 5 min each)
     python run_recipe.py recipes/demo/smollm2_classifier_head.yaml
     python run_recipe.py recipes/demo/smollm2_chat_lora.yaml
-    python scripts/real_model_numbers.py [--wall-pending]           # collect + rewrite the README block
+    python scripts/real_model_numbers.py [--wall-pending]           # collect + rewrite the docs' blocks
 
 Collects each run's held-out numbers before/after training and its wall time into
 docs/real_model_numbers.json, generates two held-out examples before (the base) and after (the
-artifact) with the same loader and greedy decoding as `--eval-only`, and rewrites the block between
-the README's `real-model-numbers` markers. A demo that has not run keeps its previous entry.
-`--wall-pending` marks the wall times as measured on a busy machine (to be re-measured idle).
-tests/test_builtin_models.py checks that the README block is the rendering of the JSON file.
+artifact) with the same loader and greedy decoding as `--eval-only`, and rewrites the blocks between
+the markers: `demo-numbers` in README.md (tiny_lora), `real-model-numbers` in docs/real_models.md
+(the smollm2 demos). A demo that has not run keeps its previous entry. `--wall-pending` marks the
+wall times as measured on a busy machine (to be re-measured idle). tests/test_docs_numbers.py checks
+that the blocks are the rendering of the JSON file; tests/test_demo_numbers.py (slow) reruns the
+demos and compares their numbers with the file's.
 """
 import argparse
 import json
@@ -21,11 +24,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DEMOS = ["smollm2_lora", "smollm2_chat_lora", "smollm2_classifier_head"]
 NUMBERS = ROOT / "docs" / "real_model_numbers.json"
-README = ROOT / "README.md"
-START, END = "<!-- real-model-numbers:start -->", "<!-- real-model-numbers:end -->"
+# doc -> (marker name, the demos its block shows, whether it shows held-out examples)
+BLOCKS = {
+    ROOT / "README.md": ("demo-numbers", ["tiny_lora"], False),
+    ROOT / "docs" / "real_models.md": ("real-model-numbers", ["smollm2_lora", "smollm2_chat_lora",
+                                                             "smollm2_classifier_head"], True),
+}
+DEMOS = [name for _, names, _ in BLOCKS.values() for name in names]
 N_EXAMPLES = 2
+
+
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 
 
 def recipe_of(name: str):
@@ -91,10 +102,12 @@ LABELS = {"loss": "eval loss", "perplexity": "perplexity", "exact_match": "exact
           "rougeL": "ROUGE-L", "accuracy": "accuracy", "macro_f1": "macro F1", "majority_baseline": "majority class"}
 
 
-def render(data: dict) -> str:
-    """The README block: one table per demo, its examples, its wall time."""
-    lines = [START, ""]
-    for name in DEMOS:
+def render(data: dict, doc: Path) -> str:
+    """A doc's block: one table per demo, its examples, its wall time."""
+    marker, names, with_examples = BLOCKS[doc]
+    start, end = markers(marker)
+    lines = [start, ""]
+    for name in names:
         d = data["demos"].get(name)
         if d is None:
             lines += [(f"**`{name}`**: not measured yet (`python run_recipe.py recipes/demo/{name}.yaml`, then "
@@ -111,13 +124,13 @@ def render(data: dict) -> str:
         if d.get("wall_pending"):
             wall += " — measured on a busy shared machine, pending re-measurement on idle cores"
         lines += ["", f"Wall time: {wall} ({d['cpu']}).", ""]
-        for i, ex in enumerate(d.get("examples", []), 1):
+        for i, ex in enumerate(d.get("examples", []) if with_examples else [], 1):
             prompt = ex["prompt"].replace("\n", " ").strip()
             lines += [f"Example {i}: {_quote(prompt, 300)}", "",
                       f"- reference: {_quote(ex['reference'])}",
                       f"- before: {_quote(ex['before'])}",
                       f"- after: {_quote(ex['after'])}", ""]
-    lines.append(END)
+    lines.append(end)
     return "\n".join(lines)
 
 
@@ -127,11 +140,12 @@ def _quote(text: str, limit: int = 200) -> str:
     return "`" + text.replace("`", "'") + "`"
 
 
-def replace_block(readme: str, block: str) -> str:
-    if START not in readme or END not in readme:
-        sys.exit(f"README.md has no {START} ... {END} block")
-    head, rest = readme.split(START, 1)
-    return head + block + rest.split(END, 1)[1]
+def replace_block(text: str, block: str, doc: Path) -> str:
+    start, end = markers(BLOCKS[doc][0])
+    if start not in text or end not in text:
+        sys.exit(f"{doc.relative_to(ROOT)} has no {start} ... {end} block")
+    head, rest = text.split(start, 1)
+    return head + block + rest.split(end, 1)[1]
 
 
 def cpu_line() -> str:
@@ -160,13 +174,15 @@ def main() -> int:
             print(f"{name}: no metrics.json yet (run the recipe); keeping the stored entry", file=sys.stderr)
             continue
         old = data["demos"].get(name, {})
-        entry["examples"] = old.get("examples", []) if args.no_examples else examples_of(name)
+        with_examples = next(w for _, names, w in BLOCKS.values() if name in names)
+        entry["examples"] = old.get("examples", []) if args.no_examples or not with_examples else examples_of(name)
         entry["wall_pending"] = args.wall_pending
         entry["cpu"] = cpu_line()
         data["demos"][name] = entry
     NUMBERS.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    README.write_text(replace_block(README.read_text(), render(data)))
-    print(render(data))
+    for doc in BLOCKS:
+        doc.write_text(replace_block(doc.read_text(), render(data, doc), doc))
+        print(render(data, doc))
     return 0
 
 

@@ -230,15 +230,3 @@ def test_smollm2_lora_learns_and_reloads_in_plain_peft(tmp_path):
         assert torch.equal(plain(ids).logits, ours(ids).logits)
         base = AutoModelForCausalLM.from_pretrained(base_dir)
         assert not torch.equal(plain(ids).logits, base(ids).logits)  # the adapter changes the model
-
-
-def test_readme_real_model_block_is_generated():
-    """README's real-model numbers are the rendering of docs/real_model_numbers.json (no drift)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("real_model_numbers", ROOT / "scripts" / "real_model_numbers.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    data = json.loads(script.NUMBERS.read_text()) if script.NUMBERS.is_file() else {"demos": {}}
-    readme = script.README.read_text()
-    assert script.replace_block(readme, script.render(data)) == readme, "run: python scripts/real_model_numbers.py"

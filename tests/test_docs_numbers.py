@@ -68,3 +68,39 @@ def test_sizes_are_mebibytes_and_say_so():
     for module in (adapters, artifacts, export):
         assert not re.search(r"\d\}? MB\b|f\} MB|MB on disk|MB\)", inspect.getsource(module)), module.__name__
     assert " MB on disk" not in (DOCS / "methods.md").read_text()
+
+
+def _numbers_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("real_model_numbers", ROOT / "scripts" / "real_model_numbers.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_demo_numbers_blocks_are_generated():
+    """README's demo numbers and docs/real_models.md's are the rendering of docs/real_model_numbers.json."""
+    script = _numbers_script()
+    data = json.loads(script.NUMBERS.read_text())
+    for doc in script.BLOCKS:
+        text = doc.read_text()
+        assert script.replace_block(text, script.render(data, doc), doc) == text, \
+            f"{doc.name} is stale: python scripts/real_model_numbers.py"
+    assert set(script.DEMOS) <= set(data["demos"]), "a demo has no recorded numbers: run it, then the script"
+
+
+def test_forgetting_table_is_generated():
+    """docs/evaluation.md's forgetting table is the rendering of docs/forgetting_numbers.json
+    (written by scripts/forgetting_table.py from the runs of the commands the page shows)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("forgetting_table", ROOT / "scripts" / "forgetting_table.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    text = script.DOC.read_text()
+    assert script.replace_block(text, script.render(json.loads(script.NUMBERS.read_text()))) == text, \
+        "docs/evaluation.md is stale: python scripts/forgetting_table.py --render"
+    block = text.split(script.END, 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    shown = next(line for line in block.splitlines() if line.startswith("R="))
+    assert script.RECIPE in shown and all(o in shown for o in script.COMMON), "the page shows other commands than the script runs"

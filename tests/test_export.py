@@ -194,7 +194,8 @@ def test_adapters_render_a_prompt_as_the_run_trained(tmp_path, fmt):
         if f.name.startswith(("tokenizer", "chat_template")):
             shutil.copy(f, run / f.name)
     tok = modeling.load_tokenizer(ModelConfig(name_or_path=str(TINY)))
-    render, special = prompt_renderer(run, tok)
+    render, special, said = prompt_renderer(run, tok)
+    assert said == fmt
     text = "Give the last word."
     expected = {
         "alpaca": data.render_alpaca({"instruction": text, "output": ""})["prompt"],
@@ -205,3 +206,6 @@ def test_adapters_render_a_prompt_as_the_run_trained(tmp_path, fmt):
     }[fmt]
     assert render(text) == expected and special == (fmt != "chat")
     assert fmt in ("text",) or render(text) != text
+    if fmt == "alpaca":  # --input: the row's `input`, rendered as training rendered rows that have one
+        with_input = data.render_alpaca({"instruction": text, "input": "frog fox tea", "output": ""})["prompt"]
+        assert render(text, "frog fox tea") == with_input and "### Input:" in with_input
