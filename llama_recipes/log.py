@@ -27,6 +27,8 @@ warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is depre
 # transformers' Trainer asks DDP to look for unused parameters whenever the model is not a
 # PreTrainedModel (every PEFT model), and torch then warns once per rank that it found none: a hint
 # about a setting the recipe already exposes (training.ddp_find_unused_parameters: false), not a fault.
+# training.trl_config defaults it to false; this covers a Python-side warning where it is still on
+# (the autograd engine's C++ warning bypasses Python's filters).
 warnings.filterwarnings("ignore", message=r"find_unused_parameters=True was specified in DDP constructor",
                         category=UserWarning)
 

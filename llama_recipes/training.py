@@ -18,6 +18,11 @@ def trl_config(recipe, config_class, extra: dict | None = None):
     """`config_class` (SFTConfig, DPOConfig, ...) from `training:`, the objective's settings and `extra`."""
     kwargs = {**recipe.training.trainer_kwargs(), **trainer_settings(recipe.objective), **(extra or {})}
     kwargs.update(device_kwargs(recipe, kwargs))
+    # transformers asks DDP to search for unused parameters whenever the model is not a PreTrainedModel
+    # (every PEFT model): an extra autograd traversal per step and a C++ warning on every rank that
+    # none were found (our methods use every trainable parameter in each forward). A recipe that has
+    # such parameters sets training.ddp_find_unused_parameters: true (DDP's error says so).
+    kwargs.setdefault("ddp_find_unused_parameters", False)
     return config_class(output_dir=recipe.output_dir, seed=recipe.seed, **kwargs)
 
 

@@ -82,6 +82,8 @@ def environment() -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("names", nargs="*", help="twins to re-pin (default: all of recipes/demo/*.yaml)")
+    p.add_argument("--path", metavar="LABEL", help="record the losses as a second kernel path's pin (paths.LABEL: "
+                   "e.g. QLoRA on a CPU whose bitsandbytes kernels differ) instead of replacing the main pin")
     args = p.parse_args(argv)
     unknown = sorted(set(args.names) - set(twins()))
     if unknown:
@@ -91,7 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.names or twins():
             ov = overrides_for(name)
             logged = history(name, ov, Path(tmp) / name)
-            pins["twins"][name] = {"overrides": ov, "losses": [h["loss"] for h in logged if "loss" in h]}
+            got = [h["loss"] for h in logged if "loss" in h]
+            old = pins["twins"].get(name, {})
+            if args.path:  # another kernel path's numbers beside the main pin (tests/test_pinned_losses.py)
+                pins["twins"][name] = {**old, "paths": {**old.get("paths", {}), args.path: got}}
+                print(f"{name} [{args.path}]: {got}", flush=True)
+                continue
+            pins["twins"][name] = {"overrides": ov, "losses": got, **({"paths": old["paths"]} if "paths" in old else {})}
             rewards = [h["reward"] for h in logged if "reward" in h]  # online RL (grpo): the mean reward per step
             if rewards:
                 pins["twins"][name]["rewards"] = rewards

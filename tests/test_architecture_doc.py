@@ -53,6 +53,9 @@ class Index:
         if parts[0] == "method":  # the Method object a recipe's method.name picks
             if self.resolves(".".join(["methods.base.Method", *parts[1:]])):
                 return True
+        if parts[0] == "objective":  # the Objective object a recipe's objective.name picks
+            if self.resolves(".".join(["objectives.base.Objective", *parts[1:]])):
+                return True
         for i in range(len(parts), 0, -1):
             for mod in self.modules_named(".".join(parts[:i])):
                 rest = parts[i:]

@@ -65,17 +65,17 @@ class Run:
         return [h["loss"] for h in self.metrics["log_history"] if "loss" in h]
 
 
-def one_process(root: Path, *overrides: str) -> Run:
-    proc = run_cli(str(DEMO_RECIPE), f"output_dir={root / 'out'}", *BASE, *overrides,
+def one_process(root: Path, *overrides: str, recipe: Path = DEMO_RECIPE) -> Run:
+    proc = run_cli(str(recipe), f"output_dir={root / 'out'}", *BASE, *overrides,
                    env={**THREADS, REPORT_ENV: str(root / "rep")})
     return Run(root, proc)
 
 
-def two_processes(config: str, root: Path, *overrides: str, flags: tuple = ()) -> Run:
+def two_processes(config: str, root: Path, *overrides: str, flags: tuple = (), recipe: Path = DEMO_RECIPE) -> Run:
     """`accelerate launch` with a CPU config on a free port (two runs never collide); `flags` are
     extra accelerate launch flags (`--zero_stage 2`)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / config),
-           *flags, "--main_process_port", str(free_port()), str(ROOT / "run_recipe.py"), str(DEMO_RECIPE),
+           *flags, "--main_process_port", str(free_port()), str(ROOT / "run_recipe.py"), str(recipe),
            f"output_dir={root / 'out'}", *BASE, *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **THREADS, REPORT_ENV: str(root / "rep")},
                           capture_output=True, text=True, timeout=600)
@@ -151,6 +151,20 @@ def test_ddp_two_ranks_match_one_rank(lora_reference, tmp_path):
     said = run.proc.stdout + run.proc.stderr  # third-party noise silenced at its source (llama_recipes/log.py)
     for noise in ("find_unused_parameters=True was specified", "is_gradient_checkpointing", "publisher trust check"):
         assert noise not in said, noise
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("twin", ["tiny_dpo", "tiny_reward"])
+def test_preference_objective_ddp_two_ranks_match_one_rank(twin, tmp_path):
+    """DPO (policy + the adapter-off reference) and a reward model under 2-rank DDP: the per-step losses of
+    one process with the same global batch (the pairwise losses are means over pairs)."""
+    recipe = ROOT / "recipes" / "demo" / f"{twin}.yaml"
+    ref = one_process(tmp_path / "one", "training.per_device_train_batch_size=4", recipe=recipe)
+    run = two_processes("cpu_ddp_2proc.yaml", tmp_path / "two", "training.per_device_train_batch_size=2",
+                        recipe=recipe)
+    assert_two_ranks(run, "MULTI_CPU")
+    assert run.metrics["objective"] == ref.metrics["objective"] == twin.removeprefix("tiny_")
+    assert_same_losses(run, ref)
 
 
 def test_fsdp2_lora_shards_and_matches_one_rank(lora_reference, tmp_path):

@@ -27,6 +27,7 @@ from llama_recipes.errors import RecipeError, UserError
 from llama_recipes.schema import Recipe, validate_recipe
 from llama_recipes.schema.base import Section
 from llama_recipes.schema.method import METHOD_MODELS
+from llama_recipes.schema.objective import OBJECTIVE_MODELS
 
 BASE = {"output_dir": "out", "model": {"name_or_path": "builtin:tiny-llama", "dtype": "float32"},
         "data": {"path": "builtin:demo"}, "method": {"name": "lora"}, "training": {"bf16": False}}
@@ -60,12 +61,29 @@ def number_fields(model: type[Section], prefix: tuple = ()):
                     yield (*prefix, name), t.__name__, in_list
 
 
+def _objective_base(name: str) -> dict | None:
+    """The objective and data sections of the objective's tiny twin (recipes/demo/tiny_NAME.yaml)."""
+    twin = Path(__file__).resolve().parents[1] / "recipes" / "demo" / f"tiny_{name}.yaml"
+    if not twin.is_file():
+        return None
+    r = yaml.safe_load(twin.read_text())
+    return {"objective": r["objective"], "data": r["data"]}
+
+
+OBJECTIVE_BASE = {n: b for n in OBJECTIVE_MODELS if n not in ("sft", "classification") and (b := _objective_base(n))}
+
+
 def _cases():
     out = []
     for name, f in Recipe.model_fields.items():
         if name == "method":
             for method, model in METHOD_MODELS.items():
                 out += [(method, (name, *path), kind, in_list) for path, kind, in_list in number_fields(model)]
+            continue
+        if name == "objective":  # each objective's own settings, on its tiny twin's data and objective section
+            for objective, model in OBJECTIVE_MODELS.items():
+                out += [(f"objective={objective}", (name, *path), kind, in_list)
+                        for path, kind, in_list in number_fields(model) if objective in OBJECTIVE_BASE]
             continue
         for t in _members(f.annotation):
             if isinstance(t, type) and issubclass(t, Section):
@@ -81,6 +99,9 @@ VALUES = {"negative": -3, "zero": 0, "nan": math.nan, "huge": None}
 
 def _recipe(method: str | None, path: tuple, value) -> dict:
     r = copy.deepcopy(BASE)
+    if method and method.startswith("objective="):
+        r.update(copy.deepcopy(OBJECTIVE_BASE[method.removeprefix("objective=")]))
+        method = None
     if method:
         r["method"] = {"name": method}
         r.update(copy.deepcopy(METHOD_BASE.get(method, {})))

@@ -56,8 +56,13 @@ def test_losses_equal_pinned(name, tmp_path):
         rewards = [h["reward"] for h in run.trainer.state.log_history if "reward" in h]
         assert rewards == pytest.approx(pin["rewards"], abs=1e-6), f"{name}: rewards {rewards} != {pin['rewards']}"
 
-    expected = torch.tensor(pin["losses"], dtype=torch.float64)
-    assert len(got) == len(expected) == STEPS, f"{name}: logged {got}, pinned {pin['losses']}"
-    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), expected, rtol=0,
-                               atol=REL_TOL * expected.abs().max().item(),
-                               msg=lambda m: f"{name}: losses {got} != pinned {pin['losses']}; {versions()}\n{m}")
+    # A twin whose arithmetic has a second kernel path (QLoRA: bitsandbytes' AVX512 C kernels for the
+    # double-quantized absmax vs its generic torch ops on other CPUs) keeps one pin per path under
+    # "paths"; the run must equal one of them. A refactor that changes the numbers equals none.
+    candidates = {"pinned": pin["losses"], **pin.get("paths", {})}
+    assert all(len(c) == STEPS for c in candidates.values()) and len(got) == STEPS, f"{name}: logged {got}"
+    atol = REL_TOL * max(abs(x) for c in candidates.values() for x in c)
+    if not any(all(abs(a - b) <= atol for a, b in zip(got, c)) for c in candidates.values()):
+        expected = torch.tensor(pin["losses"], dtype=torch.float64)
+        torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), expected, rtol=0, atol=atol,
+                                   msg=lambda m: f"{name}: losses {got} != pinned {candidates}; {versions()}\n{m}")

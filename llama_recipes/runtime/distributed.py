@@ -680,7 +680,8 @@ def _sharding_report_callback(path: str | None):
             model.eval()
             with torch.no_grad():
                 ids = torch.arange(1, 17).unsqueeze(0).to(args.device)
-                self.data["probe_logits"] = model(input_ids=ids).logits[0, :, :32].float().cpu().tolist()
+                logits = model(input_ids=ids).logits  # (1, seq, vocab); a sequence classifier's (1, labels)
+                self.data["probe_logits"] = (logits[0, :, :32] if logits.dim() == 3 else logits).float().cpu().tolist()
             model.train(was_training)
             self._write()
 
