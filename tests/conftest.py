@@ -49,3 +49,19 @@ def free_port() -> int:
 @pytest.fixture
 def tiny_path() -> Path:
     return TINY
+
+
+@pytest.fixture(autouse=True)
+def _no_log_handler_left_on_a_closed_stream():
+    """A library logger configured during a test that captured stderr (capsys) keeps that test's stream,
+    closed once it ends; its next message prints a 'Logging error' traceback into a later test's output
+    (transformers' handler takes sys.stderr when first used). Point such handlers at the current stderr."""
+    import logging
+
+    yield
+    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(v, logging.Logger))]
+    for logger in loggers:
+        for h in logger.handlers:
+            if isinstance(h, logging.StreamHandler) and getattr(h.stream, "closed", False):
+                h.stream = sys.stderr  # (setStream would flush the closed one first)

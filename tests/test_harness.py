@@ -237,6 +237,7 @@ def test_classifier_head_scored_by_the_harness_equals_its_own_accuracy(tmp_path)
         harness.evaluate(head.model, head.tokenizer, HarnessConfig(tasks=["builtin:topic_gen"], limit=2))
 
 
+@pytest.mark.slow
 # -- errors --------------------------------------------------------------------------------------------
 def test_hub_task_offline_is_one_error_naming_it(tiny):
     from llama_recipes import harness
@@ -390,6 +391,7 @@ def _two_ranks(tmp_path, mode: str) -> list:
     return [json.loads(o.strip().splitlines()[-1])["got"] if o.strip() else e[-500:] for o, e in outs]
 
 
+@pytest.mark.slow
 def test_on_rank0_outlives_the_process_group_timeout(tmp_path):
     assert _two_ranks(tmp_path, "ok") == [{"acc": 0.5}, {"acc": 0.5}]
     assert _two_ranks(tmp_path, "error") == ["UserError: bad task", "UserError: bad task"]

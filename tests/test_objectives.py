@@ -225,7 +225,8 @@ def test_memory_estimate_counts_the_reference_copy_and_the_doubled_batch():
     assert lora.act_plain == pytest.approx(2 * sft.act_plain)  # chosen + rejected per row
 
 
-@pytest.mark.parametrize("name,metric", [("tiny_reward", "pairwise_accuracy"), ("tiny_kto", "logp_margin"),
+@pytest.mark.parametrize("name,metric", [("tiny_reward", "pairwise_accuracy"),
+                                         pytest.param("tiny_kto", "logp_margin", marks=pytest.mark.slow),
                                          ("tiny_orpo", "preference_accuracy")])
 def test_other_objectives_learn_on_held_out_data(tmp_path, name, metric):
     from llama_recipes import pipeline
@@ -239,7 +240,7 @@ def test_other_objectives_learn_on_held_out_data(tmp_path, name, metric):
 
 
 # -- the same lifecycle: dry run, eval-only, export, resume -------------------------------------------
-@pytest.mark.parametrize("name", ["tiny_dpo", "tiny_reward"])
+@pytest.mark.parametrize("name", ["tiny_dpo", pytest.param("tiny_reward", marks=pytest.mark.slow)])
 def test_dry_run_passes(name, tmp_path):
     res = run_cli(str(DEMO / f"{name}.yaml"), f"output_dir={tmp_path}", "training.bf16=false", "--dry-run")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -283,6 +284,7 @@ def test_export_merges_a_dpo_adapter_and_a_reward_model_is_a_sequence_classifier
         assert got.shape == want.shape and (got - want).abs().max().item() < 1e-4, name
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_the_uninterrupted_dpo_losses(tmp_path):
     import subprocess
     import sys

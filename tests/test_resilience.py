@@ -388,6 +388,7 @@ def test_rerunning_a_finished_run_changes_nothing(tmp_path, capsys):
     assert _snapshot(out) == first
 
 
+@pytest.mark.slow
 def test_two_runs_cannot_share_an_output_dir(tmp_path):
     """While a run trains into OUTPUT_DIR, a second one (even with --overwrite) is refused with the PID."""
     out = tmp_path / "out"
