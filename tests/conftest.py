@@ -63,5 +63,10 @@ def _no_log_handler_left_on_a_closed_stream():
                                       if isinstance(v, logging.Logger))]
     for logger in loggers:
         for h in logger.handlers:
-            if isinstance(h, logging.StreamHandler) and getattr(h.stream, "closed", False):
+            if not isinstance(h, logging.StreamHandler):
+                continue
+            # transformers also binds the handler's flush to the stderr of that moment (h.flush = sys.stderr.flush)
+            bound = getattr(vars(h).get("flush"), "__self__", None)
+            if getattr(h.stream, "closed", False) or getattr(bound, "closed", False):
                 h.stream = sys.stderr  # (setStream would flush the closed one first)
+                vars(h).pop("flush", None)
