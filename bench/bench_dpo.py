@@ -1,0 +1,97 @@
+"""DPO: ours (objective: dpo through pipeline.train) vs a plain TRL 1.16 `DPOTrainer`, side by side.
+
+    OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python bench/bench_dpo.py [--recipe R] [--steps N] [--rounds K]
+
+Both sides train the same LoRA (r16, alpha 32, all-linear, fp32) on the same base, the same rendered
+preference rows (ours renders `builtin:topic_preference`; TRL gets those rows), the same DPOConfig
+settings (beta, lr, batch, max_length, seed); the reference is the base with the adapter off on both.
+What differs is only what llama-recipes adds around TRL. Timed: the Trainer's `train_runtime` (start-up,
+model load and tokenization excluded on both sides), tokens/s from the rows' chosen + rejected tokens.
+Rounds alternate ours, TRL; the ratio is the median of TRL seconds / our seconds (> 1: ours faster).
+Also printed: the per-step losses of both (they should agree: same data order, same seed).
+"""
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+COMMON = ["training.bf16=false", "training.report_to=none", "training.save_strategy=no",
+          "eval.before_after=false"]
+
+
+def ours(recipe_path: Path, steps: int, out: Path):
+    from llama_recipes import pipeline
+    from llama_recipes.schema import load_recipe
+
+    recipe = load_recipe(recipe_path, [f"output_dir={out}", f"training.max_steps={steps}", "training.logging_steps=1",
+                                       *COMMON])
+    run = pipeline.train(recipe)
+    hist = run.trainer.state.log_history
+    return recipe, run.trainer.train_dataset, [h["loss"] for h in hist if "loss" in h], hist[-1]["train_runtime"]
+
+
+def trl_side(recipe, rows, steps: int, out: Path):
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from llama_recipes import paths
+
+    torch.manual_seed(recipe.seed)
+    model_dir = paths.model_path(recipe.model)
+    tok = AutoTokenizer.from_pretrained(paths.tokenizer_path(recipe.model))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    m = recipe.method
+    peft = LoraConfig(task_type="CAUSAL_LM", r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout,
+                      target_modules="all-linear")
+    t = recipe.training
+    cfg = DPOConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=t.per_device_train_batch_size,
+                    learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_steps,
+                    max_length=t.max_length, beta=recipe.objective.beta, seed=recipe.seed, bf16=False,
+                    report_to=[], logging_steps=1, save_strategy="no", activation_checkpointing=False,
+                    dataloader_pin_memory=False)
+    trainer = DPOTrainer(model=model, args=cfg, train_dataset=rows, processing_class=tok, peft_config=peft)
+    trainer.train()
+    hist = trainer.state.log_history
+    return [h["loss"] for h in hist if "loss" in h], hist[-1]["train_runtime"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipe", default=str(ROOT / "recipes" / "demo" / "tiny_dpo.yaml"))
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args(argv)
+    import datasets
+    import torch
+
+    from llama_recipes import data
+
+    mine, theirs, loss_pairs = [], [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            recipe, _, our_losses, s = ours(Path(args.recipe), args.steps, Path(tmp) / f"ours{r}")
+            mine.append(s)
+            raw, _, _ = data.build_datasets(recipe.data, recipe.formats)  # the rows ours rendered, untokenized
+            rows = datasets.Dataset.from_list([{k: x[k] for k in ("prompt", "chosen", "rejected")} for x in raw])
+            trl_losses, s = trl_side(recipe, rows, args.steps, Path(tmp) / f"trl{r}")
+            theirs.append(s)
+            loss_pairs = (our_losses, trl_losses)
+            print(f"round {r}: ours {mine[-1]:.2f} s, TRL {theirs[-1]:.2f} s", flush=True)
+    ratio = statistics.median(t / o for t, o in zip(theirs, mine))
+    result = {"bench": "dpo", "recipe": Path(args.recipe).name, "steps": args.steps, "ours_s": mine, "trl_s": theirs,
+              "speed_ratio_trl_over_ours": round(ratio, 3), "losses_ours": loss_pairs[0], "losses_trl": loss_pairs[1],
+              "torch_isa": torch.backends.cpu.get_cpu_capability(), "date": time.strftime("%Y-%m-%d")}
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
