@@ -8,7 +8,11 @@ settings (beta, lr, batch, max_length, seed); the reference is the base with the
 What differs is only what llama-recipes adds around TRL. Timed: the Trainer's `train_runtime` (start-up,
 model load and tokenization excluded on both sides), tokens/s from the rows' chosen + rejected tokens.
 Rounds alternate ours, TRL; the ratio is the median of TRL seconds / our seconds (> 1: ours faster).
-Also printed: the per-step losses of both (they should agree: same data order, same seed).
+Also printed: the per-step losses of both (they should agree: same data order, same seed) and, after the
+last round, each side's held-out preference accuracy (the recipe's eval pairs, scored by the same function
+for both: llama_recipes.preference). `--epoch` trains one epoch of the recipe's rows instead of `--steps`.
+On CPU ours projects only the completion positions through the vocabulary (training.CompactLogProbsMixin);
+TRL's fused head projects every position, twice.
 """
 import argparse
 import json
@@ -33,7 +37,7 @@ def ours(recipe_path: Path, steps: int, out: Path):
                                        *COMMON])
     run = pipeline.train(recipe)
     hist = run.trainer.state.log_history
-    return recipe, run.trainer.train_dataset, [h["loss"] for h in hist if "loss" in h], hist[-1]["train_runtime"]
+    return recipe, run.trainer, [h["loss"] for h in hist if "loss" in h], hist[-1]["train_runtime"]
 
 
 def trl_side(recipe, rows, steps: int, out: Path):
@@ -60,7 +64,16 @@ def trl_side(recipe, rows, steps: int, out: Path):
     trainer = DPOTrainer(model=model, args=cfg, train_dataset=rows, processing_class=tok, peft_config=peft)
     trainer.train()
     hist = trainer.state.log_history
-    return [h["loss"] for h in hist if "loss" in h], hist[-1]["train_runtime"]
+    return trainer, [h["loss"] for h in hist if "loss" in h], hist[-1]["train_runtime"]
+
+
+def held_out_accuracy(recipe, model, tokenizer, eval_rows) -> float:
+    from llama_recipes import preference
+
+    rows = eval_rows.select(range(min(len(eval_rows), recipe.eval.limit or len(eval_rows))))
+    logps = preference.completion_logps(model, preference.sequences(tokenizer, rows, ("chosen", "rejected")),
+                                        tokenizer.pad_token_id, recipe.eval.batch_size, recipe.training.max_length)
+    return preference.pair_metrics(logps[0::2], logps[1::2], None, 1.0)["preference_accuracy"]
 
 
 def main(argv=None) -> int:
@@ -68,25 +81,33 @@ def main(argv=None) -> int:
     p.add_argument("--recipe", default=str(ROOT / "recipes" / "demo" / "tiny_dpo.yaml"))
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--epoch", action="store_true", help="one epoch of the recipe's training rows (overrides --steps)")
     args = p.parse_args(argv)
     import datasets
     import torch
 
     from llama_recipes import data
 
-    mine, theirs, loss_pairs = [], [], None
+    from llama_recipes.schema import load_recipe
+
+    recipe = load_recipe(Path(args.recipe))
+    raw, eval_raw, _ = data.build_datasets(recipe.data, recipe.formats)  # the rows ours renders, untokenized
+    rows = datasets.Dataset.from_list([{k: x[k] for k in ("prompt", "chosen", "rejected")} for x in raw])
+    steps = -(-len(rows) // recipe.training.per_device_train_batch_size) if args.epoch else args.steps
+    mine, theirs, loss_pairs, accuracy = [], [], None, {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            recipe, _, our_losses, s = ours(Path(args.recipe), args.steps, Path(tmp) / f"ours{r}")
+            recipe, our_trainer, our_losses, s = ours(Path(args.recipe), steps, Path(tmp) / f"ours{r}")
             mine.append(s)
-            raw, _, _ = data.build_datasets(recipe.data, recipe.formats)  # the rows ours rendered, untokenized
-            rows = datasets.Dataset.from_list([{k: x[k] for k in ("prompt", "chosen", "rejected")} for x in raw])
-            trl_losses, s = trl_side(recipe, rows, args.steps, Path(tmp) / f"trl{r}")
+            trl_trainer, trl_losses, s = trl_side(recipe, rows, steps, Path(tmp) / f"trl{r}")
             theirs.append(s)
             loss_pairs = (our_losses, trl_losses)
             print(f"round {r}: ours {mine[-1]:.2f} s, TRL {theirs[-1]:.2f} s", flush=True)
+        if eval_raw is not None:
+            for side, trainer in (("ours", our_trainer), ("trl", trl_trainer)):
+                accuracy[side] = held_out_accuracy(recipe, trainer.model, trainer.processing_class, eval_raw)
     ratio = statistics.median(t / o for t, o in zip(theirs, mine))
-    result = {"bench": "dpo", "recipe": Path(args.recipe).name, "steps": args.steps, "ours_s": mine, "trl_s": theirs,
+    result = {"bench": "dpo", "recipe": Path(args.recipe).name, "steps": steps, "held_out_accuracy": accuracy, "ours_s": mine, "trl_s": theirs,
               "speed_ratio_trl_over_ours": round(ratio, 3), "losses_ours": loss_pairs[0], "losses_trl": loss_pairs[1],
               "torch_isa": torch.backends.cpu.get_cpu_capability(), "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(result, indent=1))

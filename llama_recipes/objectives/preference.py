@@ -16,6 +16,7 @@ from pathlib import Path
 from llama_recipes import batching, data, measure, preference, training
 from llama_recipes.log import get_logger
 from llama_recipes.objectives.base import Objective
+from llama_recipes.runtime.hardware import has_accelerator
 
 log = get_logger(__name__)
 
@@ -68,7 +69,8 @@ class Preference(Objective):
         trainer_cls, config_cls = self._classes()
         args = training.trl_config(recipe, config_cls)
         tokenizer.padding_side = "right" if self.auto_class.endswith("SequenceClassification") else tokenizer.padding_side
-        cls = batching.trainer_class(trainer_cls, extra=(TrainedAdapterOnly,))
+        cpu = () if has_accelerator() else (training.CompactLogProbsMixin,)
+        cls = batching.trainer_class(trainer_cls, extra=(TrainedAdapterOnly, *cpu))
         trainer = cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_raw,
                       processing_class=tokenizer, callbacks=callbacks)
         if getattr(trainer, "ref_model", None) is not None:  # full/partial: TRL loads a copy; it never trains
