@@ -179,14 +179,24 @@ def compact_fused_head(model) -> None:
             return fused(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
                          num_items_in_batch=num_items_in_batch, **kwargs)
         kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+        tree = None if args else shared_prompt_rows(kwargs, labels)
+        if tree is None:
+            hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+            scored = hidden[labels[:, 1:] != -100]
+        else:  # chosen and rejected after one pass over their prompt
+            ids, positions, allowed, index = tree
+            dtype = self.get_input_embeddings().weight.dtype
+            mask4d = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+            hidden = self.base_model(input_ids=ids, attention_mask=mask4d[:, None], position_ids=positions,
+                                     use_cache=False).last_hidden_state
+            scored = hidden.reshape(-1, hidden.shape[-1])[index]
         labels = labels[:, 1:].to(head.weight.device)
         mask = labels != -100
         weight, bias = head.weight, head.bias
         if isinstance(weight, DTensor):  # FSDP2: the full head, as TRL's does
             weight = weight.full_tensor()
             bias = bias.full_tensor() if bias is not None else None
-        logits = F.linear(hidden[mask].to(weight.device), weight, bias).float()
+        logits = F.linear(scored.to(weight.device), weight, bias).float()
         logp = logits.log_softmax(-1)
         target = labels[mask]
         log_probs = logp.gather(-1, target[:, None]).squeeze(-1)
@@ -206,3 +216,63 @@ def compact_fused_head(model) -> None:
                                    is_top1=full(top1), label_mask=mask)
 
     model.forward = types.MethodType(forward, model)
+
+
+def shared_prompt_rows(kwargs: dict, labels):
+    """DPO's batch as one row per pair: the prompt once, then the chosen and the rejected completion.
+
+    TRL's DPO batch holds each pair twice, rows i (prompt + chosen) and i + B (prompt + rejected), right
+    padded, labels -100 on the prompt: the prompt is computed twice, and it is most of a row when the
+    answers are short. Here each pair becomes one row `prompt, chosen, rejected`; the rejected tokens
+    attend to the prompt and to themselves, never to the chosen ones, and keep the position ids they
+    have in TRL's rows, so every completion token sees exactly what it sees there (only the order of
+    floating-point sums differs). Returns (input_ids, position_ids, allowed [B, T, T] bool, index: the
+    flat positions of the new rows whose hidden states predict each label, in the order of the labels
+    of TRL's rows), or None when the batch is not such pairs (the caller then runs the rows as given):
+    an odd row count, other model inputs, a row that is not prompt-completion-padding, a pair whose
+    prompts differ, or an empty prompt.
+    """
+    import torch
+
+    given = {k for k, v in kwargs.items() if v is not None and v is not False}  # PEFT passes None for the rest
+    if given - {"input_ids", "attention_mask", "use_cache", "return_dict"} or "attention_mask" not in given:
+        return None
+    ids, attn = kwargs["input_ids"], kwargs["attention_mask"].bool()
+    rows = ids.shape[0]
+    if rows % 2 or labels is None or labels.shape != ids.shape:
+        return None
+    lengths = attn.sum(1)
+    supervised = labels != -100
+    prompt = (~supervised).int().cumprod(1).sum(1).clamp(max=lengths)  # leading unsupervised tokens
+    col = torch.arange(ids.shape[1])
+    expected = attn & (col[None] < lengths[:, None])
+    if not torch.equal(attn, expected) or not torch.equal(supervised, expected & (col[None] >= prompt[:, None])):
+        return None  # not [prompt, completion, padding] rows
+    half = rows // 2
+    if not torch.equal(prompt[:half], prompt[half:]) or bool((prompt[:half] == 0).any()):
+        return None
+    for i in range(half):
+        if not torch.equal(ids[i, :prompt[i]], ids[half + i, :prompt[i]]):
+            return None
+    p, c, r = prompt[:half].tolist(), (lengths[:half] - prompt[:half]).tolist(), (lengths[half:] - prompt[half:]).tolist()
+    width = max(a + b + d for a, b, d in zip(p, c, r))
+    new_ids = torch.zeros(half, width, dtype=ids.dtype)
+    positions = torch.zeros(half, width, dtype=torch.long)
+    allowed = torch.eye(width, dtype=torch.bool).repeat(half, 1, 1)  # padding attends to itself only (no NaN)
+    chosen_index, rejected_index = [], []
+    for i in range(half):
+        n = p[i] + c[i] + r[i]
+        new_ids[i, :p[i] + c[i]] = ids[i, :p[i] + c[i]]
+        new_ids[i, p[i] + c[i]:n] = ids[half + i, p[i]:p[i] + r[i]]
+        positions[i, :p[i] + c[i]] = torch.arange(p[i] + c[i])
+        positions[i, p[i] + c[i]:n] = torch.arange(p[i], p[i] + r[i])
+        allowed[i, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
+        allowed[i, p[i] + c[i]:n, p[i]:p[i] + c[i]] = False  # rejected never sees chosen
+        base = i * width
+        # the label at column t of TRL's row is predicted by the hidden state at t - 1; the first completion
+        # token of both sides by the prompt's last token
+        chosen_index += [base + p[i] - 1 + k for k in range(c[i])]
+        rejected_index += [base + (p[i] - 1 if k == 0 else p[i] + c[i] + k - 1) for k in range(r[i])]
+    device = ids.device
+    return (new_ids.to(device), positions.to(device), allowed.to(device),
+            torch.tensor(chosen_index + rejected_index, dtype=torch.long, device=device))
