@@ -8,7 +8,6 @@ Every OUTPUT_DIR is a PEFT run's directory on the same base model. Prints the me
 For runs trained on alpaca data, `--input` gives the i-th prompt its `input` field (the instruction
 is the --prompt), so a task trained with inputs is asked the way it was trained.
 """
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,9 +146,3 @@ def prompt_renderer(path: Path, tokenizer):
     if fmt in ("auto", None):
         log.warning("%s records no data format (no metrics.json): prompts are passed as given", path)
     return (lambda t, i="": t), True, fmt
-
-
-if __name__ == "__main__":  # `python -m llama_recipes.adapters` is the `llama-recipes adapters` command
-    from llama_recipes.cli import run_command
-
-    sys.exit(run_command("adapters", prog="python -m llama_recipes.adapters"))
