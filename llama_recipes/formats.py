@@ -37,8 +37,8 @@ class Format:
     """Behaviour of one `data.format`. Subclasses override what differs."""
 
     name: str = ""
-    required: tuple[str, ...] = ()  # string columns that must be there and non-empty
-    optional: tuple[str, ...] = ()  # string columns that may be missing or null
+    required: tuple[str, ...] = ()  # columns that must be there and non-empty (text, unless `problem` says otherwise)
+    optional: tuple[str, ...] = ()  # columns that may be missing or null
     identified_by: frozenset[str] = frozenset()  # columns that make `format: auto` read it (tried in DETECTION order)
     family: str = ""  # the format whose shape it renders to: formats of one family can be mixed (data.mix)
     rendered: frozenset[str] = frozenset()  # a family's: the columns that mark its rendered (or tokenized) rows
