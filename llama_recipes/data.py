@@ -7,14 +7,16 @@ Rendered shapes: prompt/completion (alpaca, prompt_completion, summarization: TR
 completion only), `messages` (chat: tokenized here by chat.py into input_ids + assistant_masks
 derived from the template, which TRL turns into labels), `text` (plain LM), text + ClassLabel
 `label` (classification, for head methods). TRL appends EOS to text and completions; for chat
-the template supplies it.
+the template supplies it. What differs by format (its columns, row checks, renderer, family) is
+the format's object in formats.py; this module asks it and never branches on a format's name.
 Every `map`/`filter` here goes through `datasets`, so a second run loads it from the cache.
 """
 import bisect
 from pathlib import Path
 
-from llama_recipes import chat
+from llama_recipes import chat, formats
 from llama_recipes.errors import UserError
+from llama_recipes.formats import ALPACA_PROMPT, SUMMARY_PROMPT, render_alpaca  # noqa: F401  (re-exported)
 from llama_recipes.log import get_logger
 from llama_recipes.paths import resolve
 from llama_recipes.schema import read_text
@@ -22,37 +24,7 @@ from llama_recipes.schema.data import DataConfig, SourceConfig
 
 log = get_logger(__name__)
 
-ALPACA_PROMPT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-ALPACA_PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
-SUMMARY_PROMPT = "Summarize this dialogue:\n{document}\n---\nSummary:\n"
 _EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-ROLES = {"system", "user", "assistant", "tool"}
-# Canonical columns per format: (required string columns that must be non-empty, optional string columns).
-COLUMNS = {
-    "alpaca": (["instruction", "output"], ["input"]),
-    "prompt_completion": (["completion"], ["prompt"]),
-    "summarization": (["document", "summary"], []),
-    "text": (["text"], []),
-    "chat": (["messages"], []),
-    "classification": (["text", "label"], []),
-    # text or message lists (checked by _preference_problem); prompt optional: a conversation's is implicit
-    "preference": (["chosen", "rejected"], ["prompt"]),
-    "unpaired_preference": (["completion", "label"], ["prompt"]),
-    # text or messages (checked by _prompt_problem); every other column is kept for the rewards (GRPO)
-    "prompt_only": (["prompt"], []),
-}
-# What each format renders to; formats of one family can be mixed.
-FAMILY = {"alpaca": "prompt_completion", "prompt_completion": "prompt_completion",
-          "summarization": "prompt_completion", "chat": "chat", "text": "text", "classification": "classification",
-          "preference": "preference", "unpaired_preference": "unpaired_preference", "prompt_only": "prompt_only"}
-_DOCUMENT_ALIASES = ("dialogue", "dialog", "article", "document")
 _PROBLEM = "__problem"
 
 
@@ -188,7 +160,7 @@ def load_split(src: SourceConfig, split: str) -> Rows | None:
     return Rows(ds, [(0, f"{ref}[{split}]")])
 
 
-# -- formats and row checks -----------------------------------------------------------------------
+# -- columns and row checks (what each format requires: formats.py) --------------------------------
 
 
 def _canonical(ds, src: SourceConfig, fmt_hint: str):
@@ -203,151 +175,20 @@ def _canonical(ds, src: SourceConfig, fmt_hint: str):
                         f"`{clash[0]}` (columns: {ds.column_names})",
                         f"drop the data.columns entry for {clash[0]}, or rename the data's own `{clash[0]}` column")
     ds = ds.rename_columns(mapping) if mapping else ds
-    if fmt_hint in ("summarization", "auto") and "document" not in ds.column_names and "summary" in ds.column_names:
-        alias = next((a for a in _DOCUMENT_ALIASES if a in ds.column_names), None)
-        if alias:
-            ds = ds.rename_column(alias, "document")
+    for f in formats.REGISTRY.values() if fmt_hint == "auto" else [formats.get(fmt_hint)]:
+        aliases = f.renames(ds.column_names)  # summarization reads a `dialogue` column as its document
+        ds = ds.rename_columns(aliases) if aliases else ds
     return ds
-
-
-def detect_format(columns: list[str]) -> str:
-    cols = set(columns)
-    if {"chosen", "rejected"} <= cols:
-        return "preference"
-    if {"completion", "label"} <= cols:
-        return "unpaired_preference"
-    if {"instruction", "output"} <= cols:
-        return "alpaca"
-    if {"prompt", "completion"} <= cols:
-        return "prompt_completion"
-    if "prompt" in cols:
-        return "prompt_only"
-    if "messages" in cols:
-        return "chat"
-    if {"document", "summary"} <= cols:
-        return "summarization"
-    if {"text", "label"} <= cols:
-        return "classification"
-    if "text" in cols:
-        return "text"
-    raise UserError(f"cannot detect the data format from columns {sorted(cols)}",
-                    "set data.format (alpaca, prompt_completion, chat, text, summarization, classification, "
-                    "preference, unpaired_preference, prompt_only) "
-                    "and data.columns if your column names differ")
-
-
-def _messages_problem(value, col: str, need_assistant: bool = True) -> str:
-    if not isinstance(value, list) or not value:
-        return f"column `{col}`: empty or not a list of {{role, content}} messages"
-    for j, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            return f"column `{col}`: message {j} has no string `content`"
-        if m.get("role") not in ROLES:
-            return f"column `{col}`: message {j} has unknown role {m.get('role')!r} (known: {sorted(ROLES)})"
-    if need_assistant and not any(m["role"] == "assistant" and m["content"].strip() for m in value):
-        return f"column `{col}`: no non-empty assistant message to learn from"
-    return ""
-
-
-def _side_problem(value, col: str) -> str:
-    """A side of a preference (chosen, rejected, completion): non-empty text or messages."""
-    if value is None:
-        return f"column `{col}`: missing value"
-    if isinstance(value, str):
-        return "" if value.strip() else f"column `{col}`: empty"
-    if isinstance(value, list):
-        return _messages_problem(value, col)
-    return f"column `{col}`: expected text or a list of messages, got {type(value).__name__}"
-
-
-def _preference_problem(row: dict, fmt: str) -> str:
-    """preference: prompt?/chosen/rejected; unpaired_preference: prompt?/completion/label (bool)."""
-    sides = ("chosen", "rejected") if fmt == "preference" else ("completion",)
-    for col in sides:
-        problem = _side_problem(row.get(col), col)
-        if problem:
-            return problem
-    kinds = {type(row[c]) for c in sides}
-    prompt = row.get("prompt")
-    if prompt is not None:
-        if isinstance(prompt, list):
-            problem = _messages_problem(prompt, "prompt", need_assistant=False)
-            if problem:
-                return problem
-        elif not isinstance(prompt, str):
-            return f"column `prompt`: expected text or a list of messages, got {type(prompt).__name__}"
-        kinds.add(type(prompt))
-    if len(kinds) > 1:
-        return "prompt and completions mix plain text and message lists: use one form for the whole row"
-    if fmt == "unpaired_preference":
-        if not isinstance(row.get("label"), bool):
-            return f"column `label`: expected true (desirable) or false (undesirable), got {row.get('label')!r}"
-        return ""
-    chosen, rejected = row["chosen"], row["rejected"]
-    if chosen == rejected:
-        return "chosen and rejected are the same: there is nothing to prefer"
-    if isinstance(chosen, list) and prompt is None:  # implicit prompt: the turns before the last answer
-        if chosen[:-1] != rejected[:-1]:
-            return ("chosen and rejected conversations differ before their last message (an implicit prompt must "
-                    "be the same in both)")
-        if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
-            return "chosen and rejected conversations must end with the assistant's answer"
-        if len(chosen) < 2:
-            return "chosen and rejected hold only the answer: add the user turn (or a `prompt` column)"
-    return ""
-
-
-def _prompt_problem(prompt) -> str:
-    """prompt_only: a non-empty text, or messages ending with a user (or system/tool) turn to answer."""
-    if prompt is None:
-        return "column `prompt`: missing value"
-    if isinstance(prompt, str):
-        return "" if prompt.strip() else "column `prompt`: empty"
-    if isinstance(prompt, list):
-        problem = _messages_problem(prompt, "prompt", need_assistant=False)
-        if not problem and prompt[-1]["role"] == "assistant":
-            return "column `prompt`: the conversation ends with an assistant turn; the model answers the last user turn"
-        return problem
-    return f"column `prompt`: expected text or a list of messages, got {type(prompt).__name__}"
 
 
 def _row_problem(row: dict, fmt: str, label_ids: dict | None) -> str:
     """'' for a good row, else 'column `X`: what is wrong'."""
-    if fmt in ("preference", "unpaired_preference"):
-        return _preference_problem(row, fmt)
-    if fmt == "prompt_only":
-        return _prompt_problem(row.get("prompt"))
-    required, optional = COLUMNS[fmt]
-    for col in required + optional:
-        value = row.get(col)
-        if col == "label":
-            if value is None:
-                return "column `label`: missing value"
-            if isinstance(value, bool) or not isinstance(value, (str, int)):
-                return f"column `label`: expected a string or an integer, got {type(value).__name__}"
-            if label_ids is not None and value not in label_ids:
-                return f"column `label`: {value!r} is not in the label set {sorted(label_ids, key=str)}"
-        elif col == "messages":
-            problem = _messages_problem(value, col)
-            if problem:
-                return problem
-            order = chat.role_problem(value)
-            if order:
-                return f"column `messages`: {order}"
-        elif value is None:
-            if col in required:
-                return f"column `{col}`: missing value"
-        elif not isinstance(value, str):
-            return f"column `{col}`: expected a string, got {type(value).__name__}"
-        elif col in required and not value.strip():
-            return f"column `{col}`: empty"
-    return ""
+    return formats.get(fmt).problem(row, label_ids)
 
 
 def require_columns(rows: Rows, fmt: str) -> None:
     """The columns format `fmt` requires are there (a clear error naming the first missing one)."""
-    required, _ = COLUMNS[fmt]
-    absent = [c for c in required if c not in rows.ds.column_names]
+    absent = [c for c in formats.get(fmt).required if c not in rows.ds.column_names]
     if absent:
         raise UserError(f"{rows.origins[0][1]}: column {absent[0]!r} missing for format {fmt} "
                         f"(columns: {rows.ds.column_names})",
@@ -412,81 +253,11 @@ def label_ids_for(names: list[str], ds) -> dict:
 # -- rendering ------------------------------------------------------------------------------------
 
 
-def render_alpaca(row: dict, template: str | None = None) -> dict:
-    has_input = bool((row.get("input") or "").strip())
-    fields = {**row, "input": row.get("input") or ""}
-    prompt = (template or (ALPACA_PROMPT if has_input else ALPACA_PROMPT_NO_INPUT)).format(**fields)
-    return {"prompt": prompt, "completion": row["output"]}
-
-
-def _template_fields_ok(template: str | None, columns: list[str], what: str):
-    import string
-
-    if not template:
-        return
-    names = {f for _, f, _, _ in string.Formatter().parse(template) if f}
-    unknown = sorted(names - set(columns))
-    if unknown:
-        raise UserError(f"data.prompt_template uses {unknown}, not columns of the {what} data ({columns})",
-                        "use {column} fields that exist after data.columns mapping")
-
-
 def render(ds, src: SourceConfig, fmt: str, label_names: list[str] | None = None, label_ids: dict | None = None):
     """Render checked rows into the columns SFTTrainer (or a head method) consumes."""
-    import datasets
-
-    cols = ds.column_names
-    if fmt == "alpaca":
-        _template_fields_ok(src.prompt_template, cols, fmt)
-        return ds.map(lambda r: render_alpaca(r, src.prompt_template), remove_columns=cols, desc="rendering alpaca")
-    if fmt == "summarization":
-        _template_fields_ok(src.prompt_template, cols, fmt)
-        template = src.prompt_template or SUMMARY_PROMPT
-        return ds.map(lambda r: {"prompt": template.format(**r), "completion": r["summary"]},
-                      remove_columns=cols, desc="rendering summarization")
-    if fmt == "prompt_completion":
-        if src.prompt_template:
-            _template_fields_ok(src.prompt_template, cols, fmt)
-            return ds.map(lambda r: {"prompt": src.prompt_template.format(**r), "completion": r["completion"]},
-                          remove_columns=cols, desc="rendering prompts")
-        if "prompt" not in cols:
-            ds = ds.add_column("prompt", [""] * len(ds))
-        return ds.map(lambda r: {"prompt": r["prompt"] or ""}, desc="rendering prompts").select_columns(
-            ["prompt", "completion"])
-    if fmt == "chat":
-        # Keep role/content only: hub datasets carry extra per-message keys that templates choke on.
-        return ds.map(lambda r: {"messages": [{"role": m["role"], "content": m["content"]} for m in r["messages"]]},
-                      remove_columns=cols, desc="rendering chat")
-    if fmt == "text":
-        return ds.select_columns(["text"])
-    if fmt == "preference":
-        return ds.map(_render_preference, remove_columns=cols, desc="rendering preference pairs")
-    if fmt == "unpaired_preference":
-        return ds.map(lambda r: {"prompt": r.get("prompt") or ("" if isinstance(r["completion"], str) else []),
-                                 "completion": _clean(r["completion"]), "label": r["label"]},
-                      remove_columns=cols, desc="rendering unpaired preferences")
-    if fmt == "prompt_only":  # extra columns (answer, tests, ...) stay: rewards read them
-        return ds.map(lambda r: {"prompt": _clean(r["prompt"])}, desc="rendering prompts")
-    if fmt == "classification":
-        features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=label_names)})
-        return ds.map(lambda r: {"text": r["text"], "label": label_ids[r["label"]]}, remove_columns=cols,
-                      features=features, desc="rendering classification")
-    raise UserError(f"data.format {fmt!r} is not supported")
-
-
-def _clean(value):
-    """Text as it is; messages reduced to role/content (hub sets carry extra per-message keys)."""
-    return value if isinstance(value, str) else [{"role": m["role"], "content": m["content"]} for m in value]
-
-
-def _render_preference(row: dict) -> dict:
-    """TRL's explicit-prompt form: prompt, chosen, rejected (a conversation's implicit prompt split off)."""
-    chosen, rejected, prompt = _clean(row["chosen"]), _clean(row["rejected"]), row.get("prompt")
-    if prompt is None and isinstance(chosen, list):
-        prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
-    elif prompt is None:
-        prompt = ""
-    return {"prompt": _clean(prompt), "chosen": chosen, "rejected": rejected}
+    if fmt not in formats.REGISTRY:
+        raise UserError(f"data.format {fmt!r} is not supported")
+    return formats.get(fmt).render(ds, src.prompt_template, label_names, label_ids)
 
 
 # -- the whole section -----------------------------------------------------------------------------
@@ -533,7 +304,7 @@ def build_datasets(cfg: DataConfig, accepted: tuple[str, ...] | None = None) -> 
                 raise UserError(f"no eval split {src.eval_split!r} in {src.path}",
                                 "set data.eval_split to a split name or a fraction such as 0.05")
         train.ds = _canonical(train.ds, src, src.format)
-        fmt = src.format if src.format != "auto" else detect_format(train.ds.column_names)
+        fmt = src.format if src.format != "auto" else formats.detect(train.ds.column_names)
         if accepted and fmt not in accepted:
             raise UserError(f"{src.path} holds {fmt} data (detected from its columns {train.ds.column_names}), and "
                             f"the recipe's objective trains on {' or '.join(accepted)} data",
@@ -541,7 +312,7 @@ def build_datasets(cfg: DataConfig, accepted: tuple[str, ...] | None = None) -> 
                             "change objective.name (docs/preference.md lists the formats of each objective)")
         label_ids = None
         require_columns(train, fmt)
-        if fmt == "classification":
+        if formats.get(fmt).labels:
             names = names or label_set(train.ds, cfg)
             label_ids = label_ids_for(names, train.ds)
         train_ds, skipped = check_rows(train, fmt, cfg.bad_rows, label_ids)
@@ -549,7 +320,7 @@ def build_datasets(cfg: DataConfig, accepted: tuple[str, ...] | None = None) -> 
         eval_ds = eval_ids = None
         if held is not None:
             held.ds = _canonical(held.ds, src, fmt)
-            eval_ids = label_ids_for(names, held.ds) if fmt == "classification" else None
+            eval_ids = label_ids_for(names, held.ds) if formats.get(fmt).labels else None
             eval_ds, skipped = check_rows(held, fmt, cfg.bad_rows, eval_ids)
             stats["skipped_rows"] += skipped
         elif isinstance(src.eval_split, float):
@@ -563,7 +334,7 @@ def build_datasets(cfg: DataConfig, accepted: tuple[str, ...] | None = None) -> 
         stats["sources"].append({"path": src.path, "format": fmt, "train_rows": len(train_ds),
                                  "eval_rows": len(eval_ds) if eval_ds is not None else 0})
 
-    families = {FAMILY[f] for f in fmts}
+    families = {formats.get(f).family for f in fmts}
     if len(families) > 1:
         raise UserError(f"data.mix combines formats that render differently: {fmts}",
                         "mix only formats of one family (alpaca, prompt_completion and summarization mix)")
@@ -577,7 +348,7 @@ def build_datasets(cfg: DataConfig, accepted: tuple[str, ...] | None = None) -> 
         if cfg.max_eval_samples:
             eval_ds = eval_ds.select(range(min(cfg.max_eval_samples, len(eval_ds))))
     stats.update(format=fmt, train_rows=len(train), eval_rows=len(eval_ds) if eval_ds is not None else 0)
-    if fmt == "classification":
+    if formats.get(fmts[0]).labels:  # (one family: every source is classification data)
         stats["label_names"] = names
     log.info("data: %s format, %d train rows%s%s", fmt, len(train),
              f", {len(eval_ds)} eval rows" if eval_ds is not None else "",
@@ -588,33 +359,16 @@ def build_datasets(cfg: DataConfig, accepted: tuple[str, ...] | None = None) -> 
 # -- what the trainer needs --------------------------------------------------------------------------
 
 
-def _family(columns) -> str:
-    cols = set(columns)
-    if {"chosen", "rejected"} <= cols:
-        return "preference"
-    if {"completion", "label"} <= cols:
-        return "unpaired_preference"
-    if "prompt" in cols and "completion" not in cols:
-        return "prompt_only"
-    if "messages" in cols:
-        return "chat"
-    if {"prompt", "completion"} <= cols:
-        return "prompt_completion"
-    if "label" in cols:
-        return "classification"
-    return "text"
-
-
 def sft_overrides(recipe, train_ds) -> dict:
     """The SFTConfig keys that follow from the data (the schema refuses them in `training:`)."""
-    family = _family(train_ds.column_names)
-    if family == "classification":
+    family = formats.shape(train_ds.column_names)
+    if family.labels:
         raise UserError("classification data (text + label) cannot train a causal LM with SFTTrainer",
                         "use a classification-head method, or format: text for plain language modelling")
     # Chat rows reach TRL tokenized, with assistant_masks (data.prepare): TRL's own assistant_only_loss would
     # need {% generation %} markers in the template.
     out = {"dataset_text_field": "text",
-           "completion_only_loss": family == "prompt_completion" and not recipe.data.train_on_prompt,
+           "completion_only_loss": family.completion_only and not recipe.data.train_on_prompt,
            "assistant_only_loss": False}
     if getattr(recipe.training, "packing", False) and "eval_packing" not in recipe.training.model_fields_set:
         out["eval_packing"] = False  # eval loss per example, comparable across runs with and without packing
@@ -667,13 +421,13 @@ def _lengths(ds, tokenizer):
     from trl.data_utils import _tokenize
 
     eos = tokenizer.eos_token
-    family = _family(ds.column_names)
+    family = formats.shape(ds.column_names)
 
-    if family == "chat":  # tokenized by prepare (chat.tokenize_dataset)
+    if family.chat:  # tokenized by prepare (chat.tokenize_dataset)
         return [len(ids) for ids in ds["input_ids"]]
 
     def count(row):
-        text = row["prompt"] + row["completion"] if family == "prompt_completion" else row["text"]
+        text = family.lm_text(row)
         return {"n": len(_tokenize(tokenizer, text if text.endswith(eos) else text + eos)["input_ids"])}
 
     return ds.map(count, desc="counting tokens")["n"]
@@ -683,10 +437,10 @@ def prepare(recipe, tokenizer, built):
     """Chat template, length accounting and the over-length policy. Returns (train, eval, stats)."""
     train, eval_ds, fmt = built
     stats = dict(built.stats)
-    family = _family(train.column_names)
-    if family == "classification":
+    family = formats.shape(train.column_names)
+    if family.labels:  # a head tokenizes its own (heads.py)
         return train, eval_ds, stats
-    if family == "chat":
+    if family.chat:
         apply_chat_template_choice(recipe, tokenizer, sample=train[0]["messages"] if len(train) else None)
         only_assistant = not recipe.data.train_on_prompt
         train = chat.tokenize_dataset(train, tokenizer, only_assistant)

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from llama_recipes import artifacts, chat, data, harness, heads, modeling, objectives
+from llama_recipes import artifacts, chat, data, formats, harness, heads, modeling, objectives
 from llama_recipes.errors import UserError
 
 # The measurements themselves live in measure.py (training uses them too); re-exported here
@@ -93,7 +93,7 @@ def _load_retain(ref: str, limit: int | None):
     if limit:
         ds = ds.select(range(min(limit, len(ds))))
 
-    return data.render(ds, SourceConfig(path=ref), data.detect_format(ds.column_names))
+    return data.render(ds, SourceConfig(path=ref), formats.detect(ds.column_names))
 
 
 # -- --eval-only -------------------------------------------------------------------------------

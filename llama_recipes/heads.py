@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llama_recipes import data, measure, modeling
+from llama_recipes import data, formats, measure, modeling
 from llama_recipes.errors import UserError, damaged_weights, read_json
 from llama_recipes.log import get_logger, is_main_process
 from llama_recipes.paths import PREFIX
@@ -511,7 +511,7 @@ def check_labels(train_ds, eval_ds, fmt: str) -> list[str]:
     """The label names of a classification dataset (train and eval must agree)."""
     import datasets
 
-    if fmt != "classification" or not isinstance(train_ds.features.get("label"), datasets.ClassLabel):
+    if not getattr(formats.REGISTRY.get(fmt), "labels", False) or not isinstance(train_ds.features.get("label"), datasets.ClassLabel):
         raise UserError(f"head methods need classification data (text + label), got data.format {fmt!r}",
                         "set data.format: classification (and data.columns if your columns are not text/label)")
     labels = train_ds.features["label"].names

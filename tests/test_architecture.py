@@ -1,9 +1,11 @@
 """The package's shape: sibling imports at the top of files, no import cycle, one lifecycle.
 
-The import graph is read from the source (AST), so it shows the architecture as written:
-a module that imports a sibling inside a function would hide an edge, so that is refused too
-(cli.py excepted: it is the top of the graph and dispatches to the modes lazily, which keeps
-`--help` fast).
+The import graph is read from the source (AST), so it shows the architecture as written. Every
+sibling import is an edge: at the top of a file, inside module-level `if`/`try` blocks (an
+`if __name__ == "__main__":` block too: `python -m llama_recipes.X` imports what it names) and inside
+functions. A module that imports a sibling inside a function would hide an edge from a reader of
+its top, so that is refused too (cli.py excepted: it is the top of the graph and dispatches to the
+modes lazily, which keeps `--help` fast; its lazy imports are still edges).
 """
 import ast
 from pathlib import Path
@@ -21,9 +23,9 @@ def module_name(path: Path) -> str:
 
 
 def imports(path: Path) -> tuple[set[str], list[str]]:
-    """(sibling modules imported at module level, sibling imports made inside functions)."""
+    """(every sibling module the file imports, anywhere in it; sibling imports made inside functions)."""
     tree = ast.parse(path.read_text())
-    top, lazy = set(), []
+    found, lazy = set(), []
     known = {module_name(p) for p in PKG.rglob("*.py")}
 
     def targets(node) -> list[str]:
@@ -35,16 +37,13 @@ def imports(path: Path) -> tuple[set[str], list[str]]:
             return out
         return []
 
-    for node in tree.body:
-        for t in targets(node):
-            if t.startswith("llama_recipes"):
-                top.add(t)
-    for node in ast.walk(tree):
+    for node in ast.walk(tree):  # the top, module-level if/try blocks, functions, classes
+        found |= {t for t in targets(node) if t.startswith("llama_recipes")}
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             for sub in ast.walk(node):
                 lazy += [t for t in targets(sub) if t.startswith("llama_recipes")]
     # `from llama_recipes import x` names module x; `from llama_recipes.a import f` names module a
-    resolved = {t for t in top if t in known}
+    resolved = {t for t in found if t in known}
     return resolved, lazy
 
 
@@ -87,6 +86,21 @@ def test_no_import_cycle():
     g = graph()
     assert len(g) > 20
     assert find_cycle(g) is None, " -> ".join(find_cycle(g))
+
+
+def test_the_graph_sees_every_import(tmp_path):
+    """The check can fail: imports under module-level if blocks (a `__main__` block too) and inside functions
+    are edges, and a `python -m` block in a module that cli imports closes a circle."""
+    f = tmp_path / "m.py"
+    f.write_text("import os\nif os.environ.get('X'):\n    from llama_recipes import data\n"
+                 "def g():\n    from llama_recipes import pipeline\n"
+                 "if __name__ == '__main__':\n    from llama_recipes.cli import run_command\n")
+    found, lazy = imports(f)
+    assert {"llama_recipes.data", "llama_recipes.pipeline", "llama_recipes.cli"} <= found and lazy == [
+        "llama_recipes", "llama_recipes.pipeline"]
+    g = graph()
+    g["llama_recipes.export"].add("llama_recipes.cli")  # what `if __name__ == "__main__"` in export.py once did
+    assert set(find_cycle(g)) == {"llama_recipes.cli", "llama_recipes.export"}
 
 
 def test_sibling_imports_are_at_the_top():

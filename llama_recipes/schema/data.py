@@ -4,11 +4,12 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from llama_recipes import formats
 from llama_recipes.schema.base import SEED_MAX, Section, expand_user
 from llama_recipes.schema.method import PACKING_UNSAFE_METHODS
 
-Format = Literal["auto", "alpaca", "prompt_completion", "chat", "text", "summarization", "classification",
-                 "preference", "unpaired_preference", "prompt_only"]
+# The format names are the registry's (llama_recipes/formats.py: one object per format); auto detects one.
+Format = Literal[("auto", *formats.NAMES)]  # type: ignore[valid-type]
 
 # SFTConfig keys that follow from the data (set by llama_recipes.data.sft_overrides, never in `training:`).
 DATA_OWNED_SFT_KEYS = {

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, create_model
 
+from llama_recipes import formats
 from llama_recipes.schema import grpo
 from llama_recipes.schema.base import Section
 from llama_recipes.schema.finetune import HEAD_METHODS
@@ -28,7 +29,7 @@ class Spec:
     config: str  # the TRL config class its training arguments come from
     doc: str
     settings: tuple[str, ...] = ()  # fields of `config` that live in `objective:` rather than `training:`
-    formats: tuple[str, ...] = ()  # data formats it trains on (data.format; auto is detected among them)
+    formats: tuple[str, ...] = ()  # data formats it trains on (names of llama_recipes.formats; auto is detected)
     defaults: dict[str, Any] = field(default_factory=dict)  # where ours differ from TRL's, and why (in `doc`)
     fixed: dict[str, Any] = field(default_factory=dict)  # config values the objective implies (simpo: loss_type)
     types: dict[str, Any] = field(default_factory=dict)  # where TRL's annotation is looser than its code (loss names)
@@ -39,7 +40,8 @@ class Spec:
 # Loss names TRL 1.16 implements (from its config help and trainer code): a typo fails validation, not step 1.
 DPO_LOSS = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
-LM_FORMATS = ("alpaca", "prompt_completion", "summarization", "chat", "text")
+# What SFT trains on: every format that renders to text a causal LM learns next-token from.
+LM_FORMATS = formats.in_families("prompt_completion", "chat", "text")
 REFERENCE_SETTINGS = ("precompute_ref_log_probs", "precompute_ref_batch_size")
 
 SPECS: dict[str, Spec] = {
@@ -76,6 +78,9 @@ SPECS: dict[str, Spec] = {
                  types=grpo.TYPES, base=grpo.GrpoSection, check=grpo.check),
 }
 OBJECTIVE_NAMES = tuple(SPECS)
+if not {f for s in SPECS.values() for f in s.formats} <= set(formats.NAMES):  # a name the format registry lacks
+    raise ImportError(f"objective formats {sorted({f for s in SPECS.values() for f in s.formats})} are not all "
+                      f"formats of the registry {formats.NAMES}")
 # Every field that some objective owns: these never appear in `training:` (loss_type only for sft)
 OWNED_SETTINGS = {k for s in SPECS.values() for k in s.settings}
 

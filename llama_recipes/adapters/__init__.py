@@ -8,12 +8,10 @@ Every OUTPUT_DIR is a PEFT run's directory on the same base model. Prints the me
 For runs trained on alpaca data, `--input` gives the i-th prompt its `input` field (the instruction
 is the --prompt), so a task trained with inputs is asked the way it was trained.
 """
-import string
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from llama_recipes import artifacts, data, measure, methods, modeling
+from llama_recipes import artifacts, formats, measure, methods, modeling
 from llama_recipes.errors import UserError, read_json
 from llama_recipes.log import get_logger
 from llama_recipes.schema.model import ModelConfig
@@ -120,7 +118,7 @@ class MultiAdapter:
                 raise UserError("--input with --raw", "--raw passes --prompt as given: put the input into it")
             return measure.generate(self.use(name), self.tokenizer, prompts, max_new_tokens)
         texts, special, fmt = prompt_renderer(self.runs[name], self.tokenizer)
-        if any(inputs) and fmt != "alpaca":
+        if any(inputs) and not getattr(formats.REGISTRY.get(fmt), "takes_input", False):
             raise UserError(f"--input given, but adapter {name} was trained on {fmt} data, which has no input field",
                             "drop --input, or put the text into --prompt")
         inputs += [""] * (len(prompts) - len(inputs))
@@ -130,39 +128,21 @@ class MultiAdapter:
 
 def prompt_renderer(path: Path, tokenizer):
     """(render(text, input), add_special_tokens, format): what a run's training made of a user's text, from
-    its recipe.yaml and metrics.json (the data format it detected). alpaca: the instruction (and input) in
-    the recipe's prompt template (default: the Alpaca template); summarization: the document; chat: one
-    user turn through the chat template the run saved with its tokenizer; text, or a run without that
+    its recipe.yaml and metrics.json (the data format it detected): that format's `prompt` (formats.py) with
+    the run's prompt_template (alpaca: the Alpaca template by default; summarization: the document; chat:
+    one user turn through the chat template the run saved with its tokenizer); text, or a run without that
     record: the text as given. `input` is used by alpaca only."""
     _, saved = artifacts.read_run(path)
     data_cfg = (saved or {}).get("data") or {}
     metrics = path / "metrics.json"
     fmt = (read_json(metrics).get("data_format") if metrics.is_file() else None) or data_cfg.get("format", "auto")
     fmt = fmt.split("+")[0]  # a mix renders every source the same way
-    template = data_cfg.get("prompt_template")
-    fields = [f for _, f, _, _ in string.Formatter().parse(template) if f] if template else []
-    if fmt == "alpaca":  # other columns a custom template names are left empty
-        return (lambda t, i="": data.render_alpaca({**dict.fromkeys(fields, ""), "instruction": t, "input": i,
-                                                    "output": ""}, template)["prompt"]), True, fmt
-    if fmt == "summarization":
-        return (lambda t, i="": (template or data.SUMMARY_PROMPT).format(
-            **{**dict.fromkeys(fields, ""), "document": t})), True, fmt
-    if fmt == "prompt_completion" and template and len(set(fields)) == 1:
-        return (lambda t, i="": template.format(**{fields[0]: t})), True, fmt
-    if fmt == "chat":
-        chat = tokenizer
-        if (path / "tokenizer_config.json").is_file():  # the template training installed (data.chat_template)
-            chat = modeling.load_tokenizer(ModelConfig(name_or_path=str(path)))
-        if getattr(chat, "chat_template", None):
-            # the template adds BOS itself (as in measure.generation_pairs)
-            return (lambda t, i="": chat.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                                             add_generation_prompt=True)), False, fmt
+    spec = formats.REGISTRY.get(fmt)
+    if spec is not None and spec.chat and (path / "tokenizer_config.json").is_file():
+        tokenizer = modeling.load_tokenizer(ModelConfig(name_or_path=str(path)))  # the template training installed
+    rendered = spec.prompt(data_cfg.get("prompt_template"), tokenizer) if spec is not None else None
+    if rendered:
+        return (*rendered, fmt)
     if fmt in ("auto", None):
         log.warning("%s records no data format (no metrics.json): prompts are passed as given", path)
     return (lambda t, i="": t), True, fmt
-
-
-if __name__ == "__main__":  # `python -m llama_recipes.adapters` is the `llama-recipes adapters` command
-    from llama_recipes.cli import run_command
-
-    sys.exit(run_command("adapters", prog="python -m llama_recipes.adapters"))

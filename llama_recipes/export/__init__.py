@@ -14,7 +14,6 @@ and LLaMA-Adapter add tokens or attention paths, not weight deltas: they cannot 
 """
 import os
 import shutil
-import sys
 from pathlib import Path
 
 from llama_recipes import artifacts, methods, modeling
@@ -139,9 +138,3 @@ def max_logit_difference(adapter_dir: str | Path, merged_dir: str | Path, text: 
         a = with_adapter(**ids).logits.float()
         b = merged(**ids).logits.float()
     return float((a - b).abs().max())
-
-
-if __name__ == "__main__":  # `python -m llama_recipes.export` is the `llama-recipes export` command
-    from llama_recipes.cli import run_command
-
-    sys.exit(run_command("export", prog="python -m llama_recipes.export"))
