@@ -103,3 +103,44 @@ def test_compact_log_probs_equal_trl_fused_head(case, tmp_path, monkeypatch):
             # error is absolute: beta (<= 1) x |log p| (<= 50) x RTOL = 5e-4 at most
             tol = 5e-4 if k.startswith(("rewards/", "eval_rewards/")) or k == "kl" else 1e-6
             assert a[k] == pytest.approx(b[k], rel=RTOL, abs=tol), (k, ours, trl)
+
+
+def test_shared_prompt_rows_give_each_row_its_own_log_probs():
+    """Pairs laid out as `prompt, chosen, rejected`: every completion token's log-probability equals the one of
+    TRL's separate rows (the tiny Llama, sdpa, fp32), and batches that are not such pairs are left alone."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llama_recipes.training import shared_prompt_rows
+
+    model = AutoModelForCausalLM.from_pretrained(ROOT / "llama_recipes" / "assets" / "tiny-llama",
+                                                 dtype=torch.float32).eval()
+    pad = 3
+    pairs = [([5, 6, 7, 20], [8, 9], [10]), ([5, 11], [12], [13, 14, 15])]  # prompt, chosen, rejected
+    rows = [p + c for p, c, _ in pairs] + [p + r for p, _, r in pairs]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    attn = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    prompts = [len(p) for p, _, _ in pairs] * 2
+    labels = ids.masked_fill(torch.arange(width)[None] < torch.tensor(prompts)[:, None], -100).masked_fill(attn == 0, -100)
+    tree = shared_prompt_rows({"input_ids": ids, "attention_mask": attn, "use_cache": False}, labels)
+    assert tree is not None
+    tree_ids, positions, allowed, index = tree
+    assert tree_ids.tolist()[0] == [5, 6, 7, 20, 8, 9, 10] and positions.tolist()[0] == [0, 1, 2, 3, 4, 5, 4]
+    assert not allowed[0, 6, 4:6].any() and allowed[0, 6, :4].all()  # rejected sees the prompt, not chosen
+    with torch.no_grad():
+        separate = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1], -1)
+        mask = labels[:, 1:] != -100
+        expected = separate[mask].gather(-1, labels[:, 1:][mask][:, None]).squeeze(-1)
+        mask4d = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
+        hidden = model.model(input_ids=tree_ids, attention_mask=mask4d, position_ids=positions).last_hidden_state
+        got = torch.log_softmax(model.lm_head(hidden.reshape(-1, hidden.shape[-1])[index]), -1)
+        got = got.gather(-1, labels[:, 1:][mask][:, None]).squeeze(-1)
+    assert len(expected) == 2 + 1 + 1 + 3
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), (got, expected)
+    # not pairs: prompts differ, an odd row count, a row with nothing before its completion
+    other = ids.clone()
+    other[2, 0] = 30
+    assert shared_prompt_rows({"input_ids": other, "attention_mask": attn}, labels) is None
+    assert shared_prompt_rows({"input_ids": ids[:3], "attention_mask": attn[:3]}, labels[:3]) is None
+    assert shared_prompt_rows({"input_ids": ids, "attention_mask": attn, "inputs_embeds": torch.zeros(1)}, labels) is None
