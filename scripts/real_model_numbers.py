@@ -25,13 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 NUMBERS = ROOT / "docs" / "real_model_numbers.json"
-# doc -> (marker name, the demos its block shows, whether it shows held-out examples)
-BLOCKS = {
-    ROOT / "README.md": ("demo-numbers", ["tiny_lora"], False),
-    ROOT / "docs" / "real_models.md": ("real-model-numbers", ["smollm2_lora", "smollm2_chat_lora",
-                                                             "smollm2_classifier_head"], True),
-}
-DEMOS = [name for _, names, _ in BLOCKS.values() for name in names]
+# (doc, marker name, the demos its block shows, whether it shows held-out examples)
+BLOCKS = [
+    (ROOT / "README.md", "demo-numbers", ["tiny_lora"], False),
+    (ROOT / "README.md", "dpo-numbers", ["smollm2_dpo"], False),
+    (ROOT / "docs" / "real_models.md", "real-model-numbers", ["smollm2_lora", "smollm2_chat_lora",
+                                                              "smollm2_classifier_head"], True),
+    (ROOT / "docs" / "preference.md", "dpo-numbers", ["smollm2_dpo"], False),
+]
+DEMOS = list(dict.fromkeys(name for _, _, names, _ in BLOCKS for name in names))
 N_EXAMPLES = 2
 
 
@@ -45,6 +47,19 @@ def recipe_of(name: str):
     return load_recipe(ROOT / "recipes" / "demo" / f"{name}.yaml")
 
 
+KEEP = ("loss", "perplexity", "exact_match", "rougeL", "accuracy", "macro_f1", "majority_baseline",
+        "preference_accuracy", "logp_margin", "reward_accuracy", "examples", "tokens")
+
+
+def numbers_of(result: dict | None) -> dict:
+    """The recorded numbers of one eval result (metrics.json's eval_before / eval_after)."""
+    out = {k: v for k, v in (result or {}).items() if k in KEEP}
+    tasks = ((result or {}).get("harness") or {}).get("tasks") or {}
+    if len(tasks) == 1 and "exact_match" in next(iter(tasks.values()))["metrics"]:  # e.g. the SFT task after DPO
+        out["harness_exact_match"] = next(iter(tasks.values()))["metrics"]["exact_match"]
+    return out
+
+
 def summarize(name: str) -> dict | None:
     """The numbers of one finished demo run, or None when it has not run."""
     recipe = recipe_of(name)
@@ -52,22 +67,18 @@ def summarize(name: str) -> dict | None:
     if not path.is_file():
         return None
     m = json.loads(path.read_text())
-    keep = ("loss", "perplexity", "exact_match", "rougeL", "accuracy", "macro_f1", "majority_baseline", "examples",
-            "tokens")
-    def pick(r):
-        return {k: v for k, v in (r or {}).items() if k in keep}
 
     return {"recipe": f"recipes/demo/{name}.yaml", "method": recipe.method.name, "steps": m["train"]["global_step"],
             "trainable_params": m["trainable_params"], "total_params": m["total_params"],
-            "before": pick(m.get("eval_before")), "after": pick(m.get("eval_after")),
+            "before": numbers_of(m.get("eval_before")), "after": numbers_of(m.get("eval_after")),
             "train_seconds": round(m["train"].get("train_runtime", 0.0)), "wall_seconds": round(m["wall_seconds"])}
 
 
 def examples_of(name: str) -> list[dict]:
     """N_EXAMPLES held-out prompts answered greedily by the base and by the trained artifact."""
     recipe = recipe_of(name)
-    if recipe.method.name in ("classifier_head", "mlp_head"):
-        return []  # an untrained head's "before" answer is a random label: nothing to show
+    if recipe.method.name in ("classifier_head", "mlp_head") or recipe.objective.name != "sft":
+        return []  # an untrained head's "before" answer is a random label; preference pairs have no one answer
     from llama_recipes import artifacts, data, measure
 
     _, eval_raw, _ = data.build_datasets(recipe.data)  # rendered as training saw them
@@ -99,12 +110,15 @@ def _fmt(v, key: str) -> str:
 
 
 LABELS = {"loss": "eval loss", "perplexity": "perplexity", "exact_match": "exact match (greedy)",
-          "rougeL": "ROUGE-L", "accuracy": "accuracy", "macro_f1": "macro F1", "majority_baseline": "majority class"}
+          "rougeL": "ROUGE-L", "accuracy": "accuracy", "macro_f1": "macro F1", "majority_baseline": "majority class",
+          "preference_accuracy": "preference accuracy (log p chosen > rejected)", "logp_margin": "log-prob margin",
+          "reward_accuracy": "implicit-reward accuracy (vs the reference)",
+          "harness_exact_match": "exact match on the SFT task (lm-eval, builtin:pydoc_package_gen)"}
 
 
-def render(data: dict, doc: Path) -> str:
+def render(data: dict, block: tuple) -> str:
     """A doc's block: one table per demo, its examples, its wall time."""
-    marker, names, with_examples = BLOCKS[doc]
+    _, marker, names, with_examples = block
     start, end = markers(marker)
     lines = [start, ""]
     for name in names:
@@ -115,7 +129,8 @@ def render(data: dict, doc: Path) -> str:
             continue
         lines += [(f"**`{d['recipe']}`** ({d['method']}, {d['steps']} steps, {d['trainable_params']:,} of "
                    f"{d['total_params']:,} parameters train)"), "",
-                  f"| held-out ({d['after'].get('examples') or d['before'].get('examples') or '?'} rows) | before | after |",
+                  f"| held-out ({d['after'].get('examples') or d['before'].get('examples') or '?'} "
+                  f"{'pairs' if 'preference_accuracy' in d['after'] else 'rows'}) | before | after |",
                   "|---|---|---|"]
         for key, label in LABELS.items():
             if key in d["before"] or key in d["after"]:
@@ -140,12 +155,13 @@ def _quote(text: str, limit: int = 200) -> str:
     return "`" + text.replace("`", "'") + "`"
 
 
-def replace_block(text: str, block: str, doc: Path) -> str:
-    start, end = markers(BLOCKS[doc][0])
+def replace_block(text: str, rendered: str, block: tuple) -> str:
+    doc, marker = block[:2]
+    start, end = markers(marker)
     if start not in text or end not in text:
         sys.exit(f"{doc.relative_to(ROOT)} has no {start} ... {end} block")
     head, rest = text.split(start, 1)
-    return head + block + rest.split(end, 1)[1]
+    return head + rendered + rest.split(end, 1)[1]
 
 
 def cpu_line() -> str:
@@ -174,15 +190,16 @@ def main() -> int:
             print(f"{name}: no metrics.json yet (run the recipe); keeping the stored entry", file=sys.stderr)
             continue
         old = data["demos"].get(name, {})
-        with_examples = next(w for _, names, w in BLOCKS.values() if name in names)
+        with_examples = any(w for _, _, names, w in BLOCKS if name in names)
         entry["examples"] = old.get("examples", []) if args.no_examples or not with_examples else examples_of(name)
         entry["wall_pending"] = args.wall_pending
         entry["cpu"] = cpu_line()
         data["demos"][name] = entry
     NUMBERS.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    for doc in BLOCKS:
-        doc.write_text(replace_block(doc.read_text(), render(data, doc), doc))
-        print(render(data, doc))
+    for block in BLOCKS:
+        doc = block[0]
+        doc.write_text(replace_block(doc.read_text(), render(data, block), block))
+        print(render(data, block))
     return 0
 
 

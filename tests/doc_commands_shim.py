@@ -240,6 +240,10 @@ def launcher(name: str, argv: list[str], args: list[str]) -> int:
     if command == "eval" and not a.base:
         ensure_artifact(a.checkpoint or str(_yaml(r).get("output_dir")), recipe)
     flags = [x for x in script if x.startswith("--")]
+    if command == "run" and "--overwrite" not in flags:
+        # a doc's launch lines are alternatives (README's "Launch lines": one recipe under several configs); the
+        # stand-in of each trains into the recipe's output_dir, which the line before may have filled
+        flags.append("--overwrite")
     if name == "accelerate":
         cmd = [PY, "-m", "accelerate.commands.launch", "--config_file", config or str(ROOT / "accelerate_configs" /
                "cpu_ddp_2proc.yaml"), "--num_processes", "2", "--main_process_port", free_port()]

@@ -12,6 +12,7 @@ Tolerance (stated in docs/real_models.md, "How exactly these reproduce"):
 `.ci/run` runs the tiny demo's check (about a minute); `make test-all` runs them all (the smollm2
 demos take about 5 minutes each on 2 cores).
 """
+import importlib.util
 import json
 import math
 
@@ -19,10 +20,17 @@ import pytest
 from conftest import ROOT
 
 NUMBERS = json.loads((ROOT / "docs" / "real_model_numbers.json").read_text())["demos"]
+_spec = importlib.util.spec_from_file_location("real_model_numbers", ROOT / "scripts" / "real_model_numbers.py")
+SCRIPT = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(SCRIPT)
 SAME_PATH_REL = 1e-5
 OTHER_PATH = {"loss": 0.05, "perplexity": 0.15, "exact_match": 0.05, "rougeL": 0.05, "accuracy": 0.05,
-              "macro_f1": 0.05}  # relative for loss/perplexity, absolute for the scores in [0, 1]
-COMPARED = ("loss", "perplexity", "exact_match", "rougeL", "accuracy", "macro_f1", "examples", "tokens")
+              "macro_f1": 0.05, "preference_accuracy": 0.05, "reward_accuracy": 0.05,
+              "harness_exact_match": 0.05}  # relative for loss/perplexity, absolute for the scores in [0, 1]
+COMPARED = ("loss", "perplexity", "exact_match", "rougeL", "accuracy", "macro_f1", "preference_accuracy",
+            "reward_accuracy", "harness_exact_match", "examples", "tokens")
+# demos that start from another demo's artifact, as their recipe's header says: (that demo, merged first)
+STARTS_FROM = {"smollm2_dpo": "smollm2_lora"}
 
 
 def capability() -> str:
@@ -53,13 +61,22 @@ def test_recorded_demo_numbers_reproduce(name, tmp_path):
     from llama_recipes.schema import load_recipe
 
     rec = NUMBERS[name]
-    run = pipeline.train(load_recipe(ROOT / rec["recipe"], [f"output_dir={tmp_path / 'out'}"]))
+    overrides = [f"output_dir={tmp_path / 'out'}"]
+    if name in STARTS_FROM:  # the SFT -> DPO pipeline: the SFT demo, merged, then this one on top
+        from llama_recipes.export import merge_and_export
+
+        first = load_recipe(ROOT / NUMBERS[STARTS_FROM[name]]["recipe"], [f"output_dir={tmp_path / 'first'}"])
+        pipeline.train(first)
+        merge_and_export(tmp_path / "first", tmp_path / "merged")
+        overrides.append(f"model.name_or_path={tmp_path / 'merged'}")
+    run = pipeline.train(load_recipe(ROOT / rec["recipe"], overrides))
     m = run.metrics
     assert (m["trainable_params"], m["total_params"], m["train"]["global_step"]) == \
         (rec["trainable_params"], rec["total_params"], rec["steps"])
     same_path = f"capability {capability()}" in rec["cpu"]
     wrong = []
     for tag, got in (("before", m["eval_before"]), ("after", m["eval_after"])):
+        got = SCRIPT.numbers_of(got)
         for key, want in rec[tag].items():
             if key in COMPARED and not close(key, got[key], want, same_path, tag == "after"):
                 wrong.append(f"{tag} {key}: {got[key]:.6g}, recorded {want:.6g}")

@@ -80,13 +80,14 @@ def _numbers_script():
 
 
 def test_demo_numbers_blocks_are_generated():
-    """README's demo numbers and docs/real_models.md's are the rendering of docs/real_model_numbers.json."""
+    """README's demo numbers, docs/real_models.md's and docs/preference.md's are the rendering of
+    docs/real_model_numbers.json."""
     script = _numbers_script()
     data = json.loads(script.NUMBERS.read_text())
-    for doc in script.BLOCKS:
-        text = doc.read_text()
-        assert script.replace_block(text, script.render(data, doc), doc) == text, \
-            f"{doc.name} is stale: python scripts/real_model_numbers.py"
+    for block in script.BLOCKS:
+        text = block[0].read_text()
+        assert script.replace_block(text, script.render(data, block), block) == text, \
+            f"{block[0].name} ({block[1]}) is stale: python scripts/real_model_numbers.py"
     assert set(script.DEMOS) <= set(data["demos"]), "a demo has no recorded numbers: run it, then the script"
 
 
