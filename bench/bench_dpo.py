@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 COMMON = ["training.bf16=false", "training.report_to=none", "training.save_strategy=no",
-          "eval.before_after=false"]
+          "eval.before_after=false", "eval.harness=null"]
 
 
 def ours(recipe_path: Path, steps: int, out: Path):
