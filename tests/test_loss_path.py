@@ -87,7 +87,12 @@ def preference_history(name, overrides, tmp_path, monkeypatch, trl_head: bool):
     return [{k: h[k] for k in PREFERENCE_KEYS if k in h} for h in run.trainer.state.log_history]
 
 
-@pytest.mark.parametrize("case", PREFERENCE_CASES)
+# gradient accumulation doubles the batch of the slowest case (~30 s): `make test-all` runs it
+SLOW_PREFERENCE_CASES = {"dpo_lora_accumulation"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.slow] if c in SLOW_PREFERENCE_CASES else [])
+                                  for c in PREFERENCE_CASES])
 def test_compact_log_probs_equal_trl_fused_head(case, tmp_path, monkeypatch):
     name, overrides = PREFERENCE_CASES[case]
     ours = preference_history(name, overrides, tmp_path, monkeypatch, trl_head=False)
