@@ -40,7 +40,9 @@ def ours(recipe_path: Path, steps: int, out: Path):
     return recipe, run.trainer, [h["loss"] for h in hist if "loss" in h], hist[-1]["train_runtime"]
 
 
-def trl_side(recipe, rows, steps: int, out: Path):
+def trl_trainer(recipe, rows, steps: int, out: Path, **kwargs):
+    """A plain TRL 1.16 DPOTrainer at the recipe's settings (LoRA via peft_config, fp32); `kwargs` go to it
+    (ref_model, callbacks). Seeded right before the policy loads, as ours is."""
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -61,7 +63,11 @@ def trl_side(recipe, rows, steps: int, out: Path):
                     max_length=t.max_length, beta=recipe.objective.beta, seed=recipe.seed, bf16=False,
                     report_to=[], logging_steps=1, save_strategy="no", activation_checkpointing=False,
                     dataloader_pin_memory=False)
-    trainer = DPOTrainer(model=model, args=cfg, train_dataset=rows, processing_class=tok, peft_config=peft)
+    return DPOTrainer(model=model, args=cfg, train_dataset=rows, processing_class=tok, peft_config=peft, **kwargs)
+
+
+def trl_side(recipe, rows, steps: int, out: Path):
+    trainer = trl_trainer(recipe, rows, steps, out)
     trainer.train()
     hist = trainer.state.log_history
     return trainer, [h["loss"] for h in hist if "loss" in h], hist[-1]["train_runtime"]

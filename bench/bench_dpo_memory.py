@@ -168,35 +168,20 @@ def trl_side(recipe, rows, steps: int, out: Path, mem: dict, with_copy: bool, an
     cloned into the process's own memory, as when they cannot be shared with the file (a dtype
     cast on load, a GPU, another file)."""
     import torch
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
+    from bench_dpo import trl_trainer
+    from transformers import AutoModelForCausalLM
 
     from llama_recipes import paths
 
-    model_dir = paths.model_path(recipe.model)
     ref = None
     if with_copy:  # loaded first, so the policy and its LoRA draw the same random numbers as in trl_peft
-        ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        ref = AutoModelForCausalLM.from_pretrained(paths.model_path(recipe.model), dtype=torch.float32)
         ref.requires_grad_(False)
         ref.eval()
         if anon:
             for p_ in ref.parameters():  # tied weights are one Parameter: cloned once, still tied
                 p_.data = p_.data.clone()
-    torch.manual_seed(recipe.seed)
-    tok = AutoTokenizer.from_pretrained(paths.tokenizer_path(recipe.model))
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    m = recipe.method
-    peft = LoraConfig(task_type="CAUSAL_LM", r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout,
-                      target_modules="all-linear")
-    t = recipe.training
-    cfg = DPOConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=t.per_device_train_batch_size,
-                    learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_steps,
-                    max_length=t.max_length, beta=recipe.objective.beta, seed=recipe.seed, bf16=False,
-                    report_to=[], logging_steps=1, save_strategy="no", activation_checkpointing=False,
-                    dataloader_pin_memory=False)
-    trainer = DPOTrainer(model=model, args=cfg, train_dataset=rows, processing_class=tok, peft_config=peft,
-                         ref_model=ref, callbacks=[_at_train_begin(mem)])
+    trainer = trl_trainer(recipe, rows, steps, out, ref_model=ref, callbacks=[_at_train_begin(mem)])
     if with_copy:
         assert trainer.ref_model is not None
     else:
