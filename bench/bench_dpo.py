@@ -1,6 +1,6 @@
 """DPO: ours (objective: dpo through pipeline.train) vs a plain TRL 1.16 `DPOTrainer`, side by side.
 
-    OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python bench/bench_dpo.py [--recipe R] [--steps N] [--rounds K]
+    OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python bench/bench_dpo.py [--recipe R] [--steps N] [--rounds K] [KEY=VALUE ...]
 
 Both sides train the same LoRA (r16, alpha 32, all-linear, fp32) on the same base, the same rendered
 preference rows (ours renders `builtin:topic_preference`; TRL gets those rows), the same DPOConfig
@@ -11,6 +11,13 @@ Rounds alternate ours, TRL; the ratio is the median of TRL seconds / our seconds
 Also printed: the per-step losses of both (they should agree: same data order, same seed) and, after the
 last round, each side's held-out preference accuracy (the recipe's eval pairs, scored by the same function
 for both: llama_recipes.preference). `--epoch` trains one epoch of the recipe's rows instead of `--steps`.
+MFU, as for SFT (docs/benchmarks.md section 1): model FLOPs of the standard DPO step over the fp32 matmul
+peak measured in the same run (common.peak_matmul_flops). Per token of the chosen and rejected sequences
+(prompt + completion each, what TRL's DPOTrainer runs): the policy's forward and backward (6N, full
+fine-tuning's count; a frozen base computes no weight gradients, ~4N) and the reference's forward (2N):
+MFU(8N) = 8 * N * tokens/s / peak. Both sides count the same tokens; ours does less work for them (the
+shared prompt once, completion positions only through the head), so its MFU may exceed what the matmuls
+alone reach.
 On CPU ours projects only the completion positions through the vocabulary (training.CompactLogProbsMixin);
 TRL's fused head projects every position, twice.
 """
@@ -29,12 +36,12 @@ COMMON = ["training.bf16=false", "training.report_to=none", "training.save_strat
           "eval.before_after=false", "eval.harness=null"]
 
 
-def ours(recipe_path: Path, steps: int, out: Path):
+def ours(recipe_path: Path, steps: int, out: Path, overrides=()):
     from llama_recipes import pipeline
     from llama_recipes.schema import load_recipe
 
-    recipe = load_recipe(recipe_path, [f"output_dir={out}", f"training.max_steps={steps}", "training.logging_steps=1",
-                                       *COMMON])
+    recipe = load_recipe(recipe_path, [*overrides, f"output_dir={out}", f"training.max_steps={steps}",
+                                       "training.logging_steps=1", *COMMON])
     run = pipeline.train(recipe)
     hist = run.trainer.state.log_history
     return recipe, run.trainer, [h["loss"] for h in hist if "loss" in h], hist[-1]["train_runtime"]
@@ -88,6 +95,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--epoch", action="store_true", help="one epoch of the recipe's training rows (overrides --steps)")
+    p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. model.name_or_path=DIR (a plain model: the TRL "
+                   "side trains a new LoRA on it)")
     args = p.parse_args(argv)
     import datasets
     import torch
@@ -96,14 +105,14 @@ def main(argv=None) -> int:
 
     from llama_recipes.schema import load_recipe
 
-    recipe = load_recipe(Path(args.recipe))
+    recipe = load_recipe(Path(args.recipe), args.overrides)
     raw, eval_raw, _ = data.build_datasets(recipe.data, recipe.formats)  # the rows ours renders, untokenized
     rows = datasets.Dataset.from_list([{k: x[k] for k in ("prompt", "chosen", "rejected")} for x in raw])
     steps = -(-len(rows) // recipe.training.per_device_train_batch_size) if args.epoch else args.steps
     mine, theirs, loss_pairs, accuracy = [], [], None, {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            recipe, our_trainer, our_losses, s = ours(Path(args.recipe), steps, Path(tmp) / f"ours{r}")
+            recipe, our_trainer, our_losses, s = ours(Path(args.recipe), steps, Path(tmp) / f"ours{r}", args.overrides)
             mine.append(s)
             trl_trainer, trl_losses, s = trl_side(recipe, rows, steps, Path(tmp) / f"trl{r}")
             theirs.append(s)
@@ -113,8 +122,20 @@ def main(argv=None) -> int:
             for side, trainer in (("ours", our_trainer), ("trl", trl_trainer)):
                 accuracy[side] = held_out_accuracy(recipe, trainer.model, trainer.processing_class, eval_raw)
     ratio = statistics.median(t / o for t, o in zip(theirs, mine))
+    from llama_recipes import preference
+    from common import peak_matmul_flops
+
+    tok, model = our_trainer.processing_class, our_trainer.model
+    seqs = preference.sequences(tok, rows, ("chosen", "rejected"))
+    per_side = statistics.mean(min(len(ids), recipe.training.max_length) for ids, _ in seqs)  # prompt + completion
+    tokens = steps * recipe.training.per_device_train_batch_size * 2 * per_side  # chosen + rejected, every pair
+    n = sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
+    peak = peak_matmul_flops()
+    mfu = {side: round(8 * n * tokens / statistics.median(t) / peak, 3) for side, t in (("ours", mine), ("trl", theirs))}
     result = {"bench": "dpo", "recipe": Path(args.recipe).name, "steps": steps, "held_out_accuracy": accuracy, "ours_s": mine, "trl_s": theirs,
-              "speed_ratio_trl_over_ours": round(ratio, 3), "losses_ours": loss_pairs[0], "losses_trl": loss_pairs[1],
+              "speed_ratio_trl_over_ours": round(ratio, 3),
+              "mfu_8n": mfu, "fp32_peak_gflops": round(peak / 1e9, 1), "tokens_per_run": round(tokens), "base_params": n,
+              "losses_ours": loss_pairs[0], "losses_trl": loss_pairs[1],
               "torch_isa": torch.backends.cpu.get_cpu_capability(), "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(result, indent=1))
     return 0

@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from llama_recipes import bounds, heads, methods, modeling, objectives
-from llama_recipes.errors import RunComplete, UserError, damaged_weights, read_json
+from llama_recipes.errors import RunComplete, UserError, read_json
 from llama_recipes.log import get_logger, is_main_process
 from llama_recipes.runtime import collectives, distributed, resilience, zero3
 from llama_recipes.schema import same_run
@@ -566,22 +566,19 @@ def _load(recipe, path=None):
     if kind == "model":
         return tokenizer, modeling.load_model(model_cfg.model_copy(update={"name_or_path": str(path), "revision": None}),
                                               objective.auto_class)
-    if kind == "base":
-        return tokenizer, load_base(recipe.model, recipe.method.model_dump(), objective, tokenizer)
+    if kind == "base":  # the model training started from: with model.adapter, the base + the adapter it continued
+        base = load_base(recipe.model, recipe.method.model_dump(), objective, tokenizer)
+        return tokenizer, modeling.load_adapter(base, recipe.model.adapter) if recipe.model.adapter else base
     if kind != "adapter":
         raise UserError(f"no model artifact in {path} (no adapter_config.json, config.json or head_config.json)",
                         "train the recipe first, or point at a run's output_dir")
-    from peft import PeftModel
-
     base_cfg, method_section = base_model_config(path, recipe)
     read_json(Path(path) / "adapter_config.json")  # damaged: a clear error before the base loads
     if not (Path(path) / "adapter_model.safetensors").is_file():
         raise UserError(f"{path} has adapter_config.json but no adapter_model.safetensors",
                         "point at a complete run's output_dir (or a checkpoint-N directory inside it)")
     base = load_base(base_cfg, method_section, objective, tokenizer)
-    with damaged_weights(path, "adapter"):
-        model = PeftModel.from_pretrained(base, str(path), autocast_adapter_dtype=False)
-    return tokenizer, model
+    return tokenizer, modeling.load_adapter(base, path)
 
 
 # -- sizes ----------------------------------------------------------------------------------------

@@ -162,7 +162,8 @@ def evaluate_pairs(recipe, target: Target, objective) -> dict:
     a reward model's pairwise accuracy), as training measures them after its last step.
 
     The reference is the model training started from: an adapter's base with the adapter off (no second
-    load), otherwise the recipe's model, loaded after the artifact's numbers are taken.
+    load), otherwise the recipe's model (with model.adapter, the adapter it continued), loaded after the
+    artifact's numbers are taken.
     """
     started = time.time()
     device = collectives.init_for_eval()
@@ -178,7 +179,7 @@ def evaluate_pairs(recipe, target: Target, objective) -> dict:
     with autocast(recipe_precision(recipe)):
         reference = None
         if objective.reference_metrics and target.kind != "base":
-            if target.kind == "adapter":
+            if target.kind == "adapter" and not recipe.model.adapter:
                 with model.disable_adapter():
                     reference = objective.evaluate(model, tokenizer, None, eval_raw, recipe)
                 metrics = objective.evaluate(model, tokenizer, None, eval_raw, recipe, reference=reference)

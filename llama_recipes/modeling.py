@@ -1,7 +1,7 @@
 """Load the tokenizer and the base model named by the recipe's `model:` section."""
 from pathlib import Path
 
-from llama_recipes.errors import UserError
+from llama_recipes.errors import UserError, damaged_weights
 from llama_recipes.log import get_logger
 from llama_recipes.paths import is_local, model_path, resolve, tokenizer_path
 from llama_recipes.runtime.hardware import limit_bnb_cpu_packing
@@ -65,10 +65,11 @@ def check_local(ref: str, key: str = "model.name_or_path", need: str = "config.j
         raise UserError(f"{key} {ref} is a file, not a model directory",
                         f"point {key} at the directory that holds it ({path.parent})")
     if path.is_dir() and need and not (path / need).is_file() and (path / "adapter_config.json").is_file():
-        # a previous run's adapter (SFT -> DPO): the model to start from is that adapter merged into its base
+        # a previous run's adapter where a model is needed (a recipe resolves it: schema/start.py)
         raise UserError(f"{key} {ref} is a PEFT adapter (a run's output_dir), not a model",
-                        f"merge it into its base first: `llama-recipes export {ref} {ref.rstrip('/')}_merged`, then "
-                        f"set {key}: {ref.rstrip('/')}_merged (docs/preference.md, SFT -> DPO)")
+                        f"to train on from it, name it in a recipe's model.name_or_path (its adapter continues); to "
+                        f"use it as a model, merge it first: `llama-recipes export {ref} {ref.rstrip('/')}_merged` "
+                        "(docs/preference.md, SFT -> DPO)")
     if path.is_dir() and need and not (path / need).is_file():
         raise UserError(f"{key} {ref} is a directory without {need} (not a saved model)",
                         "point it at a directory written by save_pretrained (config.json, tokenizer files, "
@@ -110,6 +111,16 @@ def load_tokenizer(cfg: ModelConfig):
         tok.pad_token = tok.eos_token
         log.info("tokenizer has no pad token: using eos %r for padding", tok.eos_token)
     return tok
+
+
+def load_adapter(base, path, trainable: bool = False):
+    """A PEFT adapter directory on a loaded base, in its saved dtype (PEFT would upcast a bf16 QLoRA
+    adapter to fp32: then it is not the model that was trained). trainable: its weights train on
+    (model.adapter: a run continues a previous run's adapter)."""
+    from peft import PeftModel
+
+    with damaged_weights(path, "adapter"):
+        return PeftModel.from_pretrained(base, str(path), is_trainable=trainable, autocast_adapter_dtype=False)
 
 
 def torch_dtype(name: str):

@@ -37,8 +37,14 @@ def model_path(cfg) -> str:
 
 
 def tokenizer_path(cfg) -> str:
-    """The tokenizer of a `model:` section: model.tokenizer when set, else the model's own."""
-    return resolve(cfg.tokenizer, "model") if cfg.tokenizer else model_path(cfg)
+    """The tokenizer of a `model:` section: model.tokenizer when set, else the tokenizer a starting
+    adapter's run saved (model.adapter: the chat template and pad token it trained with), else the model's own."""
+    if cfg.tokenizer:
+        return resolve(cfg.tokenizer, "model")
+    adapter = getattr(cfg, "adapter", None)
+    if adapter and (Path(adapter) / "tokenizer_config.json").is_file():
+        return adapter
+    return model_path(cfg)
 
 
 def shipped_config(ref: str) -> Path | None:

@@ -10,7 +10,8 @@ Collects each run's held-out numbers before/after training and its wall time int
 docs/real_model_numbers.json, generates two held-out examples before (the base) and after (the
 artifact) with the same loader and greedy decoding as `--eval-only`, and rewrites the blocks between
 the markers: `demo-numbers` in README.md (tiny_lora), `real-model-numbers` in docs/real_models.md
-(the smollm2 demos). A demo that has not run keeps its previous entry. `--wall-pending` marks the
+(the smollm2 demos), `dpo-numbers` (README, docs/preference.md), `harness-numbers` in docs/evaluation.md
+(our numbers beside lm-evaluation-harness's on the same rows). A demo that has not run keeps its previous entry. `--wall-pending` marks the
 wall times as measured on a busy machine (to be re-measured idle). tests/test_docs_numbers.py checks
 that the blocks are the rendering of the JSON file; tests/test_demo_numbers.py (slow) reruns the
 demos and compares their numbers with the file's.
@@ -32,6 +33,8 @@ BLOCKS = [
     (ROOT / "docs" / "real_models.md", "real-model-numbers", ["smollm2_lora", "smollm2_chat_lora",
                                                               "smollm2_classifier_head"], True),
     (ROOT / "docs" / "preference.md", "dpo-numbers", ["smollm2_dpo"], False),
+    (ROOT / "docs" / "evaluation.md", "harness-numbers", ["smollm2_lora", "smollm2_classifier_head", "smollm2_dpo"],
+     False),
 ]
 DEMOS = list(dict.fromkeys(name for _, _, names, _ in BLOCKS for name in names))
 N_EXAMPLES = 2
@@ -55,8 +58,10 @@ def numbers_of(result: dict | None) -> dict:
     """The recorded numbers of one eval result (metrics.json's eval_before / eval_after)."""
     out = {k: v for k, v in (result or {}).items() if k in KEEP}
     tasks = ((result or {}).get("harness") or {}).get("tasks") or {}
-    if len(tasks) == 1 and "exact_match" in next(iter(tasks.values()))["metrics"]:  # e.g. the SFT task after DPO
-        out["harness_exact_match"] = next(iter(tasks.values()))["metrics"]["exact_match"]
+    for task in tasks.values():  # lm-eval's numbers beside ours: a generation task's exact match, a choice task's acc
+        for metric in ("exact_match", "acc"):
+            if metric in task["metrics"]:
+                out[f"harness_{metric}"] = task["metrics"][metric]
     return out
 
 
@@ -113,7 +118,8 @@ LABELS = {"loss": "eval loss", "perplexity": "perplexity", "exact_match": "exact
           "rougeL": "ROUGE-L", "accuracy": "accuracy", "macro_f1": "macro F1", "majority_baseline": "majority class",
           "preference_accuracy": "preference accuracy (log p chosen > rejected)", "logp_margin": "log-prob margin",
           "reward_accuracy": "implicit-reward accuracy (vs the reference)",
-          "harness_exact_match": "exact match on the SFT task (lm-eval, builtin:pydoc_package_gen)"}
+          "harness_exact_match": "exact match on the SFT task's rows, through lm-eval (builtin:pydoc_package_gen)",
+          "harness_acc": "6-way multiple choice on the same rows, through lm-eval (acc)"}
 
 
 def render(data: dict, block: tuple) -> str:

@@ -26,9 +26,9 @@ _spec.loader.exec_module(SCRIPT)
 SAME_PATH_REL = 1e-5
 OTHER_PATH = {"loss": 0.05, "perplexity": 0.15, "exact_match": 0.05, "rougeL": 0.05, "accuracy": 0.05,
               "macro_f1": 0.05, "preference_accuracy": 0.05, "reward_accuracy": 0.05,
-              "harness_exact_match": 0.05}  # relative for loss/perplexity, absolute for the scores in [0, 1]
+              "harness_exact_match": 0.05, "harness_acc": 0.05}  # relative for loss/perplexity, absolute for the scores in [0, 1]
 COMPARED = ("loss", "perplexity", "exact_match", "rougeL", "accuracy", "macro_f1", "preference_accuracy",
-            "reward_accuracy", "harness_exact_match", "examples", "tokens")
+            "reward_accuracy", "harness_exact_match", "harness_acc", "examples", "tokens")
 # demos that start from another demo's artifact, as their recipe's header says: (that demo, merged first)
 STARTS_FROM = {"smollm2_dpo": "smollm2_lora"}
 

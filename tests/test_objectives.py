@@ -340,8 +340,6 @@ def test_sft_then_dpo_on_the_merged_run(tmp_path):
     sft = pipeline.train(load_recipe(DEMO / "tiny_lora.yaml", [
         f"output_dir={tmp_path / 'sft'}", *FAST, "training.max_steps=30", "data.max_samples=256",
         "eval.before_after=false"]))
-    with pytest.raises(UserError, match="(?s)is a PEFT adapter .*llama-recipes export"):
-        pipeline.train(recipe("tiny_dpo", tmp_path / "bad", f"model.name_or_path={sft.output_dir}"))
     merged = merge_and_export(sft.output_dir, tmp_path / "sft_merged")
     ov = [f"model.name_or_path={merged}", "training.max_steps=2", "data.max_samples=16", "data.max_eval_samples=32"]
     dpo = pipeline.train(recipe("tiny_dpo", tmp_path / "dpo", *ov))
@@ -351,3 +349,8 @@ def test_sft_then_dpo_on_the_merged_run(tmp_path):
     sft_start, base_start = dpo.metrics["eval_before"], base.metrics["eval_before"]
     assert sft_start["chosen_logp"] > base_start["chosen_logp"] + 10, (sft_start, base_start)
     assert dpo.trainer.ref_model is None  # the reference: the merged SFT model, adapter off
+    # the other form: the SFT run itself as the model, its adapter continuing (tests/test_start_from_run.py)
+    # starts from the same model, so the same numbers before training
+    cont = pipeline.train(recipe("tiny_dpo", tmp_path / "dpo_cont", f"model.name_or_path={sft.output_dir}", *ov[1:]))
+    for k in ("chosen_logp", "rejected_logp", "logp_margin", "preference_accuracy"):
+        assert cont.metrics["eval_before"][k] == pytest.approx(sft_start[k], rel=1e-4, abs=1e-4), k

@@ -10,7 +10,7 @@ import math
 import re
 from contextlib import contextmanager
 
-from llama_recipes import batching, objectives
+from llama_recipes import batching, modeling, objectives
 from llama_recipes.errors import UserError
 from llama_recipes.log import get_logger
 from llama_recipes.methods.lm import LMMethod
@@ -54,6 +54,10 @@ class PeftMethod(LMMethod):
     def make_trainable(self, model, recipe):
         from peft import get_peft_model
 
+        if recipe.model.adapter:  # continue a previous run's adapter (schema/start.py checked its shape)
+            log.info("continuing the adapter of %s (its weights train on; the starting model is the reference)",
+                     recipe.model.adapter)
+            return modeling.load_adapter(model, recipe.model.adapter, trainable=True)
         tok_path = tokenizer_path(recipe.model)
         task = objectives.get(recipe.objective.name).peft_task
         with peft_errors(model):

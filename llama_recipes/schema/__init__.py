@@ -35,7 +35,7 @@ from llama_recipes.schema.model import ModelConfig
 from llama_recipes.schema.objective import SPECS as OBJECTIVE_SPECS
 from llama_recipes.schema.objective import ObjectiveConfig, default_objective
 from llama_recipes.schema.objective import check_combinations as check_objective
-from llama_recipes.schema import sanity
+from llama_recipes.schema import sanity, start
 from llama_recipes.schema.training import TrainingConfig
 
 
@@ -66,7 +66,7 @@ class Recipe(Section):
         # No `objective:` section: what the method trains for by default (sft, or classification for heads).
         if isinstance(data, dict) and data.get("objective") is None and isinstance(data.get("method"), dict):
             data = {**data, "objective": {"name": default_objective(data["method"].get("name"))}}
-        return data
+        return start.from_run(data)  # model.name_or_path naming an adapter run: its base + model.adapter
 
     @model_validator(mode="after")
     def _combinations(self):
@@ -78,6 +78,7 @@ class Recipe(Section):
         check_objective(self)
         check_combinations(self)
         check_method_freeze(self)
+        start.check(self)  # model.adapter: a method that can continue it
         check_data(self)
         sanity.check(self)  # settings that cannot work together (schema/sanity.py)
         return self
@@ -108,7 +109,7 @@ class Recipe(Section):
 
 
 # Path-valued keys of a recipe dict: ("section", "key"); a list value is a list of paths.
-PATH_KEYS = (("model", "name_or_path"), ("model", "tokenizer"), ("data", "path"), ("data", "chat_template"),
+PATH_KEYS = (("model", "name_or_path"), ("model", "tokenizer"), ("model", "adapter"), ("data", "path"), ("data", "chat_template"),
              ("eval", "retain"))
 
 
@@ -123,6 +124,8 @@ def same_run(saved: dict, recipe: "Recipe") -> bool:
         d = {k: v for k, v in d.items() if k not in RUN_CONTROL_KEYS and k != "output_dir"}
         if "objective" not in d and isinstance(d.get("method"), dict):  # written before the objective axis
             d["objective"] = {"name": default_objective(d["method"].get("name"))}
+        if isinstance(d.get("model"), dict) and d["model"].get("adapter", 0) is None:  # no model.adapter before it existed
+            d["model"] = {k: v for k, v in d["model"].items() if k != "adapter"}
         for section, key in PATH_KEYS:
             if isinstance(d.get(section), dict) and key in d[section]:
                 d[section] = {**d[section], key: _real(d[section][key])}

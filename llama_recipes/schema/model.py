@@ -29,8 +29,26 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with a hub model. Off unless you trust the model's authors."
     )
+    adapter: str | None = Field(
+        None, description="A previous PEFT run's output_dir (or a PEFT adapter directory) to start from: the "
+        "method continues training that adapter on name_or_path, its base, and a dpo/kto reference is that starting "
+        "model (SFT -> DPO, docs/preference.md). Set for you when name_or_path names such a run; the tokenizer is "
+        "the run's own unless model.tokenizer says otherwise."
+    )
 
-    _paths = field_validator("name_or_path", "tokenizer")(expand_user)
+    _paths = field_validator("name_or_path", "tokenizer", "adapter")(expand_user)
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_dir(cls, v):
+        from pathlib import Path
+
+        if v is not None and not (Path(v) / "adapter_config.json").is_file():
+            raise ValueError(f"{v} holds no adapter_config.json: point model.adapter at a PEFT run's output_dir")
+        if v is not None and not (Path(v) / "adapter_model.safetensors").is_file():
+            raise ValueError(f"{v} has adapter_config.json but no adapter_model.safetensors: point model.adapter at "
+                             "a complete run's output_dir")
+        return v
 
     @model_validator(mode="after")
     def _gguf(self):
