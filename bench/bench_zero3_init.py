@@ -1,6 +1,9 @@
 """Peak host RSS per rank with and without ZeRO-3's zero3_init_flag, on the real SmolLM2-135M.
 
-    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python bench/bench_zero3_init.py
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python bench/bench_zero3_init.py [--model DIR]
+
+`--model DIR`: another saved Llama (config.json, safetensors, tokenizer files) in place of SmolLM2, e.g.
+a larger one, where loading rather than training sets the peak (docs/distributed.md).
 
 Two CPU ranks (accelerate_configs/cpu_deepspeed_2proc.yaml: ZeRO-3, fp32), recipes/demo/smollm2_lora.yaml
 for one step. With the flag (the config's default) the model loads partitioned (deepspeed.zero.Init,
@@ -26,13 +29,17 @@ def port() -> int:
         return s.getsockname()[1]
 
 
+MODEL = sys.argv[sys.argv.index("--model") + 1] if "--model" in sys.argv else None
+
+
 def run(flag: str, tmp: Path) -> list[dict]:
     rep = tmp / f"rep-{flag}"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "accelerate_configs/cpu_deepspeed_2proc.yaml"), "--zero3_init_flag", flag,
            "--main_process_port", str(port()), str(ROOT / "run_recipe.py"), str(ROOT / "recipes/demo/smollm2_lora.yaml"),
            f"output_dir={tmp / flag}", "training.max_steps=1", "training.per_device_train_batch_size=2",
-           "training.save_strategy=no", "training.report_to=none", "eval.before_after=false", "data.max_samples=32"]
+           "training.save_strategy=no", "training.report_to=none", "eval.before_after=false", "data.max_samples=32",
+           *([f"model.name_or_path={MODEL}"] if MODEL else [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "LLAMA_RECIPES_SHARDING_REPORT": str(rep)}
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     if r.returncode != 0:

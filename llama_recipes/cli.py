@@ -14,6 +14,7 @@ before the recipe is validated), so `--help`, a typo and recipe errors answer in
 second: each command imports its module, and with it torch, when it runs.
 """
 import argparse
+import errno
 import json
 import sys
 
@@ -37,6 +38,13 @@ def _positive_int(text: str) -> int:
     return n
 
 
+def _path(text: str) -> str:
+    """argparse type: a path on the command line, not empty (an empty --checkpoint used to mean none at all)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path")
+    return text
+
+
 def _add_recipe(p) -> None:
     p.add_argument("recipe", help="path to a recipe YAML (see recipes/)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides applied on top of the recipe")
@@ -50,7 +58,7 @@ def _add_train(p) -> None:
 
 
 def _add_config(p) -> None:
-    p.add_argument("--config", metavar="FILE",
+    p.add_argument("--config", metavar="FILE", type=_path,
                    help="the accelerate config the run will be launched with (read by --validate and --estimate-memory)")
 
 
@@ -59,7 +67,7 @@ def _add_debug(p) -> None:
 
 
 def _add_eval_target(p, when: str = "") -> None:
-    p.add_argument("--checkpoint", metavar="DIR", help=f"{when}evaluate this artifact directory instead of the recipe's output_dir")
+    p.add_argument("--checkpoint", metavar="DIR", type=_path, help=f"{when}evaluate this artifact directory instead of the recipe's output_dir")
     p.add_argument("--base", action="store_true", help=f"{when}evaluate the untrained base model")
 
 
@@ -273,6 +281,13 @@ def _guarded(command, args) -> int:
             print("error: interrupted (Ctrl-C)\n  fix: rerun the same command (resume: auto continues from the "
                   "newest checkpoint)", file=sys.stderr)
         return 130
+    except OSError as e:  # a path the file system refuses outright (too long): the user's input, not our bug
+        if getattr(args, "debug", False) or e.errno != errno.ENAMETOOLONG:
+            raise
+        if is_main_process():
+            print(f"error: a path is longer than the file system allows ({len(str(e.filename or ''))} characters)\n"
+                  "  fix: check the paths on the command line and in the recipe", file=sys.stderr)
+        return 2
     except UserError as e:
         if getattr(args, "debug", False):
             raise

@@ -388,7 +388,13 @@ def parse_memory(text: str) -> float:
     if not m:
         raise UserError(f"cannot read --gpu-memory {text!r}", "write it like 80GB, 24GB or 16GiB")
     unit = {"g": GiB, "m": 2**20, "t": 2**40}[(m.group(2) or "g").lower()]
-    return float(m.group(1)) * unit
+    try:
+        size = float(m.group(1)) * unit
+    except ValueError:  # '1.2.3'
+        raise UserError(f"cannot read --gpu-memory {text!r}", "write it like 80GB, 24GB or 16GiB") from None
+    if not 0 < size < float("inf"):
+        raise UserError(f"--gpu-memory {text!r} is not a memory size a GPU has", "write it like 80GB, 24GB or 16GiB")
+    return size
 
 
 # ---------------------------------------------------------------------------------------------

@@ -134,6 +134,12 @@ def stand_in(recipe: str, overrides: list[str]) -> tuple[str, list[str]]:
         twin = twin_of(recipe)
         if twin:
             extra.append(f"output_dir={spec.get('output_dir')}")
+            # the launch config checks the recipe's precision and activation checkpointing against its own
+            # (mixed_precision, FSDP's): the twin takes the real recipe's, so the pair is the one the doc shows
+            for key in ("bf16", "fp16", "activation_checkpointing"):
+                v = (spec.get("training") or {}).get(key)
+                if v is not None and f"training.{key}" not in given:
+                    extra.append(f"training.{key}={str(v).lower()}")
             recipe = twin
         else:
             if hub_model:

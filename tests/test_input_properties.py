@@ -309,3 +309,56 @@ def test_read_json_names_the_file(tmp_path):
     p.write_text(json.dumps({"a": 1})[:4])
     with pytest.raises(UserError, match="x.json is damaged"):
         read_json(p)
+
+
+# -- command-line flags ------------------------------------------------------------------------------
+# Every subcommand's flags that take a value, given values that make no sense: each is accepted (the
+# command then stops on what follows: a run directory that is not there, --validate) or refused with
+# exit code 2 and an error line, never a traceback. The commands run in-process, so this stays fast.
+BAD_FLAG_VALUES = ["-1", "0", "two", "", "nan", "1e999", "/nonexistent/x", "x" * 5000]
+
+
+def _value_flags():
+    import argparse
+
+    from llama_recipes import cli
+
+    _, modes = cli.build_command_parser()
+    parsers = {**modes, "run_recipe.py": cli.build_parser()}
+    return [(mode, a.option_strings[-1]) for mode, parser in parsers.items() for a in parser._actions
+            if a.option_strings and a.nargs is None and not isinstance(a, argparse._HelpAction)]
+
+
+def test_the_flag_walk_covers_every_subcommand():
+    from llama_recipes import cli
+
+    _, modes = cli.build_command_parser()
+    walked = {m for m, _ in _value_flags()}
+    assert walked == {m for m, p in {**modes, "run_recipe.py": None}.items()
+                      if p is None or any(a.option_strings and a.nargs is None and a.dest != "help" for a in p._actions)}
+    assert {"--gpus", "--gpu-memory", "--config", "--checkpoint", "--max-new-tokens", "--quant"} <= \
+        {f for _, f in _value_flags()}
+
+
+@pytest.mark.parametrize("value", BAD_FLAG_VALUES, ids=lambda v: v[:12] or "empty")
+@pytest.mark.parametrize("mode,flag", _value_flags(), ids=lambda x: x)
+def test_cli_flag_value_is_valid_or_one_clear_error(tmp_path, capsys, mode, flag, value):
+    from llama_recipes.cli import console_main, main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({**BASE, "output_dir": str(tmp_path / "out")}))
+    base = {"export": [str(tmp_path / "no_run"), str(tmp_path / "merged")],
+            "adapters": [f"a={tmp_path / 'no_run'}"]}.get(mode, [str(recipe)])
+    # an accepted value must not start training: run validates; run_recipe.py estimates (or evaluates a
+    # --checkpoint that is not there)
+    safe = {"run": ["--validate"], "run_recipe.py": [] if flag == "--checkpoint" else ["--estimate-memory"]}.get(mode, [])
+    try:
+        code = main([*base, *safe, flag, value]) if mode == "run_recipe.py" else \
+            console_main([mode, *base, *safe, flag, value])
+    except SystemExit as e:  # argparse's usage error
+        code = e.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err[-2000:]
+    assert code in (0, 2), (code, err[-2000:])
+    if code == 2:
+        assert "error" in err.lower(), err[-2000:]

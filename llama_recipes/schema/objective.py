@@ -35,6 +35,7 @@ class Spec:
     types: dict[str, Any] = field(default_factory=dict)  # where TRL's annotation is looser than its code (loss names)
     base: type | None = None  # the section's base class when it has fields beyond TRL's (grpo: rewards)
     check: Any = None  # recipe -> None, cross-section checks of this objective (ValueError)
+    no_adapter_start: str = ""  # why it cannot continue a previous run's adapter (model.adapter); '' = it can
 
 
 # Loss names TRL 1.16 implements (from its config help and trainer code): a typo fails validation, not step 1.
@@ -73,7 +74,9 @@ SPECS: dict[str, Spec] = {
                   defaults={"cpo_alpha": 0.0}, fixed={"loss_type": "simpo"}),
     "reward": Spec("RewardConfig", "A reward model (Bradley-Terry on chosen/rejected pairs): the base as a sequence "
                    "classifier with one output, the score of a whole conversation.",
-                   settings=("center_rewards_coefficient",), formats=("preference",)),
+                   settings=("center_rewards_coefficient",), formats=("preference",),
+                   no_adapter_start="a reward model is a sequence classifier with a new score head, which the adapter "
+                                    "of a causal LM does not hold"),
     "grpo": Spec("GRPOConfig", grpo.DOC, settings=grpo.SETTINGS, formats=("prompt_only",), defaults=grpo.DEFAULTS,
                  types=grpo.TYPES, base=grpo.GrpoSection, check=grpo.check),
 }

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from llama_recipes import bounds
 from llama_recipes.schema.method import PEFT_METHODS
+from llama_recipes.schema.objective import SPECS
 
 RUN_RECIPE = "recipe.yaml"  # = artifacts.RECIPE_FILE (artifacts imports the schema, not the reverse)
 ADAPTER_CONFIG = "adapter_config.json"
@@ -88,9 +89,9 @@ def check(recipe) -> None:
     if recipe.method.name not in PEFT_METHODS:
         raise ValueError(f"model.adapter {ref}: method {recipe.method.name} trains the base's own weights and cannot "
                          f"continue an adapter; {merge}")
-    if recipe.objective.name == "reward":
-        raise ValueError(f"model.adapter {ref}: a reward model is a sequence classifier with a new score head, which "
-                         f"the adapter of a causal LM does not hold; {merge}")
+    why = SPECS[recipe.objective.name].no_adapter_start
+    if why:
+        raise ValueError(f"model.adapter {ref}: {why}; {merge}")
     saved = _saved_recipe(run)
     saved_method = saved.get("method") if saved else None
     if not isinstance(saved_method, dict):
