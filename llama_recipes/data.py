@@ -12,6 +12,7 @@ the format's object in formats.py; this module asks it and never branches on a f
 Every `map`/`filter` here goes through `datasets`, so a second run loads it from the cache.
 """
 import bisect
+import json
 from pathlib import Path
 
 from llama_recipes import chat, formats
@@ -80,6 +81,9 @@ def _load_files(files: list[Path]) -> Rows:
             raise UserError(f"cannot read {f}: {type(cause).__name__}: {text}", _read_fix(f, text)) from None
         if len(ds) == 0:
             raise UserError(f"{f} has no rows", "add rows, or point data.path at another file")
+        json_cols = [c for c, feat in ds.features.items() if isinstance(feat, datasets.Json)]
+        if json_cols and f.suffix in (".json", ".jsonl"):
+            ds = _exact_json_columns(f, ds, json_cols)
         parts.append(ds)
         origins.append((start, str(f)))
         start += len(ds)
@@ -88,6 +92,38 @@ def _load_files(files: list[Path]) -> Rows:
     except ValueError as e:
         raise UserError(f"files of one split have different columns: {[str(f) for f in files]}: {e}") from None
     return Rows(ds, origins)
+
+
+def _exact_json_columns(f: Path, ds, cols: list[str]):
+    """A text column with one odd value (a number, a list) is typed Json by datasets, which then decodes its
+    *strings* as JSON, and again at every map: the text '"Hello"' reads as Hello, 'null' as None (issue 29).
+    Such a column (mostly strings in the file) is read again as plain text: its strings exactly as written,
+    its other values missing, which the row checks then refuse or skip, with one warning naming the first.
+    A column of structures (conversations whose messages differ in shape) keeps datasets' reading."""
+    import datasets
+
+    text = f.read_text(encoding="utf-8-sig")
+    try:
+        records = ([json.loads(line) for line in text.splitlines() if line.strip()] if f.suffix == ".jsonl"
+                   else json.loads(text))
+    except ValueError:
+        return ds  # datasets read it anyway (its parser is laxer): keep its reading
+    if not isinstance(records, list) or len(records) != len(ds) or not all(isinstance(r, dict) for r in records):
+        return ds  # another layout (rows under a key, ...): keep datasets' reading
+    plain = {}
+    for c in cols:
+        values = [r.get(c) for r in records]
+        odd = [(i, v) for i, v in enumerate(values) if v is not None and not isinstance(v, str)]
+        if len(odd) * 2 >= sum(v is not None for v in values):
+            continue  # mostly structures: not a text column
+        plain[c] = [v if isinstance(v, str) else None for v in values]
+        i, v = odd[0]
+        log.warning("data: column `%s` of %s holds %d value(s) that are not text (first: row %d, %s %s); they are "
+                    "read as missing", c, f, len(odd), i, type(v).__name__, json.dumps(v)[:60])
+    if not plain:
+        return ds
+    text_cols = datasets.Dataset.from_dict(plain, features=datasets.Features({c: datasets.Value("string") for c in plain}))
+    return datasets.concatenate_datasets([ds.remove_columns(list(plain)), text_cols], axis=1).select_columns(ds.column_names)
 
 
 def _check_file(f: Path) -> None:

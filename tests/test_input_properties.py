@@ -233,6 +233,76 @@ def test_data_file(tmp_path, suffix, how):
         assert "said".startswith(rows[-1]["completion"].split(" ")[-1]) or suffix == ".csv"
 
 
+# Rows of odd content in an otherwise good file: row 3 is odd, the others are plain text.
+ODD_VALUES = {"int": 7, "float": 2.5, "bool": True, "null": None, "list": ["a", "b"], "dict": {"a": 1},
+              "nul_byte": "say\x00 3", "quoted_json": '"Hello"', "json_null_text": "null"}
+
+
+@pytest.mark.parametrize("bad_rows", ["error", "skip"])
+@pytest.mark.parametrize("odd", sorted(ODD_VALUES))
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_data_file_with_one_odd_value(tmp_path, suffix, odd, bad_rows):
+    """Mixed types in a column, NUL bytes, nested values, text that looks like JSON: the file is read with every
+    other row's text exactly as written (nothing decoded, dropped or invented), or one UserError names it."""
+    import pandas as pd
+
+    from llama_recipes import data
+    from llama_recipes.schema.data import DataConfig
+
+    rows = _rows()
+    rows[3] = {**rows[3], "output": ODD_VALUES[odd]}
+    path = tmp_path / f"train{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows))
+    else:
+        pd.DataFrame(rows).to_csv(path, index=False)
+    got = _expect_read_or_user_error(lambda: data.build_datasets(DataConfig(path=str(path), bad_rows=bad_rows)),
+                                     path.name)
+    if got is None:
+        return
+    out = {r["prompt"]: r["completion"] for r in got[0]}
+    for i, r in enumerate(rows):
+        if i != 3:  # every plain row reads back as written
+            assert any(c == r["output"] for c in out.values()), (r, out)
+    assert len(out) in (11, 12)  # the odd row is skipped, or kept
+    assert all(isinstance(c, str) for c in out.values())
+
+
+@pytest.mark.parametrize("odd", ["list", "dict", "int"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_an_odd_row_never_changes_how_the_other_rows_read(tmp_path, suffix, odd):
+    """One nested or numeric value in a column once made datasets type it as JSON and decode the other rows:
+    '"Hello"' trained as Hello and the text 'null' was dropped (issue 29). With bad_rows: skip the odd row
+    goes and the text rows read as written."""
+    from llama_recipes import data
+    from llama_recipes.schema.data import DataConfig
+
+    rows = _rows()
+    rows[3]["output"], rows[5]["output"], rows[6]["output"] = ODD_VALUES[odd], '"Hello"', "null"
+    path = tmp_path / f"train{suffix}"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) if suffix == ".jsonl" else json.dumps(rows))
+    got = list(data.build_datasets(DataConfig(path=str(path), bad_rows="skip"))[0])
+    assert [r["completion"] for r in got] == [r["output"] for i, r in enumerate(rows) if i != 3]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_data_file_with_a_byte_order_mark(tmp_path, suffix):
+    import pandas as pd
+
+    from llama_recipes import data
+    from llama_recipes.schema.data import DataConfig
+
+    path = tmp_path / f"train{suffix}"
+    text = {".jsonl": lambda: "".join(json.dumps(r) + "\n" for r in _rows()), ".json": lambda: json.dumps(_rows()),
+            ".csv": lambda: pd.DataFrame(_rows()).to_csv(index=False)}[suffix]()
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    got = _expect_read_or_user_error(lambda: data.build_datasets(DataConfig(path=str(path))), path.name)
+    if got is not None:
+        assert [r["completion"] for r in got[0]] == [r["output"] for r in _rows()]
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     from llama_recipes import modeling
