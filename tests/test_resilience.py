@@ -785,3 +785,31 @@ def test_resuming_onto_edited_training_data_is_refused(tmp_path, monkeypatch, ca
     rows.write_text("\n".join(data) + "\n")  # the data the run started with: it resumes
     assert cli_main([str(recipe)]) == 0
     assert json.loads((out / "metrics.json").read_text())["train"]["global_step"] == 4
+
+
+@pytest.mark.slow
+def test_an_export_killed_mid_write_leaves_no_merged_dir_and_the_rerun_completes(tmp_path):
+    """Issue 29, a signal at each stage: the export process SIGKILLed right after the merged weights are
+    written, before the rename (the fault injected by wrapping save_pretrained in that process)."""
+    out = tmp_path / "run"
+    assert cli_main([str(write_recipe(tmp_path, out, max_steps=1, save_strategy="no"))]) == 0
+    merged = tmp_path / "merged"
+    killer = ("import os, sys\n"
+              "from transformers import PreTrainedModel\n"
+              "orig = PreTrainedModel.save_pretrained\n"
+              "def die_after(self, *a, **k):\n"
+              "    orig(self, *a, **k)\n"
+              "    os.kill(os.getpid(), 9)\n"
+              "PreTrainedModel.save_pretrained = die_after\n"
+              "from llama_recipes.cli import console_main\n"
+              f"sys.exit(console_main(['export', {str(out)!r}, {str(merged)!r}]))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", killer], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    partial = list(tmp_path.glob(".merged.partial-*"))
+    assert not merged.exists() and len(partial) == 1 and (partial[0] / "config.json").is_file()  # half done, aside
+    again = subprocess.run([sys.executable, "-m", "llama_recipes.cli", "export", str(out), str(merged)], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (merged / "config.json").is_file() and list(merged.glob("*.safetensors"))
+    assert not list(tmp_path.glob(".merged.partial-*"))  # the dead export's leftovers are gone
