@@ -27,6 +27,7 @@ log = get_logger(__name__)
 
 _EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 _PROBLEM = "__problem"
+NOT_TEXT = "\x00not text: "  # a value of a text column that is not text (_exact_json_columns)
 
 
 class Built(tuple):
@@ -98,8 +99,9 @@ def _exact_json_columns(f: Path, ds, cols: list[str]):
     """A text column with one odd value (a number, a list) is typed Json by datasets, which then decodes its
     *strings* as JSON, and again at every map: the text '"Hello"' reads as Hello, 'null' as None (issue 29).
     Such a column (mostly strings in the file) is read again as plain text: its strings exactly as written,
-    its other values missing, which the row checks then refuse or skip, with one warning naming the first.
-    A column of structures (conversations whose messages differ in shape) keeps datasets' reading."""
+    each other value as a NOT_TEXT note (a NUL byte first: no text file that passed _check_file holds one)
+    that the row checks refuse or skip like any bad row. A column of structures (conversations whose
+    messages differ in shape) keeps datasets' reading."""
     import datasets
 
     text = f.read_text(encoding="utf-8-sig")
@@ -116,10 +118,9 @@ def _exact_json_columns(f: Path, ds, cols: list[str]):
         odd = [(i, v) for i, v in enumerate(values) if v is not None and not isinstance(v, str)]
         if len(odd) * 2 >= sum(v is not None for v in values):
             continue  # mostly structures: not a text column
-        plain[c] = [v if isinstance(v, str) else None for v in values]
-        i, v = odd[0]
-        log.warning("data: column `%s` of %s holds %d value(s) that are not text (first: row %d, %s %s); they are "
-                    "read as missing", c, f, len(odd), i, type(v).__name__, json.dumps(v)[:60])
+        plain[c] = [v if v is None or isinstance(v, str) else
+                    f"{NOT_TEXT}a {type(v).__name__} ({json.dumps(v)[:40]}) where the file's other rows hold text: "
+                    "a column must not mix plain text and messages, numbers or lists" for v in values]
     if not plain:
         return ds
     text_cols = datasets.Dataset.from_dict(plain, features=datasets.Features({c: datasets.Value("string") for c in plain}))
@@ -219,7 +220,11 @@ def _canonical(ds, src: SourceConfig, fmt_hint: str):
 
 def _row_problem(row: dict, fmt: str, label_ids: dict | None) -> str:
     """'' for a good row, else 'column `X`: what is wrong'."""
-    return formats.get(fmt).problem(row, label_ids)
+    form = formats.get(fmt)
+    for col in (*form.required, *form.optional):  # a value _exact_json_columns found not to be text
+        if isinstance(row.get(col), str) and row[col].startswith(NOT_TEXT):
+            return f"column `{col}`: {row[col][len(NOT_TEXT):]}"
+    return form.problem(row, label_ids)
 
 
 def require_columns(rows: Rows, fmt: str) -> None:
