@@ -9,7 +9,7 @@ llama_recipes/pipeline.py runs the stages); `llama-recipes run RECIPE.yaml` is t
 """
 import sys
 
-from llama_recipes.cli import main
+from llama_recipes.cli import exit_process, main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_process(main(sys.argv[1:]))
