@@ -384,14 +384,11 @@ def apply_plan(s: Setup, plan) -> None:
 
 def parse_memory(text: str) -> float:
     """'80GB', '24GiB', '16G', '40000MB' -> bytes. GB means GiB: cards are sold that way (80 GB = 81920 MiB)."""
-    m = re.fullmatch(r"\s*([\d.]+)\s*([GgMmTt])?(?:i?[Bb])?\s*", str(text))
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([GgMmTt])?(?:i?[Bb])?\s*", str(text))
     if not m:
         raise UserError(f"cannot read --gpu-memory {text!r}", "write it like 80GB, 24GB or 16GiB")
     unit = {"g": GiB, "m": 2**20, "t": 2**40}[(m.group(2) or "g").lower()]
-    try:
-        size = float(m.group(1)) * unit
-    except ValueError:  # '1.2.3'
-        raise UserError(f"cannot read --gpu-memory {text!r}", "write it like 80GB, 24GB or 16GiB") from None
+    size = float(m.group(1)) * unit
     if not 0 < size < float("inf"):
         raise UserError(f"--gpu-memory {text!r} is not a memory size a GPU has", "write it like 80GB, 24GB or 16GiB")
     return size
