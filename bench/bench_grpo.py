@@ -2,13 +2,14 @@
 
     OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python bench/bench_grpo.py [RECIPE] [--steps N] [--rounds R]
 
-Ours is the trainer pipeline.train builds for RECIPE (default recipes/demo/tiny_grpo.yaml): the
-per-group seeded sampler (objectives/grpo.py). TRL's is a plain `trl.GRPOTrainer` on the same
+Ours is the trainer pipeline.train builds for RECIPE (default recipes/demo/tiny_grpo.yaml): its sampler
+(objectives/grpo.sample_groups: one generate call, each group seeded on its own, each prompt prefilled once). TRL's is a plain `trl.GRPOTrainer` on the same
 LoRA model, data, reward callables and GRPOConfig (so only the sampler differs; TRL's own defaults
 otherwise apply to both). Each round trains N steps with each, alternating (ratios taken side by
 side on a loaded machine are what is comparable). Reported: generation tokens/s (completion tokens
 sampled / seconds inside `_generate_single_turn`), training tokens/s (prompt + completion tokens
-/ the rest of the step), and the fraction of a step spent generating.
+/ the rest of the step), the fraction of a step spent generating, and seconds per step (which also
+depend on how long the sampled completions are: the two sides sample different ones).
 """
 import argparse
 import json
@@ -87,11 +88,13 @@ def main(argv=None) -> int:
                 tr.train()
                 rows[name].append({"gen_tok_s": tr.gen_tokens / tr.gen_s,
                                    "train_tok_s": tr.train_tokens / max(tr.step_s - tr.gen_s, 1e-9),
-                                   "gen_fraction": tr.gen_s / tr.step_s})
+                                   "gen_fraction": tr.gen_s / tr.step_s,
+                                   "step_s": tr.step_s / a.steps})
     med = {n: {k: statistics.median(x[k] for x in v) for k in v[0]} for n, v in rows.items()}
     result = {"recipe": a.recipe, "steps": a.steps, "rounds": a.rounds, "isa": torch.backends.cpu.get_cpu_capability(),
               "date": time.strftime("%Y-%m-%d"), **med,
-              "ratio_ours_over_trl": {k: med["ours"][k] / med["trl"][k] for k in ("gen_tok_s", "train_tok_s")}}
+              "ratio_ours_over_trl": {k: med["ours"][k] / med["trl"][k] for k in ("gen_tok_s", "train_tok_s")},
+              "step_time_trl_over_ours": med["trl"]["step_s"] / med["ours"]["step_s"]}
     print(json.dumps(result, indent=1))
     return 0
 

@@ -4,6 +4,7 @@
     python run_recipe.py recipes/demo/smollm2_lora.yaml             # each real-model demo once (about 5 min each)
     python run_recipe.py recipes/demo/smollm2_classifier_head.yaml
     python run_recipe.py recipes/demo/smollm2_chat_lora.yaml
+    python run_recipe.py recipes/demo/smollm2_grpo.yaml
     python scripts/real_model_numbers.py [--wall-pending]           # collect + rewrite the docs' blocks
 
 Collects each run's held-out numbers before/after training and its wall time into
@@ -11,7 +12,7 @@ docs/real_model_numbers.json, generates two held-out examples before (the base) 
 artifact) with the same loader and greedy decoding as `--eval-only`, and rewrites the blocks between
 the markers: `demo-numbers` in README.md (tiny_lora), `real-model-numbers` in docs/real_models.md
 (the smollm2 demos), `dpo-numbers` (README, docs/preference.md), `harness-numbers` in docs/evaluation.md
-(our numbers beside lm-evaluation-harness's on the same rows). A demo that has not run keeps its previous entry. `--wall-pending` marks the
+(our numbers beside lm-evaluation-harness's on the same rows), `grpo-numbers` (README, docs/rl.md). A demo that has not run keeps its previous entry. `--wall-pending` marks the
 wall times as measured on a busy machine (to be re-measured idle). tests/test_docs_numbers.py checks
 that the blocks are the rendering of the JSON file; tests/test_demo_numbers.py (slow) reruns the
 demos and compares their numbers with the file's.
@@ -30,6 +31,8 @@ NUMBERS = ROOT / "docs" / "real_model_numbers.json"
 BLOCKS = [
     (ROOT / "README.md", "demo-numbers", ["tiny_lora"], False),
     (ROOT / "README.md", "dpo-numbers", ["smollm2_dpo"], False),
+    (ROOT / "README.md", "grpo-numbers", ["smollm2_grpo"], False),
+    (ROOT / "docs" / "rl.md", "grpo-numbers", ["smollm2_grpo"], False),
     (ROOT / "docs" / "real_models.md", "real-model-numbers", ["smollm2_lora", "smollm2_chat_lora",
                                                               "smollm2_classifier_head"], True),
     (ROOT / "docs" / "preference.md", "dpo-numbers", ["smollm2_dpo"], False),
@@ -51,12 +54,14 @@ def recipe_of(name: str):
 
 
 KEEP = ("loss", "perplexity", "exact_match", "rougeL", "accuracy", "macro_f1", "majority_baseline",
-        "preference_accuracy", "logp_margin", "reward_accuracy", "examples", "tokens")
+        "preference_accuracy", "logp_margin", "reward_accuracy", "reward_mean", "completion_length_mean",
+        "examples", "tokens")
+REWARD_KEYS = ("reward_mean_", "reward_pass_rate_")  # GRPO: one of each per reward, named after it
 
 
 def numbers_of(result: dict | None) -> dict:
     """The recorded numbers of one eval result (metrics.json's eval_before / eval_after)."""
-    out = {k: v for k, v in (result or {}).items() if k in KEEP}
+    out = {k: v for k, v in (result or {}).items() if k in KEEP or k.startswith(REWARD_KEYS)}
     tasks = ((result or {}).get("harness") or {}).get("tasks") or {}
     for task in tasks.values():  # lm-eval's numbers beside ours: a generation task's exact match, a choice task's acc
         for metric in ("exact_match", "acc"):
@@ -76,7 +81,15 @@ def summarize(name: str) -> dict | None:
     return {"recipe": f"recipes/demo/{name}.yaml", "method": recipe.method.name, "steps": m["train"]["global_step"],
             "trainable_params": m["trainable_params"], "total_params": m["total_params"],
             "before": numbers_of(m.get("eval_before")), "after": numbers_of(m.get("eval_after")),
-            "train_seconds": round(m["train"].get("train_runtime", 0.0)), "wall_seconds": round(m["wall_seconds"])}
+            "train_seconds": round(m["train"].get("train_runtime", 0.0)), "wall_seconds": round(m["wall_seconds"]),
+            **completions_of(m)}
+
+
+def completions_of(m: dict) -> dict:
+    """GRPO: the first held-out prompts' greedy completions before and after (eval's reward_examples)."""
+    before, after = ((m.get(k) or {}).get("reward_examples") or [] for k in ("eval_before", "eval_after"))
+    pairs = [{"before": b["completion"], "after": a["completion"]} for b, a in zip(before, after)][:N_EXAMPLES]
+    return {"completions": pairs} if pairs else {}
 
 
 def examples_of(name: str) -> list[dict]:
@@ -106,11 +119,19 @@ def examples_of(name: str) -> list[dict]:
     return out
 
 
+def unit_of(after: dict) -> str:
+    if "preference_accuracy" in after:
+        return "pairs"
+    return "prompts, greedy" if "reward_mean" in after else "rows"
+
+
 def _fmt(v, key: str) -> str:
     if v is None:
         return "–"
     if key == "perplexity":
         return f"{v:,.2f}" if v < 1e4 else f"{v:,.0f}"
+    if key == "completion_length_mean":
+        return f"{v:.1f}"
     return f"{v:.3f}"
 
 
@@ -119,7 +140,25 @@ LABELS = {"loss": "eval loss", "perplexity": "perplexity", "exact_match": "exact
           "preference_accuracy": "preference accuracy (log p chosen > rejected)", "logp_margin": "log-prob margin",
           "reward_accuracy": "implicit-reward accuracy (vs the reference)",
           "harness_exact_match": "exact match on the SFT task's rows, through lm-eval (builtin:pydoc_package_gen)",
-          "harness_acc": "6-way multiple choice on the same rows, through lm-eval (acc)"}
+          "harness_acc": "6-way multiple choice on the same rows, through lm-eval (acc)",
+          "reward_mean": "mean reward (weighted total)", "completion_length_mean": "completion length (tokens)"}
+
+
+def label_of(key: str) -> str:
+    """A row's label: LABELS, or a GRPO reward's own row (`reward_mean_<name>`, `reward_pass_rate_<name>`)."""
+    if key.startswith("reward_pass_rate_"):
+        return f"pass rate of reward `{key[len('reward_pass_rate_'):]}`"
+    if key.startswith("reward_mean_"):
+        return f"mean of reward `{key[len('reward_mean_'):]}`"
+    return LABELS[key]
+
+
+def row_keys(before: dict, after: dict) -> list[str]:
+    """The table's rows in order: LABELS' keys, with the per-reward rows right after the mean reward."""
+    keys = [k for k in LABELS if k in before or k in after]
+    rewards = [k for k in dict.fromkeys([*after, *before]) if k.startswith(REWARD_KEYS)]
+    at = keys.index("reward_mean") + 1 if "reward_mean" in keys else len(keys)
+    return keys[:at] + rewards + keys[at:]
 
 
 def render(data: dict, block: tuple) -> str:
@@ -136,15 +175,16 @@ def render(data: dict, block: tuple) -> str:
         lines += [(f"**`{d['recipe']}`** ({d['method']}, {d['steps']} steps, {d['trainable_params']:,} of "
                    f"{d['total_params']:,} parameters train)"), "",
                   f"| held-out ({d['after'].get('examples') or d['before'].get('examples') or '?'} "
-                  f"{'pairs' if 'preference_accuracy' in d['after'] else 'rows'}) | before | after |",
+                  f"{unit_of(d['after'])}) | before | after |",
                   "|---|---|---|"]
-        for key, label in LABELS.items():
-            if key in d["before"] or key in d["after"]:
-                lines.append(f"| {label} | {_fmt(d['before'].get(key), key)} | {_fmt(d['after'].get(key), key)} |")
+        for key in row_keys(d["before"], d["after"]):
+            lines.append(f"| {label_of(key)} | {_fmt(d['before'].get(key), key)} | {_fmt(d['after'].get(key), key)} |")
         wall = f"{d['wall_seconds']} s in all, {d['train_seconds']} s of training"
         if d.get("wall_pending"):
             wall += " — measured on a busy shared machine, pending re-measurement on idle cores"
         lines += ["", f"Wall time: {wall} ({d['cpu']}).", ""]
+        for i, ex in enumerate(d.get("completions", []), 1):
+            lines += [f"Held-out prompt {i}, greedy: before {_quote(ex['before'])}, after {_quote(ex['after'])}.", ""]
         for i, ex in enumerate(d.get("examples", []) if with_examples else [], 1):
             prompt = ex["prompt"].replace("\n", " ").strip()
             lines += [f"Example {i}: {_quote(prompt, 300)}", "",

@@ -346,3 +346,51 @@ def test_two_rank_ddp_equals_one_rank(tmp_path):
     for step in a:
         assert b[step][0] == pytest.approx(a[step][0], abs=1e-5), step
         assert b[step][1] == pytest.approx(a[step][1], abs=1e-6), step
+
+
+# -- the sampler (objectives/grpo.sample_groups) ---------------------------------------------------
+
+
+def test_group_sampler_draws_from_the_softmax_of_the_warped_scores():
+    """Gumbel-max per group: over 20,000 draws the frequencies match softmax(scores) within 0.015, the -inf
+    scores (filtered by a warper) are never drawn, and each group's draws depend on its own seed only."""
+    import torch
+
+    from llama_recipes.objectives.grpo import GroupSampler
+
+    scores = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf")]]).repeat(20_000, 1)
+    counts = torch.zeros(5)
+    picks = GroupSampler([7], 20_000)(None, scores).argmax(-1)
+    counts.index_add_(0, picks, torch.ones(len(picks)))
+    want = torch.softmax(scores[0], -1)
+    assert (counts / len(picks) - want).abs().max() < 0.015
+    assert counts[4] == 0
+    two = GroupSampler([7, 8], 3)(None, scores[:6]).argmax(-1)  # group 0 alone, then beside another group
+    assert torch.equal(two[:3], GroupSampler([7], 3)(None, scores[:3]).argmax(-1))
+    assert torch.equal(two[3:], GroupSampler([8], 3)(None, scores[:3]).argmax(-1))
+
+
+def test_a_groups_completions_do_not_depend_on_the_batch_it_is_in(tiny_path):
+    """What makes resume and 2-rank DDP exact: a prompt's group sampled alone, or after a longer prompt (left
+    padding, a shared prefill), draws the same tokens. And the prompt's KV cache, filled once and repeated,
+    gives what full generation gives: with top_k=1 the samples are the greedy continuation of plain generate."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from llama_recipes.objectives.grpo import sample_groups
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_path).eval()
+    short, long = [1, 40, 41, 42], [1, 50, 51, 52, 53, 54, 55, 56, 57]
+    cfg = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=1.0, pad_token_id=0)
+    eos = [2]
+    with torch.no_grad():
+        alone = sample_groups(model, [short], 4, [11], cfg, eos, 0)
+        batched = sample_groups(model, [long, short], 4, [5, 11], cfg, eos, 0)
+        assert batched[4:] == alone
+        assert len({tuple(c) for c in alone}) > 1  # sampled: the group's completions differ
+        cfg.top_k = 1
+        greedy = sample_groups(model, [long, short], 2, [5, 11], cfg, eos, 0)
+        plain = model.generate(torch.tensor([short]), max_new_tokens=12, do_sample=False, pad_token_id=0,
+                               eos_token_id=eos)[0, len(short):].tolist()
+    end = plain.index(2) + 1 if 2 in plain else len(plain)
+    assert greedy[2] == greedy[3] == plain[:end]
