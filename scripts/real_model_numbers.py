@@ -5,7 +5,7 @@
     python run_recipe.py recipes/demo/smollm2_classifier_head.yaml
     python run_recipe.py recipes/demo/smollm2_chat_lora.yaml
     python run_recipe.py recipes/demo/smollm2_grpo.yaml
-    python scripts/real_model_numbers.py [--wall-pending]           # collect + rewrite the docs' blocks
+    python scripts/real_model_numbers.py [--wall-pending] [DEMO ...]  # collect + rewrite the docs' blocks
 
 Collects each run's held-out numbers before/after training and its wall time into
 docs/real_model_numbers.json, generates two held-out examples before (the base) and after (the
@@ -81,15 +81,7 @@ def summarize(name: str) -> dict | None:
     return {"recipe": f"recipes/demo/{name}.yaml", "method": recipe.method.name, "steps": m["train"]["global_step"],
             "trainable_params": m["trainable_params"], "total_params": m["total_params"],
             "before": numbers_of(m.get("eval_before")), "after": numbers_of(m.get("eval_after")),
-            "train_seconds": round(m["train"].get("train_runtime", 0.0)), "wall_seconds": round(m["wall_seconds"]),
-            **completions_of(m)}
-
-
-def completions_of(m: dict) -> dict:
-    """GRPO: the first held-out prompts' greedy completions before and after (eval's reward_examples)."""
-    before, after = ((m.get(k) or {}).get("reward_examples") or [] for k in ("eval_before", "eval_after"))
-    pairs = [{"before": b["completion"], "after": a["completion"]} for b, a in zip(before, after)][:N_EXAMPLES]
-    return {"completions": pairs} if pairs else {}
+            "train_seconds": round(m["train"].get("train_runtime", 0.0)), "wall_seconds": round(m["wall_seconds"])}
 
 
 def examples_of(name: str) -> list[dict]:
@@ -156,7 +148,8 @@ def label_of(key: str) -> str:
 def row_keys(before: dict, after: dict) -> list[str]:
     """The table's rows in order: LABELS' keys, with the per-reward rows right after the mean reward."""
     keys = [k for k in LABELS if k in before or k in after]
-    rewards = [k for k in dict.fromkeys([*after, *before]) if k.startswith(REWARD_KEYS)]
+    rewards = [k for k in dict.fromkeys([*after, *before]) if k.startswith(REWARD_KEYS)
+               and "reward_pass_rate_" + k.removeprefix("reward_mean_") not in after]  # a 0/1 reward's mean is its pass rate
     at = keys.index("reward_mean") + 1 if "reward_mean" in keys else len(keys)
     return keys[:at] + rewards + keys[at:]
 
@@ -183,8 +176,6 @@ def render(data: dict, block: tuple) -> str:
         if d.get("wall_pending"):
             wall += " — measured on a busy shared machine, pending re-measurement on idle cores"
         lines += ["", f"Wall time: {wall} ({d['cpu']}).", ""]
-        for i, ex in enumerate(d.get("completions", []), 1):
-            lines += [f"Held-out prompt {i}, greedy: before {_quote(ex['before'])}, after {_quote(ex['after'])}.", ""]
         for i, ex in enumerate(d.get("examples", []) if with_examples else [], 1):
             prompt = ex["prompt"].replace("\n", " ").strip()
             lines += [f"Example {i}: {_quote(prompt, 300)}", "",
@@ -228,9 +219,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--wall-pending", action="store_true", help="wall times from a busy machine: mark them pending")
     p.add_argument("--no-examples", action="store_true", help="keep the stored examples (no model load)")
+    p.add_argument("demos", nargs="*", choices=[[], *DEMOS], metavar="DEMO",
+                   help=f"collect only these (default: all of {', '.join(DEMOS)}); the others keep their entries")
     args = p.parse_args()
     data = json.loads(NUMBERS.read_text()) if NUMBERS.is_file() else {"demos": {}}
-    for name in DEMOS:
+    for name in args.demos or DEMOS:
         entry = summarize(name)
         if entry is None:
             print(f"{name}: no metrics.json yet (run the recipe); keeping the stored entry", file=sys.stderr)

@@ -34,8 +34,8 @@ COMPARED = ("loss", "perplexity", "exact_match", "rougeL", "accuracy", "macro_f1
             "reward_accuracy", "harness_exact_match", "harness_acc", "reward_mean", "completion_length_mean",
             "examples", "tokens")
 PER_REWARD = ("reward_mean_", "reward_pass_rate_")  # GRPO's per-reward keys (named after each reward)
-# demos that start from another demo's artifact, as their recipe's header says: (that demo, merged first)
-STARTS_FROM = {"smollm2_dpo": "smollm2_lora"}
+# demos that start from another demo's run, as their recipe's header says: (that demo, merged first or continued)
+STARTS_FROM = {"smollm2_dpo": ("smollm2_lora", "merged"), "smollm2_grpo": ("smollm2_lora", "continued")}
 
 
 def capability() -> str:
@@ -68,13 +68,15 @@ def test_recorded_demo_numbers_reproduce(name, tmp_path):
 
     rec = NUMBERS[name]
     overrides = [f"output_dir={tmp_path / 'out'}"]
-    if name in STARTS_FROM:  # the SFT -> DPO pipeline: the SFT demo, merged, then this one on top
+    if name in STARTS_FROM:  # SFT -> DPO / GRPO: the SFT demo, then this one on top (of its merged model, or its run)
         from llama_recipes.export import merge_and_export
 
-        first = load_recipe(ROOT / NUMBERS[STARTS_FROM[name]]["recipe"], [f"output_dir={tmp_path / 'first'}"])
+        demo_first, how = STARTS_FROM[name]
+        first = load_recipe(ROOT / NUMBERS[demo_first]["recipe"], [f"output_dir={tmp_path / 'first'}"])
         pipeline.train(first)
-        merge_and_export(tmp_path / "first", tmp_path / "merged")
-        overrides.append(f"model.name_or_path={tmp_path / 'merged'}")
+        if how == "merged":
+            merge_and_export(tmp_path / "first", tmp_path / "merged")
+        overrides.append(f"model.name_or_path={tmp_path / ('merged' if how == 'merged' else 'first')}")
     run = pipeline.train(load_recipe(ROOT / rec["recipe"], overrides))
     m = run.metrics
     assert (m["trainable_params"], m["total_params"], m["train"]["global_step"]) == \

@@ -22,9 +22,9 @@ PUBLISHED = {
     "builtin:smollm2-135m-instruct": 134_515_008,
 }
 
-# Recipes that start from another demo's merged run (their header says so: SFT -> DPO), a directory a fresh
-# clone does not have: estimated on that run's base, whose architecture and size the merged model keeps.
-STARTS_FROM = {"smollm2_dpo.yaml": "builtin:smollm2-135m-instruct"}
+# Recipes that start from another demo's run, merged (SFT -> DPO) or continued (SFT -> GRPO), as their header
+# says: a directory a fresh clone does not have; estimated on that run's base, whose architecture and size it keeps.
+STARTS_FROM = {"smollm2_dpo.yaml": "builtin:smollm2-135m-instruct", "smollm2_grpo.yaml": "builtin:smollm2-135m-instruct"}
 
 
 def model_of(path) -> str:
