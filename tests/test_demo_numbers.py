@@ -58,6 +58,8 @@ def close(key: str, got: float, want: float, same_path: bool, after: bool) -> bo
 
 def demo(name: str):
     marks = [pytest.mark.slow] + ([pytest.mark.smollm2] if name.startswith("smollm2_") else [])
+    if name in STARTS_FROM:  # two SmolLM2 runs (SFT, then GRPO: ~4 + ~7 min idle) pass the suite's 600 s limit
+        marks.append(pytest.mark.timeout(2400))
     return pytest.param(name, marks=marks, id=name)
 
 
