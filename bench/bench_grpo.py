@@ -1,6 +1,6 @@
 """GRPO: ours (objective: grpo) vs TRL 1.16's GRPOTrainer defaults, same model, prompts, rewards and seed.
 
-    OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python bench/bench_grpo.py [RECIPE] [--steps N] [--rounds R]
+    OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python bench/bench_grpo.py [RECIPE] [--steps N] [--rounds R] [key=value ...]
 
 Ours is the trainer pipeline.train builds for RECIPE (default recipes/demo/tiny_grpo.yaml): its sampler
 (objectives/grpo.sample_groups: one generate call, each group seeded on its own, each prompt prefilled once). TRL's is a plain `trl.GRPOTrainer` on the same
@@ -48,7 +48,7 @@ def timed(cls):
     return Timed
 
 
-def build(recipe_path: str, steps: int, out: Path, ours: bool):
+def build(recipe_path: str, steps: int, out: Path, ours: bool, overrides: list[str] = ()):
     """(trainer) for RECIPE: ours through the objective, or TRL's plain GRPOTrainer with the same pieces."""
     from trl import GRPOConfig, GRPOTrainer
 
@@ -56,7 +56,7 @@ def build(recipe_path: str, steps: int, out: Path, ours: bool):
     from llama_recipes.objectives import grpo
     from llama_recipes.schema import load_recipe
 
-    recipe = load_recipe(recipe_path, [f"training.max_steps={steps}", "training.report_to=none",
+    recipe = load_recipe(recipe_path, [*overrides, f"training.max_steps={steps}", "training.report_to=none",
                                        "training.bf16=false", f"output_dir={out}", "training.logging_steps=1"])
     from transformers import set_seed
 
@@ -77,21 +77,22 @@ def main(argv=None) -> int:
     p.add_argument("recipe", nargs="?", default=str(ROOT / "recipes" / "demo" / "tiny_grpo.yaml"))
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--rounds", type=int, default=2)
-    a = p.parse_args(argv)
+    p.add_argument("overrides", nargs="*", help="recipe overrides, key=value (as run_recipe.py takes them)")
+    a = p.parse_intermixed_args(argv)
     import torch
 
     rows = {"ours": [], "trl": []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.rounds):
             for name in ("trl", "ours") if r % 2 else ("ours", "trl"):
-                tr = build(a.recipe, a.steps, Path(tmp) / f"{name}{r}", ours=name == "ours")
+                tr = build(a.recipe, a.steps, Path(tmp) / f"{name}{r}", ours=name == "ours", overrides=a.overrides)
                 tr.train()
                 rows[name].append({"gen_tok_s": tr.gen_tokens / tr.gen_s,
                                    "train_tok_s": tr.train_tokens / max(tr.step_s - tr.gen_s, 1e-9),
                                    "gen_fraction": tr.gen_s / tr.step_s,
                                    "step_s": tr.step_s / a.steps})
     med = {n: {k: statistics.median(x[k] for x in v) for k in v[0]} for n, v in rows.items()}
-    result = {"recipe": a.recipe, "steps": a.steps, "rounds": a.rounds, "isa": torch.backends.cpu.get_cpu_capability(),
+    result = {"recipe": a.recipe, "overrides": a.overrides, "steps": a.steps, "rounds": a.rounds, "isa": torch.backends.cpu.get_cpu_capability(),
               "date": time.strftime("%Y-%m-%d"), **med,
               "ratio_ours_over_trl": {k: med["ours"][k] / med["trl"][k] for k in ("gen_tok_s", "train_tok_s")},
               "step_time_trl_over_ours": med["trl"]["step_s"] / med["ours"]["step_s"]}

@@ -60,3 +60,16 @@ def test_table_has_goal_rows():
            "sides": {k: {"eval_loss": 2.0} for k in ("ours", "trl_default", "trl_packing")}}
     rows = run_all.table({"time_to_quality": ttq})
     assert ("time to quality: TRL default wall ÷ ours", "1.50", ">= 1.45") in rows
+
+
+def test_grpo_bench_builds_both_sides_with_the_recipes_overrides(tmp_path):
+    """bench_grpo's two trainers differ in the sampler only: same model size, data, reward weights and the
+    overrides given on its command line (a recipe's settings, as the docs' commands pass them)."""
+    bench = _load("bench_grpo")
+    recipe = str(ROOT / "recipes" / "demo" / "tiny_grpo.yaml")
+    ours = bench.build(recipe, 1, tmp_path / "ours", ours=True, overrides=["objective.num_generations=2"])
+    trl = bench.build(recipe, 1, tmp_path / "trl", ours=False, overrides=["objective.num_generations=2"])
+    assert type(ours).__mro__[1].__name__ == "SeededGRPOTrainer" and type(trl).__mro__[1].__name__ == "GRPOTrainer"
+    assert ours.num_generations == trl.num_generations == 2
+    assert ours.args.reward_weights == trl.args.reward_weights and len(ours.train_dataset) == len(trl.train_dataset)
+    assert sum(p.numel() for p in ours.model.parameters()) == sum(p.numel() for p in trl.model.parameters())
