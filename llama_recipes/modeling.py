@@ -12,10 +12,27 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def _hub_hint(ref: str) -> str:
-    return (
+    hint = (
         f"{ref!r} is neither a local directory nor a reachable hub model. Offline (HF_HUB_OFFLINE=1) only cached "
         "models load: download it once with the network, or point model.name_or_path at a local directory"
     )
+    writer = _recipe_writing(ref)
+    return hint + (f"; it is the output_dir of {writer}: run that recipe first" if writer else "")
+
+
+def _recipe_writing(ref: str) -> str | None:
+    """The shipped recipe whose output_dir is `ref` (a demo that starts from another demo's run names it), if any."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    for recipe in sorted((root / "recipes").rglob("*.yaml")):
+        try:
+            out = (yaml.safe_load(recipe.read_text()) or {}).get("output_dir")
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+        if out and Path(out) == Path(ref):
+            return str(recipe.relative_to(root))
+    return None
 
 
 _WARNED: set[str] = set()

@@ -127,3 +127,12 @@ def test_a_run_directory_written_before_model_adapter_existed_is_the_same_run(tm
     assert same_run(saved, r)
     saved["model"]["adapter"] = "outputs/other"
     assert not same_run(saved, r)
+
+
+def test_a_missing_run_named_by_a_shipped_recipe_says_which_recipe_writes_it():
+    """SFT -> GRPO before the SFT demo ran: the error names the recipe whose output_dir the model path is."""
+    from llama_recipes import modeling
+
+    hint = modeling._hub_hint("outputs/demo_smollm2_lora")
+    assert hint.endswith("it is the output_dir of recipes/demo/smollm2_lora.yaml: run that recipe first"), hint
+    assert "run that recipe first" not in modeling._hub_hint("meta-llama/Llama-2-7b-hf")
