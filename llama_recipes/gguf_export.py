@@ -770,6 +770,17 @@ def _greedy(model, ids, max_new_tokens: int, stop: list[int], pad: int):
     return out.sequences[0, ids["input_ids"].shape[1]:].tolist(), [s[0] for s in out.scores]
 
 
+def top2_margins(scores) -> list[float]:
+    """Per generated position: the gap between the best and the second-best logit."""
+    return [float(v[0] - v[1]) for v in (s.float().topk(2).values for s in scores)]
+
+
+def parting_margin(mine: list[int], theirs: list[int], margins: list[float]) -> float | None:
+    """Where two greedy continuations part, the reference's top-2 margin there (None past its scores)."""
+    k = next((i for i, (x, y) in enumerate(zip(mine, theirs)) if x != y), min(len(mine), len(theirs)))
+    return margins[k] if k < len(margins) else None
+
+
 def _trim(seq: list[int], stop: list[int]) -> list[int]:
     for i, t in enumerate(seq):
         if t in stop:
@@ -809,9 +820,8 @@ def verify(info: RunInfo, gguf_path: Path, quant: str, reference=None, ref_token
             continue
         # A near-tie: where they part, the reference's top-2 margin is within twice this prompt's
         # measured logit difference, so the file's rounding alone can flip the choice.
-        k = next((i for i, (x, y) in enumerate(zip(mine, theirs)) if x != y), min(len(mine), len(theirs)))
-        top = torch.topk(ref_scores[k].float(), 2).values if k < len(ref_scores) else None
-        if top is not None and float(top[0] - top[1]) <= 2 * float((a - b).abs().max()):
+        margin = parting_margin(mine, theirs, top2_margins(ref_scores))
+        if margin is not None and margin <= 2 * float((a - b).abs().max()):
             ties += 1
         elif GREEDY_MUST_AGREE[quant]:
             problems.append(f"greedy continuation of {text[:40]!r} differs at token {k}: "

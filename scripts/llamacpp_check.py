@@ -133,7 +133,7 @@ def check(run: Path, quants: list[str], n_prompts: int, max_new_tokens: int, out
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=special)
         seq, scores = gguf_export._greedy(model, ids, max_new_tokens, stop, tokenizer.pad_token_id or 0)
         hf.append({"prompt_ids": ids["input_ids"][0].tolist(), "output": gguf_export._trim(seq, stop),
-                   "margins": [float(s.topk(2).values[0] - s.topk(2).values[1]) for s in scores]})
+                   "margins": gguf_export.top2_margins(scores)})
     hf_seconds = time.time() - started
     hf_tokens = sum(len(h["output"]) for h in hf)
     del model
@@ -203,14 +203,15 @@ def near_ties(hf: list[dict], lc: list[dict], rounding: float) -> list[float]:
     """The transformers top-2 margins where a llama.cpp answer parts from transformers' at a near tie: the
     margin is within twice the file's measured max logit difference (its rounding alone can flip the
     choice; the rule export --verify applies). A parting at a wider margin is not listed (a real difference)."""
+    from llama_recipes.gguf_export import parting_margin
+
     out = []
     for a, b in zip(hf, lc):
-        mine, theirs = a["output"], b["output"]
-        if mine == theirs:
+        if a["output"] == b["output"]:
             continue
-        k = next((i for i, (x, y) in enumerate(zip(mine, theirs)) if x != y), min(len(mine), len(theirs)))
-        if k < len(a["margins"]) and a["margins"][k] <= 2 * rounding:
-            out.append(round(a["margins"][k], 5))
+        margin = parting_margin(a["output"], b["output"], a["margins"])
+        if margin is not None and margin <= 2 * rounding:
+            out.append(round(margin, 5))
     return out
 
 

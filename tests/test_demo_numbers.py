@@ -33,7 +33,7 @@ OTHER_PATH = {"loss": 0.05, "perplexity": 0.15, "exact_match": 0.05, "rougeL": 0
 COMPARED = ("loss", "perplexity", "exact_match", "rougeL", "accuracy", "macro_f1", "preference_accuracy",
             "reward_accuracy", "harness_exact_match", "harness_acc", "reward_mean", "completion_length_mean",
             "examples", "tokens")
-PER_REWARD = ("reward_mean_", "reward_pass_rate_")  # GRPO's per-reward keys (named after each reward)
+PER_REWARD = SCRIPT.REWARD_KEYS  # GRPO's per-reward keys (named after each reward)
 # demos that start from another demo's run, as their recipe's header says: (that demo, merged first or continued)
 STARTS_FROM = {"smollm2_dpo": ("smollm2_lora", "merged"), "smollm2_grpo": ("smollm2_lora", "continued")}
 

@@ -99,12 +99,11 @@ def sample_groups(model, prompts: list[list[int]], g: int, seeds: list[int], con
     greedy.do_sample, greedy.temperature, greedy.top_k, greedy.top_p, greedy.min_p = False, None, None, None, None
     kwargs = {}
     if width > 1:  # the prompts' KV cache, filled once per distinct prompt
-        cache = DynamicCache(config=model.config)
+        kwargs[_cache_kwarg(model)] = cache = DynamicCache(config=model.config)
         position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate derives them
         model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids[:, :-1],
-              use_cache=True, **{_cache_kwarg(model): cache})
+              use_cache=True, **kwargs)
         cache.batch_repeat_interleave(g)
-        kwargs[_cache_kwarg(model)] = cache
     processors = LogitsProcessorList(_warpers(config) + [GroupSampler(seeds, g)])
     out = model.generate(input_ids=ids.repeat_interleave(g, 0), attention_mask=mask.repeat_interleave(g, 0),
                          generation_config=greedy, logits_processor=processors, **kwargs)[:, width:]
